@@ -1,0 +1,107 @@
+"""Readable PyTorch reference of Lightning attention (linear attention with constant per-head decay).
+
+    S_t = exp(g_h) * S_{t-1} + k_t^T v_t        (state [D, Dv] per head, fp32)
+    o_t = scale * q_t S_t
+
+Two forms that define what every fast path must compute: a token-by-token recurrence and a chunked
+form (intra-chunk masked products + inter-chunk state), both with initial state in, final state out
+and `cu_seqlens` varlen. Inputs may be bf16/fp16/fp32; all arithmetic is fp32; o has q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringlinear.ops.lightning.checks import check_decode_inputs, check_prefill_inputs
+
+
+def _recurrent_dense(q, k, v, g, scale, state):
+    """q, k: [B, T, H, D], v: [B, T, H, Dv] fp32; g [H]; state [B, H, D, Dv] fp32."""
+    decay = torch.exp(g)[None, :, None, None]
+    outs = []
+    for t in range(q.shape[1]):
+        state = decay * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, t], state) * scale)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    return o, state
+
+
+def _chunked_dense(q, k, v, g, scale, state, chunk_size):
+    """Same contract as `_recurrent_dense`, computed chunk by chunk."""
+    B, T, H, _ = q.shape
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    gh = g[:, None]  # [H, 1]
+    outs = []
+    for start in range(0, T, chunk_size):
+        c = min(chunk_size, T - start)
+        qc, kc, vc = qh[:, :, start : start + c], kh[:, :, start : start + c], vh[:, :, start : start + c]
+        i = torch.arange(c, device=q.device, dtype=torch.float32)
+        diff = i[:, None] - i[None, :]
+        causal = diff >= 0
+        # exp only of non-positive exponents: masked entries never overflow.
+        intra_decay = torch.where(causal, torch.exp(g[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, c, c]
+        intra = ((qc @ kc.transpose(-1, -2)) * intra_decay) @ vc
+        inter = (qc * torch.exp(gh * (i + 1))[..., None]) @ state
+        outs.append((intra + inter) * scale)
+        k_decay = torch.exp(gh * (c - 1 - i))[..., None]  # [H, c, 1]
+        state = torch.exp(g * c)[None, :, None, None] * state + (kc * k_decay).transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2).transpose(1, 2) if outs else q.new_zeros(B, T, H, v.shape[-1])
+    return o, state
+
+
+def _run(dense_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **kw):
+    check_prefill_inputs(q, k, v, g, initial_state, cu_seqlens)
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    out_dtype = q.dtype
+    q, k, v, g = q.float(), k.float(), v.float(), g.float()
+    if cu_seqlens is None:
+        state = initial_state.float() if initial_state is not None else q.new_zeros(B, H, D, Dv)
+        o, state = dense_fn(q, k, v, g, scale, state, **kw)
+        return o.to(out_dtype), (state if output_final_state else None)
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n in range(len(bounds) - 1):
+        s, e = bounds[n], bounds[n + 1]
+        state = initial_state[n : n + 1].float() if initial_state is not None else q.new_zeros(1, H, D, Dv)
+        o_n, state = dense_fn(q[:, s:e], k[:, s:e], v[:, s:e], g, scale, state, **kw)
+        outs.append(o_n)
+        states.append(state)
+    o = torch.cat(outs, dim=1) if outs else q.new_zeros(1, 0, H, Dv)
+    final = torch.cat(states, dim=0) if states else q.new_zeros(0, H, D, Dv)
+    return o.to(out_dtype), (final if output_final_state else None)
+
+
+def lightning_attn_recurrent(
+    q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Token-by-token reference. q, k: [B, T, H, D]; v: [B, T, H, Dv]; g: [H] fp32 (< 0);
+    initial_state: [B, H, D, Dv] (or [N, H, D, Dv] with `cu_seqlens: [N+1]`, then B == 1).
+    Returns (o [B, T, H, Dv], final_state fp32 or None)."""
+    return _run(_recurrent_dense, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def lightning_attn_chunked(
+    q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+):
+    """Chunked PyTorch form of `lightning_attn_recurrent` (same contract); differentiable, so it is
+    also the reference for every gradient."""
+    return _run(
+        _chunked_dense, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size
+    )
+
+
+def lightning_decode_torch(q, k, v, g, state_pool, slots, scale=None):
+    """One token for each of N sequences. q, k: [N, H, D]; v: [N, H, Dv]; state_pool: [S, H, D, Dv] fp32,
+    updated in place at `slots: [N]` (a negative slot is padding: skipped, its output is 0)."""
+    check_decode_inputs(q, k, v, g, state_pool, slots)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    valid = slots >= 0
+    idx = slots.clamp(min=0).long()
+    state = state_pool[idx]
+    state = torch.exp(g.float())[None, :, None, None] * state + k.float()[..., :, None] * v.float()[..., None, :]
+    o = torch.einsum("nhd,nhde->nhe", q.float(), state) * scale
+    o = torch.where(valid[:, None, None], o, 0.0)
+    state_pool[idx[valid]] = state[valid]
+    return o.to(q.dtype)
