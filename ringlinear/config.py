@@ -1,0 +1,237 @@
+"""RingLinearConfig: the Ring-linear hyper-parameters under the official `config.json` field names
+(`BailingMoeLinearV2ForCausalLM`, `model_type: bailing_moe_linear`), checked on construction, plus
+named presets (the two released models and small ones for tests and demos)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
+MODEL_TYPE = "bailing_moe_linear"
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the architecture does not allow."""
+
+
+@dataclass
+class RingLinearConfig:
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    moe_intermediate_size: int = 512
+    moe_shared_expert_intermediate_size: int | None = 512
+    num_hidden_layers: int = 20
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    layer_group_size: int = 5
+    group_norm_size: int = 4
+    linear_silu: bool = False
+    lightning_layerwise_decay: bool = True
+    first_k_dense_replace: int = 1
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    num_shared_experts: int = 1
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    moe_router_bias_update_rate: float = 1e-3
+    router_dtype: str = "fp32"
+    use_qk_norm: bool = True
+    use_qkv_bias: bool = False
+    use_bias: bool = False
+    use_rmsnorm: bool = True
+    rms_norm_eps: float = 1e-6
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 131072
+    num_nextn_predict_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] = 156892
+    pad_token_id: int = 156892
+    torch_dtype: str = "bfloat16"
+    # Fields of config.json this class does not model (auto_map, dropout rates, ...): kept verbatim
+    # so that load -> save returns the file the user gave.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived layout -------------------------------------------------------------------------
+    def is_softmax_layer(self, i: int) -> bool:
+        """Layer i is softmax when (i+1) % G == 0, or past the last whole group (SPEC: Layer layout)."""
+        G, L = self.layer_group_size, self.num_hidden_layers
+        return (i + 1) % G == 0 or i >= (L // G) * G
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i >= self.first_k_dense_replace
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["softmax" if self.is_softmax_layer(i) else "linear" for i in range(self.num_hidden_layers)]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        per = self.moe_shared_expert_intermediate_size or self.moe_intermediate_size
+        return per * self.num_shared_experts
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, field_name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"config field {field_name}={getattr(self, field_name)!r}: {allowed}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "layer_group_size", "group_norm_size",
+                     "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"must divide num_attention_heads={self.num_attention_heads}")
+        need(self.num_attention_heads % self.group_norm_size == 0, "group_norm_size",
+             f"must divide num_attention_heads={self.num_attention_heads} (groups of whole heads)")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even (rotary pairs)")
+        need(0.0 < self.partial_rotary_factor <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim >= 2,
+             "partial_rotary_factor", f"must be in (0, 1] and give an even rotary dim (head_dim={self.head_dim})")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.rope_scaling is None, "rope_scaling", "only null is supported (the released models use none)")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.use_rmsnorm, "use_rmsnorm", "only true is supported (Ring-linear uses RMSNorm)")
+        need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.router_dtype in ("fp32", "float32", "bf16", "bfloat16"), "router_dtype",
+             "must be one of fp32, bf16")
+        need(self.torch_dtype in ("bfloat16", "float32", "float16"), "torch_dtype",
+             "must be one of bfloat16, float32, float16")
+        if self.num_experts > 0:
+            need(self.score_function == "sigmoid", "score_function", "only 'sigmoid' is supported")
+            need(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                 f"must be in [1, num_experts={self.num_experts}]")
+            need(self.n_group >= 1 and self.num_experts % self.n_group == 0, "n_group",
+                 f"must be >= 1 and divide num_experts={self.num_experts}")
+            need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+            per_group = self.num_experts // self.n_group
+            need(self.n_group == 1 or per_group >= 2, "n_group",
+                 "groups are scored by their top-2 experts: each group needs >= 2 experts")
+            need(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
+                 f"topk_group * experts-per-group must be >= num_experts_per_tok={self.num_experts_per_tok}")
+            need(self.moe_intermediate_size >= 1, "moe_intermediate_size", "must be >= 1")
+            need(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
+        need(self.num_experts >= 0, "num_experts", "must be >= 0 (0 = dense model)")
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                d[f.name] = copy.deepcopy(getattr(self, f.name))
+        d["architectures"] = [ARCHITECTURE]
+        d["model_type"] = MODEL_TYPE
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RingLinearConfig:
+        d = dict(d)
+        mt = d.get("model_type", MODEL_TYPE)
+        if mt != MODEL_TYPE:
+            raise ConfigError(f"config field model_type={mt!r}: expected {MODEL_TYPE!r} (a Ring-linear checkpoint)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("architectures", "model_type")}
+        return cls(**kwargs, extra=extra)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RingLinearConfig:
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            p = os.path.join(p, "config.json")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"no config.json at {p}")
+        with open(p) as f:
+            return cls.from_dict(json.load(f))
+
+    def replace(self, **changes: Any) -> RingLinearConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _ring_mini() -> RingLinearConfig:
+    # Published config.json of inclusionAI/Ring-mini-linear-2.0.
+    return RingLinearConfig()
+
+
+def _ring_flash() -> RingLinearConfig:
+    # Published config.json of inclusionAI/Ring-flash-linear-2.0 (Ling-flash-2.0 base: 32 layers, 7 linear + 1
+    # softmax per group, hidden 4096, 32 heads / 4 KV heads, moe_intermediate_size 1024, intermediate 9216).
+    return RingLinearConfig(
+        hidden_size=4096, intermediate_size=9216, moe_intermediate_size=1024,
+        moe_shared_expert_intermediate_size=1024, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, layer_group_size=8, group_norm_size=8,
+    )
+
+
+def _tiny() -> RingLinearConfig:
+    # A few million parameters exercising every path: 2 layer groups (2 linear + 1 softmax), dense first
+    # layer, grouped MoE with a shared expert, one MTP module, byte-level vocabulary.
+    return RingLinearConfig(
+        vocab_size=320, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        moe_shared_expert_intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, layer_group_size=3, group_norm_size=2, first_k_dense_replace=1,
+        num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1, mtp_loss_scaling_factor=0.3, max_position_embeddings=4096,
+        rope_theta=10000.0, eos_token_id=257, pad_token_id=256, bos_token_id=None, torch_dtype="float32",
+        initializer_range=0.02,
+    )
+
+
+def _small() -> RingLinearConfig:
+    # The demo model (~20M parameters): 3 groups of 3 linear + 1 softmax.
+    return RingLinearConfig(
+        vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, layer_group_size=4, group_norm_size=2, first_k_dense_replace=1,
+        num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1, mtp_loss_scaling_factor=0.3, max_position_embeddings=8192,
+        rope_theta=10000.0, eos_token_id=1, pad_token_id=0, torch_dtype="float32", initializer_range=0.02,
+    )
+
+
+PRESETS = {
+    "ring-mini-linear-2.0": _ring_mini,
+    "ring-flash-linear-2.0": _ring_flash,
+    "tiny": _tiny,
+    "small": _small,
+}
+
+
+def preset(name: str, **overrides: Any) -> RingLinearConfig:
+    """A named preset, optionally with fields overridden (validated again)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,140 @@
+"""Where attention layers find the batch's layout and each sequence's past.
+
+A forward pass sees packed tokens of N sequences (`cu_seqlens: [N+1]`, `positions: [T]`). The context
+decides how softmax layers attend (over which keys) and which recurrent state linear layers start from
+and keep. `PackedContext` has no past (training, scoring); `DenseCache` keeps contiguous per-sequence KV
+and fp32 states (reference generation; the engine has its paged twin in `ringlinear/engine/`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ringlinear.ops.lightning import lightning_attn, lightning_decode
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """GQA attention of the last `Tq` positions over `Tk >= Tq` keys. q: [Tq, H, D]; k, v: [Tk, Hkv, D]."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if kh.shape[0] != qh.shape[0]:
+        rep = qh.shape[0] // kh.shape[0]
+        kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+    if Tq == Tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+        mask = torch.arange(Tk, device=q.device)[None, :] <= i
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
+
+
+def positions_from_lens(lens: list[int], starts: list[int], device) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lens)]) if lens else \
+        torch.zeros(0, dtype=torch.long, device=device)
+
+
+class AttentionContext:
+    """Base: packed layout. Subclasses implement the two attention calls."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor):
+        self.cu_seqlens = cu_seqlens
+        self.positions = positions
+        self._bounds = cu_seqlens.tolist()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self._bounds) - 1
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def linear_attention(self, layer_idx, q, k, v, g, scale):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PackedContext(AttentionContext):
+    """No past: each packed sequence attends causally within itself (training and scoring)."""
+
+    @classmethod
+    def from_lens(cls, lens: list[int], device) -> PackedContext:
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        return cls(cu, positions_from_lens(lens, [0] * len(lens), device))
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):
+        b = self._bounds
+        outs = [causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale)
+                for n in range(self.num_seqs)]
+        return torch.cat(outs, 0)
+
+    def linear_attention(self, layer_idx, q, k, v, g, scale):
+        o, _ = lightning_attn(q[None], k[None], v[None], g, scale=scale, cu_seqlens=self.cu_seqlens)
+        return o[0]
+
+
+class DenseCache:
+    """Contiguous per-sequence cache for `num_seqs` sequences: KV per softmax layer, fp32 state per linear layer.
+
+    `ctx = cache.extend(seq_ids, lens)` appends `lens[i]` new tokens to sequence `seq_ids[i]`; the model's
+    forward with that context reads and updates the cache. Steps where every sequence adds one token use the
+    single-step decode op, others the chunked prefill op with the carried state.
+    """
+
+    def __init__(self, config, num_seqs: int, device, dtype=torch.float32):
+        self.config = config
+        self.num_seqs = num_seqs
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.lengths = [0] * num_seqs
+        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.states: dict[int, torch.Tensor] = {}
+
+    def state(self, layer_idx: int, H: int, D: int, Dv: int) -> torch.Tensor:
+        if layer_idx not in self.states:
+            self.states[layer_idx] = torch.zeros(self.num_seqs, H, D, Dv, device=self.device, dtype=torch.float32)
+        return self.states[layer_idx]
+
+    def extend(self, seq_ids: list[int], lens: list[int]) -> _DenseCacheContext:
+        if len(seq_ids) != len(lens) or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("extend: seq_ids must be unique and match lens")
+        for s, n in zip(seq_ids, lens):
+            if not 0 <= s < self.num_seqs:
+                raise ValueError(f"extend: seq id {s} out of range [0, {self.num_seqs})")
+            if n < 1:
+                raise ValueError(f"extend: sequence {s} must add >= 1 token, got {n}")
+        starts = [self.lengths[s] for s in seq_ids]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
+        ctx = _DenseCacheContext(cu, positions_from_lens(lens, starts, self.device), self, seq_ids)
+        for s, n in zip(seq_ids, lens):
+            self.lengths[s] += n
+        return ctx
+
+
+class _DenseCacheContext(AttentionContext):
+    def __init__(self, cu, positions, cache: DenseCache, seq_ids: list[int]):
+        super().__init__(cu, positions)
+        self.cache = cache
+        self.seq_ids = seq_ids
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):
+        store = self.cache.kv.setdefault(layer_idx, [None] * self.cache.num_seqs)
+        b, outs = self._bounds, []
+        for n, s in enumerate(self.seq_ids):
+            kn, vn = k[b[n] : b[n + 1]], v[b[n] : b[n + 1]]
+            if store[s] is not None:
+                kn, vn = torch.cat([store[s][0], kn]), torch.cat([store[s][1], vn])
+            store[s] = (kn, vn)
+            outs.append(causal_attention(q[b[n] : b[n + 1]], kn, vn, scale))
+        return torch.cat(outs, 0)
+
+    def linear_attention(self, layer_idx, q, k, v, g, scale):
+        H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
+        pool = self.cache.state(layer_idx, H, D, Dv)
+        slots = torch.tensor(self.seq_ids, dtype=torch.int64, device=q.device)
+        if q.shape[0] == len(self.seq_ids):  # one token each: the decode op
+            return lightning_decode(q, k, v, g, pool, slots, scale=scale)
+        o, final = lightning_attn(q[None], k[None], v[None], g, scale=scale, initial_state=pool[slots],
+                                  output_final_state=True, cu_seqlens=self.cu_seqlens)
+        pool[slots] = final
+        return o[0]

@@ -1,0 +1,59 @@
+"""Lightning (linear) attention layer of Ring-linear: MHA, fp32 recurrent state, per-head decay.
+
+qkv -> [SiLU] -> QK-norm -> partial RoPE -> lightning_attn (decay g_h = -slope_h * depth factor)
+-> group RMSNorm over H*D -> * sigmoid(g_proj(x)) -> dense.   (SPEC: Linear attention layer)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
+from ringlinear.layers.rotary import RotaryEmbedding
+from ringlinear.ops.lightning import decay_slopes
+
+
+class LightningAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_attention_heads
+        self.head_dim = D = config.head_dim
+        self.num_layers = config.num_hidden_layers
+        self.layerwise_decay = config.lightning_layerwise_decay
+        self.linear_silu = config.linear_silu
+        self.use_qk_norm = config.use_qk_norm
+        self.scale = D**-0.5
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * H * D, bias=config.use_qkv_bias)
+        self.g_proj = nn.Linear(config.hidden_size, H * D, bias=False)
+        self.dense = nn.Linear(H * D, config.hidden_size, bias=config.use_bias)
+        if self.use_qk_norm:
+            self.query_layernorm = RMSNorm(D, config.rms_norm_eps)
+            self.key_layernorm = RMSNorm(D, config.rms_norm_eps)
+        self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.register_buffer("decay", self._decay(), persistent=False)
+
+    def _decay(self) -> torch.Tensor:
+        return decay_slopes(self.num_heads, self.layer_idx, self.num_layers, self.layerwise_decay)
+
+    def reset_buffers(self) -> None:
+        self.decay = self._decay().to(self.decay.device)
+        self.rotary.reset_buffers()
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """x: [T, hidden] packed tokens of ctx's sequences -> [T, hidden]."""
+        T = x.shape[0]
+        qkv = self.query_key_value(x).float().view(T, 3 * self.num_heads, self.head_dim)
+        if self.linear_silu:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split(self.num_heads, dim=1)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = self.rotary(q, ctx.positions), self.rotary(k, ctx.positions)
+        dt = x.dtype
+        o = ctx.linear_attention(self.layer_idx, q.to(dt), k.to(dt), v.to(dt), self.decay, self.scale)
+        o = self.g_norm(o.reshape(T, -1)) * torch.sigmoid(self.g_proj(x))
+        return self.dense(o)

@@ -1,0 +1,73 @@
+"""Feed-forward blocks: dense SwiGLU MLP, and the MoE block (sigmoid group-limited router with a
+selection-only expert bias, routed SwiGLU experts, shared expert).   (SPEC: MoE)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ringlinear.ops.moe import grouped_topk, routed_experts
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """`weight: [E, hidden]` kept in fp32 (router_dtype); `expert_bias: [E]` fp32, moved by the balancer,
+    never by gradient. `tokens_per_expert` counts routed tokens while training (read and reset by the trainer)."""
+
+    def __init__(self, config):
+        super().__init__()
+        E = config.num_experts
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=torch.float32))
+        bias = torch.zeros(E, dtype=torch.float32)
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", bias)
+        else:
+            self.expert_bias = None
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        idx, w = grouped_topk(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
+                              self.norm_topk_prob, self.routed_scaling_factor)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.weight.shape[0]).float()
+        return idx, w
+
+
+class MoE(nn.Module):
+    """Experts are stored stacked (`gate_proj`, `up_proj`: [E, I, hidden]; `down_proj`: [E, hidden, I]);
+    `ringlinear.checkpoint` maps them to the per-expert tensors of the HF layout."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, I, Hd = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate = Router(config)
+        self.gate_proj = nn.Parameter(torch.empty(E, I, Hd))
+        self.up_proj = nn.Parameter(torch.empty(E, I, Hd))
+        self.down_proj = nn.Parameter(torch.empty(E, Hd, I))
+        self.shared_experts = (
+            SwiGLU(Hd, config.shared_expert_intermediate_size, config.use_bias) if config.num_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x)
+        out = routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

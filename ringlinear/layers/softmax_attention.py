@@ -1,0 +1,43 @@
+"""GQA softmax attention layer of Ring-linear: fused qkv, QK-norm, partial NeoX RoPE, causal attention
+with scale 1/sqrt(D), dense output projection; no output gate.   (SPEC: Softmax attention layer)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ringlinear.layers.norms import RMSNorm
+from ringlinear.layers.rotary import RotaryEmbedding
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = D = config.head_dim
+        self.use_qk_norm = config.use_qk_norm
+        self.scale = D**-0.5
+        width = (self.num_heads + 2 * self.num_kv_heads) * D
+        self.query_key_value = nn.Linear(config.hidden_size, width, bias=config.use_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * D, config.hidden_size, bias=config.use_bias)
+        if self.use_qk_norm:
+            self.query_layernorm = RMSNorm(D, config.rms_norm_eps)
+            self.key_layernorm = RMSNorm(D, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+    def reset_buffers(self) -> None:
+        self.rotary.reset_buffers()
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.query_key_value(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q.float()), self.key_layernorm(k.float())
+        dt = x.dtype
+        q, k = self.rotary(q, ctx.positions).to(dt), self.rotary(k, ctx.positions).to(dt)
+        o = ctx.softmax_attention(self.layer_idx, q, k, v.contiguous(), self.scale)
+        return self.dense(o.reshape(T, -1))

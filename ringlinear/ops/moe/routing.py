@@ -1,0 +1,37 @@
+"""Sigmoid, group-limited top-k routing with a selection-only expert bias (DeepSeek-V3 "noaux_tc").
+
+scores = sigmoid(logits); choose with scores + bias: keep the `topk_group` groups whose top-2 biased
+scores sum highest, then the top-k experts inside them; weight with the unbiased scores, renormalised
+to sum 1 (`norm_topk_prob`), times `routed_scaling_factor`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_topk(
+    logits: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [T, E] (computed in fp32). Returns (topk_idx [T, k] int64, topk_weight [T, k] fp32).
+    Experts come out sorted by index so that the weighted sum runs in one fixed order."""
+    T, E = logits.shape
+    scores = torch.sigmoid(logits.float())
+    choice = scores + expert_bias.float() if expert_bias is not None else scores
+    if n_group > 1:
+        grouped = choice.view(T, n_group, E // n_group)
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        keep = group_score.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    topk_idx = choice.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    weight = scores.gather(1, topk_idx)
+    if norm_topk_prob and top_k > 1:
+        weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx, weight * routed_scaling_factor
