@@ -56,11 +56,11 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        E, I, Hd = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        E, Im, Hd = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.gate = Router(config)
-        self.gate_proj = nn.Parameter(torch.empty(E, I, Hd))
-        self.up_proj = nn.Parameter(torch.empty(E, I, Hd))
-        self.down_proj = nn.Parameter(torch.empty(E, Hd, I))
+        self.gate_proj = nn.Parameter(torch.empty(E, Im, Hd))
+        self.up_proj = nn.Parameter(torch.empty(E, Im, Hd))
+        self.down_proj = nn.Parameter(torch.empty(E, Hd, Im))
         self.shared_experts = (
             SwiGLU(Hd, config.shared_expert_intermediate_size, config.use_bias) if config.num_shared_experts > 0 else None
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: references only
 
 
 def _fail(msg: str):

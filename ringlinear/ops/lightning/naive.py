@@ -5,7 +5,7 @@
 
 Two forms that define what every fast path must compute: a token-by-token recurrence and a chunked
 form (intra-chunk masked products + inter-chunk state), both with initial state in, final state out
-and `cu_seqlens` varlen. Inputs may be bf16/fp16/fp32; all arithmetic is fp32; o has q's dtype.
+and `cu_seqlens` varlen. Inputs bf16/fp16/fp32 (arithmetic fp32) or fp64 (arithmetic fp64, for references).
 """
 
 from __future__ import annotations
@@ -55,16 +55,17 @@ def _run(dense_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seql
     Dv = v.shape[-1]
     scale = D**-0.5 if scale is None else scale
     out_dtype = q.dtype
-    q, k, v, g = q.float(), k.float(), v.float(), g.float()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 unless a float64 reference
+    q, k, v, g = q.to(acc), k.to(acc), v.to(acc), g.to(acc)
     if cu_seqlens is None:
-        state = initial_state.float() if initial_state is not None else q.new_zeros(B, H, D, Dv)
+        state = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, D, Dv)
         o, state = dense_fn(q, k, v, g, scale, state, **kw)
         return o.to(out_dtype), (state if output_final_state else None)
     bounds = cu_seqlens.tolist()
     outs, states = [], []
     for n in range(len(bounds) - 1):
         s, e = bounds[n], bounds[n + 1]
-        state = initial_state[n : n + 1].float() if initial_state is not None else q.new_zeros(1, H, D, Dv)
+        state = initial_state[n : n + 1].to(acc) if initial_state is not None else q.new_zeros(1, H, D, Dv)
         o_n, state = dense_fn(q[:, s:e], k[:, s:e], v[:, s:e], g, scale, state, **kw)
         outs.append(o_n)
         states.append(state)

@@ -1,0 +1,61 @@
+"""Parameter and memory accounting of a Ring-linear config (computed on the `meta` device, no allocation):
+total / activated parameters, KV-cache bytes per token (softmax layers only) and linear-state bytes per
+sequence (fp32 [H, D, D] per linear layer, independent of length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ringlinear.checkpoint import build_model, parse_dtype
+from ringlinear.config import RingLinearConfig
+from ringlinear.layers.moe import MoE
+
+
+@dataclass
+class ModelStats:
+    total_params: int
+    embedding_params: int
+    mtp_params: int
+    active_params: int  # non-embedding parameters used per token (routed experts counted top-k / E), MTP excluded
+    kv_bytes_per_token: int
+    state_bytes_per_sequence: int
+    layer_types: list[str]
+    mlp_types: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_stats(config: RingLinearConfig, kv_dtype: str = "bfloat16") -> ModelStats:
+    model = build_model(config, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.model.word_embeddings.weight.numel() + (0 if model.lm_head is None else model.lm_head.weight.numel())
+    mtp = sum(p.numel() for p in model.model.mtp.parameters())
+    routed_total = routed_active = 0
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MoE):
+            n = sum(p.numel() for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+            routed_total += n
+            routed_active += n * config.num_experts_per_tok // config.num_experts
+    active = total - emb - mtp - routed_total + routed_active
+    n_soft = config.layer_types.count("softmax")
+    n_lin = config.num_hidden_layers - n_soft
+    kv_bytes = n_soft * 2 * config.num_key_value_heads * config.head_dim * parse_dtype(kv_dtype).itemsize
+    state_bytes = n_lin * config.num_attention_heads * config.head_dim * config.head_dim * 4
+    mlp_types = ["moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)]
+    return ModelStats(total, emb, mtp, active, kv_bytes, state_bytes, config.layer_types, mlp_types)
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def human_bytes(n: int) -> str:
+    for suffix, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.3g} {suffix}"
+    return f"{n} B"

@@ -1,0 +1,241 @@
+"""Hugging Face checkpoint layout of Ring-linear: `config.json`, sharded safetensors +
+`model.safetensors.index.json`, per-expert tensor names. Loads tensor by tensor into a model built on
+`meta` (never two copies of the weights), refuses mismatched checkpoints with the list of differences,
+and saves atomically (write a sibling temp dir, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ringlinear.config import RingLinearConfig
+from ringlinear.model import RingLinearForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_STACKED = re.compile(r"^(.*\.mlp)\.(gate_proj|up_proj|down_proj)$")
+_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Names some exports use for the same tensor.
+_ALIASES = {".mlp.gate.gate_proj.weight": ".mlp.gate.weight", ".mlp.gate.e_score_correction_bias": ".mlp.gate.expert_bias"}
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16,
+           "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk does not match the model its config describes."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# ---- key mapping (model state_dict <-> HF names) ------------------------------------------------
+def hf_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """One model state_dict entry -> the HF tensors it stands for (stacked experts split per expert)."""
+    m = _STACKED.match(name)
+    if m and tensor.dim() == 3:
+        for e in range(tensor.shape[0]):
+            yield f"{m.group(1)}.experts.{e}.{m.group(2)}.weight", tensor[e]
+    else:
+        yield name, tensor
+
+
+def canonical_name(hf_name: str) -> str:
+    """Undo the aliases some exports use (`mlp.gate.gate_proj.weight` for `mlp.gate.weight`, ...)."""
+    for alias, canon in _ALIASES.items():
+        if hf_name.endswith(alias):
+            return hf_name[: -len(alias)] + canon
+    return hf_name
+
+
+def model_name(hf_name: str) -> tuple[str, int | None]:
+    """Canonical HF tensor name -> (model state_dict name, expert index or None)."""
+    m = _EXPERT.match(hf_name)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    return hf_name, None
+
+
+def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """HF name -> (shape, dtype) for every tensor a checkpoint of `model` holds (works on `meta`)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        for hf_name, piece in hf_tensors(name, t):
+            out[hf_name] = (tuple(piece.shape), piece.dtype)
+    return out
+
+
+# ---- building ---------------------------------------------------------------------------------
+def build_model(config: RingLinearConfig, device: str | torch.device = "meta", dtype=None) -> RingLinearForCausalLM:
+    """The model with uninitialised storage on `device` (no allocation when `meta`), in `dtype`
+    (default: config.torch_dtype), router weight and expert bias kept fp32."""
+    dtype = parse_dtype(dtype or config.torch_dtype)
+    config = config.replace(torch_dtype=str(dtype).removeprefix("torch."))  # saved config.json records it
+    with torch.device("meta"):
+        model = RingLinearForCausalLM(config)
+    model.to(dtype)
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate"):
+            mod.float()
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.reset_buffers()
+    return model
+
+
+def init_model(config: RingLinearConfig, seed: int = 0, device="cpu", dtype=None) -> RingLinearForCausalLM:
+    model = build_model(config, device, dtype)
+    model.init_weights(seed)
+    return model
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def _weight_map(path: str) -> dict[str, str]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(single):
+        with safe_open(single, "pt") as f:
+            return {k: SINGLE_FILE for k in f.keys()}
+    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+def check_checkpoint(path: str, model: torch.nn.Module) -> dict[str, tuple[str, str]]:
+    """Compare names and shapes on disk with what `model` needs; raise CheckpointError listing every
+    missing, unexpected and mis-shaped tensor. Returns canonical name -> (name on disk, shard file)."""
+    on_disk = {canonical_name(k): (k, fname) for k, fname in _weight_map(path).items()}
+    want = expected_tensors(model)
+    missing = sorted(set(want) - set(on_disk))
+    unexpected = sorted(on_disk[k][0] for k in set(on_disk) - set(want))
+    bad_shapes = []
+    by_file: dict[str, list[str]] = {}
+    for k in set(want) & set(on_disk):
+        by_file.setdefault(on_disk[k][1], []).append(k)
+    for fname, names in sorted(by_file.items()):
+        fpath = os.path.join(path, fname)
+        if not os.path.exists(fpath):
+            raise CheckpointError(f"{path}: the index lists shard {fname}, which does not exist")
+        with safe_open(fpath, "pt") as f:
+            for k in names:
+                shape = tuple(f.get_slice(on_disk[k][0]).get_shape())
+                if shape != want[k][0]:
+                    bad_shapes.append(f"{on_disk[k][0]}: checkpoint {list(shape)}, model {list(want[k][0])}")
+    if missing or unexpected or bad_shapes:
+        def show(xs):
+            return ", ".join(xs[:8]) + (f" ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+        if bad_shapes:
+            parts.append(f"{len(bad_shapes)} with the wrong shape: {show(sorted(bad_shapes))}")
+        raise CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
+    return on_disk
+
+
+@torch.no_grad()
+def load_model(path: str, device: str | torch.device = "cpu", dtype=None, progress: bool = False) -> RingLinearForCausalLM:
+    """Load a Ring-linear checkpoint in the official HF layout onto `device` (each tensor read once,
+    copied straight into its parameter slice)."""
+    config = RingLinearConfig.load(path)
+    model = build_model(config, "meta", dtype)
+    on_disk = check_checkpoint(path, model)
+    model.to_empty(device=device)
+    targets = model.state_dict(keep_vars=True)
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for canon, (disk_name, fname) in on_disk.items():
+        by_file.setdefault(fname, []).append((canon, disk_name))
+    files = sorted(by_file)
+    if progress:
+        from tqdm import tqdm
+        files = tqdm(files, desc="loading shards", unit="shard")
+    for fname in files:
+        with safe_open(os.path.join(path, fname), "pt") as f:
+            for canon, disk_name in by_file[fname]:
+                mname, e = model_name(canon)
+                dst = targets[mname] if e is None else targets[mname][e]
+                dst.copy_(f.get_tensor(disk_name))
+    model.reset_buffers()
+    return model
+
+
+# ---- saving -----------------------------------------------------------------------------------
+def _write_atomically(path: str, write_into) -> None:
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        write_into(tmp)
+        for name in os.listdir(tmp):
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4 * 1024**3,
+               extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write `model` in the HF layout at `path`, replacing any previous checkpoint there only once the new
+    one is complete. `extra_files`: file name -> text/bytes written beside (tokenizer files, ...)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    total = 0
+    for name, t in model.state_dict().items():
+        for hf_name, piece in hf_tensors(name, t):
+            nbytes = piece.numel() * piece.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][hf_name] = piece.detach().to("cpu").contiguous()
+            size += nbytes
+            total += nbytes
+
+    def write(tmp: str) -> None:
+        model.config.save(tmp)
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        if n > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        for fname, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(os.path.join(tmp, fname), mode) as f:
+                f.write(content)
+
+    _write_atomically(path, write)

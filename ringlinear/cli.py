@@ -1,0 +1,125 @@
+"""The `ringlinear` command: inspect configs and checkpoints, write random checkpoints, and (as they
+land) serve, train and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ringlinear.config import PRESETS, ConfigError, RingLinearConfig, preset
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def _config(args) -> RingLinearConfig:
+    if bool(args.preset) == bool(args.model):
+        raise SystemExit("give exactly one of --preset NAME or --model PATH")
+    try:
+        cfg = preset(args.preset) if args.preset else RingLinearConfig.load(args.model)
+        over = _overrides(args.set)
+        return cfg.replace(**over) if over else cfg
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except TypeError as e:
+        raise SystemExit(f"error: unknown config field in --set ({e})") from None
+
+
+def cmd_info(args) -> int:
+    from ringlinear.accounting import human, human_bytes, model_stats
+
+    cfg = _config(args)
+    s = model_stats(cfg)
+    if args.json:
+        print(json.dumps(s.as_dict()))
+        return 0
+    name = args.preset or args.model
+    print(f"{name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
+          f"layer_group_size {cfg.layer_group_size}")
+    print(f"  experts {cfg.num_experts} (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups keep {cfg.topk_group}), "
+          f"shared {cfg.num_shared_experts}, MTP modules {cfg.num_nextn_predict_layers}")
+    print("  layer  attention  mlp")
+    for i, (a, m) in enumerate(zip(s.layer_types, s.mlp_types)):
+        print(f"  {i:5d}  {a:9s}  {m}")
+    print(f"  total parameters            {human(s.total_params)} ({s.total_params:,})")
+    print(f"  activated non-embedding     {human(s.active_params)} ({s.active_params:,}) per token")
+    print(f"  embedding + lm_head         {human(s.embedding_params)};  MTP {human(s.mtp_params)}")
+    print(f"  KV cache (bf16)             {human_bytes(s.kv_bytes_per_token)} per token "
+          f"({s.layer_types.count('softmax')} softmax layers)")
+    print(f"  linear-attention state      {human_bytes(s.state_bytes_per_sequence)} per sequence "
+          f"({s.layer_types.count('linear')} linear layers, fp32)")
+    return 0
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from ringlinear.accounting import human, model_stats
+    from ringlinear.checkpoint import init_model, save_model
+    from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
+
+    cfg = _config(args)
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    cfg = cfg.replace(torch_dtype=dtype)
+    stats = model_stats(cfg)
+    tok = byte_level_tokenizer()
+    if tok.get_vocab_size() <= cfg.vocab_size <= 4096:
+        # Small presets get a byte-level vocabulary (the embedding rows past it stay unused).
+        cfg = cfg.replace(eos_token_id=tok.token_to_id("<|endoftext|>"), pad_token_id=tok.token_to_id("<|pad|>"))
+        extra = tokenizer_files(tok)
+        tok_note = f"byte-level tokenizer ({tok.get_vocab_size()} tokens)"
+    else:
+        extra = {}
+        tok_note = ("no tokenizer: copy the official tokenizer files (tokenizer.json, tokenizer_config.json) of the "
+                    "release into the directory")
+    print(f"initialising {human(stats.total_params)} parameters ({args.dtype}, seed {args.seed}) ...", file=sys.stderr)
+    model = init_model(cfg, seed=args.seed, device="cpu", dtype=dtype)
+    with torch.no_grad():
+        save_model(model, args.out, max_shard_bytes=int(args.shard_gb * 1024**3), extra_files=extra)
+    print(f"wrote {args.out}: config.json, safetensors shards, {tok_note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringlinear", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--preset", choices=sorted(PRESETS), help="a named preset")
+        sp.add_argument("--model", help="a checkpoint directory (config.json)")
+        sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
+
+    sp = sub.add_parser("info", help="layer layout, parameter counts, cache and state sizes")
+    model_args(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("init", help="write a randomly initialised checkpoint in the official HF layout")
+    model_args(sp)
+    sp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    sp.add_argument("--shard-gb", type=float, default=4.0, help="largest shard size in GiB")
+    sp.set_defaults(fn=cmd_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from ringlinear.checkpoint import load_model
+from ringlinear.cli import main
+
+
+@pytest.mark.parametrize("name,total,active", [("ring-mini-linear-2.0", 16.4e9, 957e6),
+                                               ("ring-flash-linear-2.0", 104e9, 6.1e9)])
+def test_info_matches_published_counts(capsys, name, total, active):
+    assert main(["info", "--preset", name, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert abs(s["total_params"] / total - 1) < 0.02
+    assert abs(s["active_params"] / active - 1) < 0.02
+    assert s["kv_bytes_per_token"] == 4 * 2 * 4 * 128 * 2
+    assert len(s["layer_types"]) in (20, 32)
+
+
+def test_ring_mini_memory_figures(capsys):
+    main(["info", "--preset", "ring-mini-linear-2.0", "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["kv_bytes_per_token"] == 8 * 1024 and s["state_bytes_per_sequence"] == 16 * 2**20
+
+
+def test_info_text_and_overrides(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "num_hidden_layers=9"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax" in out and "total parameters" in out and out.count("moe") >= 8
+
+
+def test_init_writes_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "7", "--dtype", "fp32"]) == 0
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    m = load_model(str(out))
+    assert m(torch.tensor([[5, 6, 7]])).shape == (1, 3, 320)
+
+
+def test_bad_usage_is_a_clear_error():
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["info"])
+    with pytest.raises(SystemExit, match="n_group"):
+        main(["info", "--preset", "tiny", "--set", "n_group=3"])
