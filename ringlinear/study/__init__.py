@@ -1,0 +1,1 @@
+"""Studies behind the architecture: the hybrid-ratio scaling study and its synthetic recall task."""
