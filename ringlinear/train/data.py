@@ -1,0 +1,127 @@
+"""Packed pre-training data: documents tokenised with the checkpoint's tokenizer, an EOS after each,
+concatenated and cut into fixed-length rows; document boundaries inside a row become `cu_seqlens`
+(varlen attention never crosses documents). Row order is a seeded permutation per epoch, and the
+position (epoch, row) is the resumable state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def read_documents(paths: list[str], separator: str | None = "\n\n\n") -> list[str]:
+    """Plain text files (each split into documents at `separator`; None = one document per file), or a
+    HF `datasets` dataset saved with `save_to_disk` (a directory; its "text" column)."""
+    docs: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                import datasets
+            except ImportError:
+                raise ValueError(f"{path} is a directory: reading a saved HF dataset needs `datasets` installed") from None
+            ds = datasets.load_from_disk(path)
+            if "text" not in ds.column_names:
+                raise ValueError(f"{path}: the dataset has no 'text' column (columns: {ds.column_names})")
+            docs.extend(t for t in ds["text"] if t)
+            continue
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"training data file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        parts = text.split(separator) if separator else [text]
+        docs.extend(p for p in parts if p.strip())
+    if not docs:
+        raise ValueError(f"no documents found in {paths}")
+    return docs
+
+
+def tokenize_documents(docs: list[str], tokenizer, eos_id: int) -> list[list[int]]:
+    """Each document -> its token ids followed by EOS (so the model learns where documents end)."""
+    return [enc.ids + [eos_id] for enc in tokenizer.encode_batch(docs, add_special_tokens=False)]
+
+
+def pack_rows(docs: list[list[int]], seq_len: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Concatenate documents and cut into rows of `seq_len` tokens (the tail shorter than a row is dropped).
+    Returns (tokens [R, seq_len] int64, per row the lengths of its document pieces, summing to seq_len)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    flat: list[int] = []
+    bounds: list[int] = []  # token offsets where a new document starts
+    for d in docs:
+        bounds.append(len(flat))
+        flat.extend(d)
+    R = len(flat) // seq_len
+    if R == 0:
+        raise ValueError(f"the corpus has {len(flat)} tokens, fewer than one row of seq_len={seq_len}")
+    starts = sorted(set(bounds))
+    seg_lens: list[list[int]] = []
+    j = 0
+    for r in range(R):
+        lo, hi = r * seq_len, (r + 1) * seq_len
+        while j < len(starts) and starts[j] <= lo:
+            j += 1
+        cuts = [lo] + [s for s in starts[j:] if s < hi] + [hi]
+        seg_lens.append([b - a for a, b in zip(cuts[:-1], cuts[1:])])
+    tokens = torch.tensor(flat[: R * seq_len], dtype=torch.long).view(R, seq_len)
+    return tokens, seg_lens
+
+
+class PackedDataset:
+    """Rows of `seq_len` tokens served in a deterministic, resumable order.
+
+    `next_rows(n)` returns the next `n` rows packed as one varlen batch: input_ids [n * seq_len] and
+    cu_seqlens [S+1] int32 over all document pieces of those rows."""
+
+    def __init__(self, tokens: torch.Tensor, seg_lens: list[list[int]], seed: int = 0, shuffle: bool = True):
+        self.tokens, self.seg_lens = tokens, seg_lens
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._make_order()
+
+    @classmethod
+    def from_files(cls, paths: list[str], tokenizer, eos_id: int, seq_len: int, seed: int = 0,
+                   shuffle: bool = True, separator: str | None = "\n\n\n") -> PackedDataset:
+        docs = tokenize_documents(read_documents(paths, separator), tokenizer, eos_id)
+        return cls(*pack_rows(docs, seq_len), seed=seed, shuffle=shuffle)
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def _make_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_rows)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_rows, generator=g)
+
+    def next_row_ids(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            if self.index >= self.num_rows:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(int(self._order[self.index]))
+            self.index += 1
+        return out
+
+    def batch(self, row_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows -> (input_ids [n*seq_len] int64, cu_seqlens [S+1] int32)."""
+        lens = [n for r in row_ids for n in self.seg_lens[r]]
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+        return self.tokens[row_ids].reshape(-1), cu
+
+    def next_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(self.next_row_ids(n))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
+            raise ValueError(f"data position was saved for {state['num_rows']} rows / seed {state['seed']}, "
+                             f"but this dataset has {self.num_rows} rows / seed {self.seed}: different data")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._make_order()

@@ -1,0 +1,47 @@
+"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer (and MTP module)
+is its own shard group, then the root; fp32 sharded master parameters, bf16 compute on GPU through
+`MixedPrecisionPolicy`, gradients reduced in fp32. Kept out of the model (torchtitan's parallelize.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from the torchrun environment; a single process needs none of it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def apply_fsdp(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Shard `model` (a RingLinearForCausalLM with fp32 parameters) over the default process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # Routers compute in fp32 (router_dtype, SPEC: MoE): their own group keeps fp32 parameters.
+    mp_router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate"):
+            fully_shard(mod, mesh=mesh, mp_policy=mp_router)
+    for block in list(model.model.layers) + list(model.model.mtp):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
