@@ -55,6 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU embedding backward is not, by default)
     shuffle: bool = True
     fp8: bool = False
     activation_checkpointing: bool = False
@@ -172,6 +173,11 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
         torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            # Process-wide: bit-for-bit resume needs run-to-run identical kernels (CUDA also needs the
+            # cuBLAS workspace setting before its first GEMM).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         if cfg.compute_dtype == "auto":
             self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -365,7 +371,9 @@ class Trainer:
             dist.barrier()
 
     # ---- loop -----------------------------------------------------------------------------------
-    def fit(self) -> list[dict]:
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train to `cfg.steps` (checkpoint every `save_every`, final checkpoint, export, plot). `stop_after`
+        returns right after that step, without the end-of-run work, as a crash there would."""
         cfg = self.cfg
         bar = None
         if cfg.progress and self.rank == 0:
@@ -382,6 +390,8 @@ class Trainer:
                 bar.update(1)
             if cfg.save_dir and cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
+            if stop_after is not None and self.step >= stop_after:
+                return self.history
         if bar is not None:
             bar.close()
         if cfg.save_dir:
