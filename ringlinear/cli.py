@@ -92,6 +92,24 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ringlinear.train.trainer import TrainConfig, Trainer
+
+    try:
+        cfg = TrainConfig.from_json(args.config)
+        over = _overrides(args.set)
+        if over:
+            cfg = TrainConfig.from_dict({**cfg.__dict__, **over})
+        if args.resume:
+            cfg = TrainConfig.from_dict({**cfg.__dict__, "resume": True})
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    hist = Trainer(cfg).fit()
+    if hist:
+        print(json.dumps({k: v for k, v in hist[-1].items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringlinear", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     sp.add_argument("--shard-gb", type=float, default=4.0, help="largest shard size in GiB")
     sp.set_defaults(fn=cmd_init)
+
+    sp = sub.add_parser("train", help="pre-train (BF16 or --fp8, FSDP2 under torchrun) from a JSON train config")
+    sp.add_argument("--config", required=True, help="JSON train config (fields of ringlinear.train.trainer.TrainConfig)")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in save_dir")
+    sp.add_argument("--fp8", dest="set", action="append_const", const="fp8=true", help="FP8 recipe (CUDA only)")
+    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a train config field")
+    sp.set_defaults(fn=cmd_train)
     return p
 
 
