@@ -1,0 +1,134 @@
+"""Fused Triton FP8 kernels (one pass over the input instead of 3-5 PyTorch passes), 1x128 e4m3 scaling
+as in DeepSeek-V3 §3.3.2: quantize (+ transposed copy for the weight-gradient GEMM), SwiGLU + quantize,
+RMSNorm + quantize. References: `ringlinear/ops/fp8/quant.py`. Fixed block configs (interpreter-safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ringlinear.ops.fp8.quant import BLOCK, FP8, FP8_MAX
+
+_EPS = 1e-12
+
+
+@triton.jit
+def _round_e4m3(y):
+    # Round fp32 (|y| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic: the final cast
+    # is then exact, so every backend (GPU cvt.rn, the CPU interpreter's emulation, which mis-rounds
+    # carries) stores the same bits as torch's `.to(float8_e4m3fn)`.
+    a = tl.abs(y)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)  # e4m3 subnormals share the 2^-9 spacing of the lowest binade
+    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    q = (a / ulp + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to an integer, ties to even
+    return tl.where(y < 0, -q * ulp, q * ulp)
+
+
+@triton.jit
+def _quant_transpose_kernel(x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
+                            TRANSPOSE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # One [BM, BK] = [128, 128] tile: row amax -> 1x128 scales along K; column amax -> 1x128 along M.
+    pm, pk = tl.program_id(0), tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    rk = pk * BK + tl.arange(0, BK)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    s = tl.maximum(tl.max(ax, axis=1), 1e-12) / 448.0
+    y = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
+    tl.store(y_ptr + rm[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rm * (K // BK) + pk, s, mask=rm < M)
+    if TRANSPOSE:
+        st = tl.maximum(tl.max(ax, axis=0), 1e-12) / 448.0
+        yt = _round_e4m3(tl.clamp(x / st[None, :], -448.0, 448.0))
+        nmb = tl.cdiv(M, BM)
+        tl.store(yt_ptr + rk[None, :] * M + rm[:, None], yt.to(yt_ptr.dtype.element_ty), mask=mask)
+        tl.store(st_ptr + rk * nmb + pm, st, mask=rk < K)
+
+
+def quantize_transpose(x: torch.Tensor, transpose: bool = True):
+    """x: [M, K] (K % 128 == 0) -> x8 [M, K], s [M, K/128] and, if `transpose`, xt8 [K, M],
+    st [K, ceil(M/128)] (1x128 along M; a partial last M tile is scaled over its valid rows)."""
+    if x.dim() != 2 or x.shape[1] % BLOCK:
+        raise ValueError(f"quantize_transpose: need [M, K] with K % 128 == 0, got {tuple(x.shape)}")
+    x = x.contiguous()
+    M, K = x.shape
+    y = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, K // BLOCK, dtype=torch.float32, device=x.device)
+    nmb = triton.cdiv(M, BLOCK)
+    yt = torch.empty(K, M, dtype=FP8, device=x.device) if transpose else y
+    st = torch.empty(K, nmb, dtype=torch.float32, device=x.device) if transpose else s
+    _quant_transpose_kernel[(nmb, K // BLOCK)](x, y, s, yt, st, M, K, TRANSPOSE=transpose, BM=BLOCK, BK=BLOCK,
+                                               num_warps=8)
+    return (y, s, yt, st) if transpose else (y, s)
+
+
+@triton.jit
+def _swiglu_quant_kernel(g_ptr, u_ptr, y_ptr, s_ptr, M, N_I, BM: tl.constexpr, BK: tl.constexpr):
+    pm, pk = tl.program_id(0), tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    rk = pk * BK + tl.arange(0, BK)
+    mask = (rm[:, None] < M) & (rk[None, :] < N_I)
+    off = rm[:, None] * N_I + rk[None, :]
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    s = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-12) / 448.0
+    y = _round_e4m3(tl.clamp(h / s[:, None], -448.0, 448.0))
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rm * (N_I // BK) + pk, s, mask=rm < M)
+
+
+def swiglu_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate, up: [M, I] (I % 128 == 0) -> (h8 [M, I] e4m3, s [M, I/128]) of h = silu(gate) * up."""
+    if gate.shape != up.shape or gate.dim() != 2 or gate.shape[1] % BLOCK:
+        raise ValueError(f"swiglu_quantize: need equal [M, I] with I % 128 == 0, got {tuple(gate.shape)}, {tuple(up.shape)}")
+    gate, up = gate.contiguous(), up.contiguous()
+    M, n_i = gate.shape
+    y = torch.empty(M, n_i, dtype=FP8, device=gate.device)
+    s = torch.empty(M, n_i // BLOCK, dtype=torch.float32, device=gate.device)
+    BM = 32
+    _swiglu_quant_kernel[(triton.cdiv(M, BM), n_i // BLOCK)](gate, up, y, s, M, n_i, BM=BM, BK=BLOCK, num_warps=4)
+    return y, s
+
+
+@triton.jit
+def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, M, H: tl.constexpr, eps, BM: tl.constexpr,
+                          BH: tl.constexpr):
+    # One block of BM rows, the whole hidden dim in registers (H <= 8192): norm, then per-128 amax.
+    pm = tl.program_id(0)
+    rm = pm * BM + tl.arange(0, BM)
+    rh = tl.arange(0, BH)
+    mask = (rm[:, None] < M) & (rh[None, :] < H)
+    x = tl.load(x_ptr + rm[:, None] * H + rh[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rh, mask=rh < H, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)
+    y = x * rstd[:, None] * w[None, :]
+    y3 = tl.reshape(y, (BM, BH // 128, 128))
+    s = tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-12) / 448.0  # [BM, BH/128]
+    q = tl.reshape(_round_e4m3(tl.clamp(y3 / s[:, :, None], -448.0, 448.0)), (BM, BH))
+    tl.store(y_ptr + rm[:, None] * H + rh[None, :], q.to(y_ptr.dtype.element_ty), mask=mask)
+    rb = tl.arange(0, BH // 128)
+    tl.store(s_ptr + rm[:, None] * (H // 128) + rb[None, :], s, mask=(rm[:, None] < M) & (rb[None, :] < H // 128))
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, H] (H % 128 == 0, H <= 8192), weight: [H] -> (y8 [M, H] e4m3, s [M, H/128]) of rmsnorm(x) * w."""
+    if x.dim() != 2 or x.shape[1] % BLOCK or x.shape[1] > 8192 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rmsnorm_quantize: need x [M, H], H % 128 == 0, H <= 8192, weight [H]; got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}")
+    x = x.contiguous()
+    M, H = x.shape
+    y = torch.empty(M, H, dtype=FP8, device=x.device)
+    s = torch.empty(M, H // BLOCK, dtype=torch.float32, device=x.device)
+    BH = triton.next_power_of_2(H)
+    BM = max(1, min(16, 8192 // BH))
+    _rmsnorm_quant_kernel[(triton.cdiv(M, BM),)](x, weight.contiguous(), y, s, M, H, eps, BM=BM, BH=BH,
+                                                num_warps=8)
+    return y, s
+
+
+__all__ = ["quantize_transpose", "swiglu_quantize", "rmsnorm_quantize", "_EPS", "FP8_MAX"]

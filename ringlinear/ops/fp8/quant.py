@@ -1,0 +1,83 @@
+"""FP8 (e4m3) quantization references, DeepSeek-V3 §3.3.2 fine-grained scaling: activations per 1x128 tile
+(per row, per 128 columns), weights per 128x128 block, and a per-row fallback. `x ~= x8 * scale`, with
+scale = amax / 448 (the largest e4m3 value), so the scales are the dequantization factors GEMMs take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+_EPS = 1e-12  # all-zero tile: any positive scale gives exact zeros
+
+
+def _check_2d(x: torch.Tensor, name: str, cols_multiple: int = 1, rows_multiple: int = 1) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] % cols_multiple or x.shape[0] % rows_multiple:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} needs rows % {rows_multiple} == 0 and cols % {cols_multiple} == 0")
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (x8 [M, K] e4m3, scale [M, 1] fp32)."""
+    _check_2d(x, "quantize_rowwise")
+    amax = x.float().abs().amax(dim=1, keepdim=True).clamp(min=_EPS)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K], K % 128 == 0 -> (x8 [M, K] e4m3, scale [M, K/128] fp32)."""
+    _check_2d(x, "quantize_1x128", cols_multiple=BLOCK)
+    M, K = x.shape
+    t = x.float().view(M, K // BLOCK, BLOCK)
+    scale = t.abs().amax(-1).clamp(min=_EPS) / FP8_MAX
+    x8 = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(M, K)
+    return x8, scale
+
+
+def quantize_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K], both % 128 == 0 -> (w8 [N, K] e4m3, scale [N/128, K/128] fp32)."""
+    _check_2d(w, "quantize_128x128", cols_multiple=BLOCK, rows_multiple=BLOCK)
+    N, K = w.shape
+    t = w.float().view(N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    scale = t.abs().amax(dim=(1, 3)).clamp(min=_EPS) / FP8_MAX
+    w8 = (t / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(N, K)
+    return w8, scale
+
+
+def dequantize_1x128(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    M, K = x8.shape
+    return (x8.float().view(M, K // BLOCK, BLOCK) * scale[..., None]).view(M, K)
+
+
+def dequantize_128x128(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    N, K = w8.shape
+    t = w8.float().view(N // BLOCK, BLOCK, K // BLOCK, BLOCK) * scale[:, None, :, None]
+    return t.view(N, K)
+
+
+# ---- references of the fused Triton kernels (ringlinear/ops/fp8/kernels.py) ----------------------
+def quantize_transpose_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (x8 [M, K], s [M, K/128]) 1x128 along K, and (xt8 [K, M], st [K, M/128]) 1x128 along M
+    (the operand layout the weight-gradient GEMM dW = dY^T X needs)."""
+    x8, s = quantize_1x128(x)
+    M = x.shape[0]
+    pad = (-M) % BLOCK  # a partial last tile along M is scaled over its valid rows (zeros do not change amax)
+    xt8, st = quantize_1x128(torch.nn.functional.pad(x.t().float(), (0, pad)))
+    return x8, s, xt8[:, :M], st
+
+
+def swiglu_quantize_ref(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate, up: [M, I] -> quantize_1x128(silu(gate) * up), computed in fp32."""
+    g = gate.float()
+    return quantize_1x128(g * torch.sigmoid(g) * up.float())
+
+
+def rmsnorm_quantize_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, H], weight: [H] -> quantize_1x128(x / sqrt(mean(x^2) + eps) * weight), fp32 math."""
+    h = x.float()
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return quantize_1x128(y)
