@@ -110,6 +110,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from ringlinear.convert import convert_softmax_to_hybrid
+
+    try:
+        cfg = convert_softmax_to_hybrid(args.from_softmax, args.out, args.layer_group_size, args.group_norm_size)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.out}: {cfg.layer_types.count('linear')} linear + {cfg.layer_types.count('softmax')} softmax "
+          f"layers (layer_group_size {cfg.layer_group_size}); continue training with `ringlinear train`")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ringlinear.demo import DEFAULT_PROMPTS, run_demo
+
+    args.prompts = args.prompt or DEFAULT_PROMPTS
+    args.model_overrides = _overrides(args.set)
+    run_demo(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringlinear", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fp8", dest="set", action="append_const", const="fp8=true", help="FP8 recipe (CUDA only)")
     sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a train config field")
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("convert", help="turn a softmax-only checkpoint into a Ring-linear hybrid")
+    sp.add_argument("--from-softmax", required=True, metavar="CKPT", help="softmax-only checkpoint directory")
+    sp.add_argument("--layer-group-size", type=int, required=True, metavar="M",
+                    help="layers per group (M-1 linear + 1 softmax)")
+    sp.add_argument("--group-norm-size", type=int, default=None, help="groups of the linear layers' output norm")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("demo", help="train a small hybrid on a corpus, serve it with the engine, report")
+    sp.add_argument("--corpus", help="UTF-8 text file (default: CPython's pydoc help topics)")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a model config field")
+    sp.add_argument("--steps", type=int, default=200)
+    sp.add_argument("--batch", type=int, default=16)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=3e-3)
+    sp.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-tokens", type=int, default=48)
+    sp.add_argument("--prompt", action="append", help="a prompt to complete (repeatable)")
+    sp.add_argument("--report-context", type=int, default=4096, help="context length for the cache comparison")
+    sp.set_defaults(fn=cmd_demo)
     return p
 
 
