@@ -63,7 +63,7 @@ def run_demo(args) -> dict:
 
     from ringlinear.train.trainer import TrainConfig, Trainer
 
-    if importlib.util.find_spec("ringlinear.engine.llm") is None:
+    if importlib.util.find_spec("ringlinear.engine") is None:
         raise SystemExit("ringlinear demo: not yet available - it needs the inference engine (ringlinear.engine), "
                          "which has not landed")
 
