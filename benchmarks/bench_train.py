@@ -86,7 +86,7 @@ def loss_curves(steps: int, out_dir: str) -> dict:
             f.write(open(p).read() + "\n\n\n")
     hist = {}
     for fp8 in (False, True):
-        cfg = TrainConfig.from_dict({"model": "small", "data": [corpus], "seq_len": 512, "micro_batch": 8,
+        cfg = TrainConfig.from_dict({"model": "small", "data": [corpus], "seq_len": 512, "micro_batch": 4,
                                      "steps": steps, "fp8": fp8, "lr": 2e-3, "warmup_steps": 30, "progress": False,
                                      "seed": 0})
         hist["fp8" if fp8 else "bf16"] = Trainer(cfg).fit()

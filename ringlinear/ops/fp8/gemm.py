@@ -36,7 +36,8 @@ def fp8_gemm_blockwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb:
     column-major."""
     ST = F.ScalingType
     sa_m = sa.float().t().contiguous().t()
-    sb_c = sb.float().t().contiguous().t()
+    # scale_b follows the second operand b8.t(): [K/128, N/128], column-major (= sb [N/128, K/128] transposed).
+    sb_c = sb.float().contiguous().t()
     return F.scaled_mm(a8, b8.t(), scale_a=sa_m, scale_recipe_a=ST.BlockWise1x128, scale_b=sb_c,
                        scale_recipe_b=ST.BlockWise128x128, output_dtype=out_dtype)
 
