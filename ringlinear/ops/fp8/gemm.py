@@ -36,8 +36,12 @@ def fp8_gemm_blockwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb:
     column-major."""
     ST = F.ScalingType
     sa_m = sa.float().t().contiguous().t()
-    # scale_b follows the second operand b8.t(): [K/128, N/128], column-major (= sb [N/128, K/128] transposed).
-    sb_c = sb.float().contiguous().t()
+    # scale_b follows the second operand b8.t(): [K/128, N/128], column-major, with the K-block dim padded
+    # to a multiple of 4 (torch 2.11 on H100 asks for it: "scale_b must have shape 4 x 6", K/128 = 2).
+    nb, kb = sb.shape
+    sb_c = torch.ones(nb, -(-kb // 4) * 4, device=sb.device, dtype=torch.float32)
+    sb_c[:, :kb] = sb
+    sb_c = sb_c.t()
     return F.scaled_mm(a8, b8.t(), scale_a=sa_m, scale_recipe_a=ST.BlockWise1x128, scale_b=sb_c,
                        scale_recipe_b=ST.BlockWise128x128, output_dtype=out_dtype)
 
