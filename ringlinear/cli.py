@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ringlinear.config import PRESETS, ConfigError, RingLinearConfig, preset
@@ -131,6 +132,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_study_ratio(args) -> int:
+    from ringlinear.demo import default_corpus
+    from ringlinear.study.ratio import StudyConfig, run_study
+
+    os.makedirs(args.out, exist_ok=True)
+    corpus = args.corpus or default_corpus(os.path.join(args.out, "corpus.txt"))
+    sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
+                     num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr)
+    run_study(sc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringlinear", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", action="append", help="a prompt to complete (repeatable)")
     sp.add_argument("--report-context", type=int, default=4096, help="context length for the cache comparison")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("study", help="studies: `study ratio` (hybrid ratio: loss, recall, cost)")
+    st = sp.add_subparsers(dest="study", required=True)
+    sr = st.add_parser("ratio", help="train models differing only in layer_group_size; table + plots (resumable)")
+    ints = lambda s: [int(x) for x in s.split(",")]
+    sr.add_argument("--corpus", help="UTF-8 text file (default: CPython's pydoc help topics)")
+    sr.add_argument("--out", default="runs/ratio-study")
+    sr.add_argument("--group-sizes", type=ints, default=[1, 2, 4, 8, 0],
+                    help="comma-separated layer_group_size values (1 = all softmax, 0 = all linear)")
+    sr.add_argument("--widths", type=ints, default=[64, 128])
+    sr.add_argument("--layers", type=int, default=8)
+    sr.add_argument("--steps", type=int, default=150)
+    sr.add_argument("--batch", type=int, default=8)
+    sr.add_argument("--seq-len", type=int, default=256)
+    sr.add_argument("--lr", type=float, default=3e-3)
+    sr.set_defaults(fn=cmd_study_ratio)
     return p
 
 

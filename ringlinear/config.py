@@ -73,8 +73,11 @@ class RingLinearConfig:
 
     # ---- derived layout -------------------------------------------------------------------------
     def is_softmax_layer(self, i: int) -> bool:
-        """Layer i is softmax when (i+1) % G == 0, or past the last whole group (SPEC: Layer layout)."""
+        """Layer i is softmax when (i+1) % G == 0, or past the last whole group (SPEC: Layer layout).
+        `layer_group_size = 0` (a ringlinear extension, for studies) means no softmax layer at all."""
         G, L = self.layer_group_size, self.num_hidden_layers
+        if G == 0:
+            return False
         return (i + 1) % G == 0 or i >= (L // G) * G
 
     def is_moe_layer(self, i: int) -> bool:
@@ -100,9 +103,11 @@ class RingLinearConfig:
                 raise ConfigError(f"config field {field_name}={getattr(self, field_name)!r}: {allowed}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "layer_group_size", "group_norm_size",
+                     "num_key_value_heads", "head_dim", "group_norm_size",
                      "max_position_embeddings"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(isinstance(self.layer_group_size, int) and self.layer_group_size >= 0, "layer_group_size",
+             "must be an integer >= 1 (0: every layer linear, a ringlinear extension)")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"must divide num_attention_heads={self.num_attention_heads}")
         need(self.num_attention_heads % self.group_norm_size == 0, "group_norm_size",
