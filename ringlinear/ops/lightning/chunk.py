@@ -327,10 +327,11 @@ class _ChunkLightning(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             raise NotImplementedError("lightning_attn (triton): no gradient for the decay g (a fixed buffer)")
         dq = dk = dv = dh0 = None
-        if do is None:
+        only_state = do is None  # o unused: q only reaches the loss through o, so dq is None
+        if only_state:
             do = torch.zeros(q.shape[:2] + (v.shape[-1],), device=q.device, dtype=q.dtype)
         do = do.contiguous()
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and not only_state:
             h0t = h0.transpose(-1, -2).contiguous() if h0 is not None else None
             dq, _ = _pass(do, v, k, g, scale, h0t, N, T, cu_list, cu, False, seg_chunks)
         # Reverse passes: the carried state is G / scale, so its initial value is dS_T / (scale exp(g)):
