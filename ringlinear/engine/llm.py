@@ -1,0 +1,251 @@
+"""The engine's public API. `LLMEngine` takes requests and advances them one batched step at a time
+(scheduler -> runner -> sampler -> stop checks); `LLM` is the offline front: `LLM(path).generate(prompts,
+SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layout, or a live model (RL)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ringlinear.engine.runner import ModelRunner
+from ringlinear.engine.sampler import sample
+from ringlinear.engine.scheduler import Scheduler
+from ringlinear.engine.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestError"]
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # checkpoint directory (HF layout); None when a live model is passed
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str | None = None  # weights/activations; default bfloat16 on CUDA, float32 on CPU
+    kv_cache_dtype: str | None = None  # default: the model dtype
+    max_model_len: int | None = None  # default: config.max_position_embeddings (capped by the cache)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_cache_gib: float = 1.0
+    seed: int = 0
+    verbose: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+            ("block_size", self.block_size >= 1, ">= 1"),
+            ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "in (0, 1]"),
+            ("cpu_cache_gib", self.cpu_cache_gib > 0, "> 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len!r}")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        from ringlinear.checkpoint import load_model, parse_dtype
+
+        config.validate()
+        self.engine_config = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = parse_dtype(config.dtype) if config.dtype else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if model is None:
+            if config.model is None:
+                raise ValueError("EngineConfig.model: a checkpoint directory is needed when no model is passed")
+            model = load_model(config.model, device=self.device, dtype=dtype, progress=config.verbose)
+        model.eval()
+        self.model = model
+        self.config = model.config
+        self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
+        if tokenizer is None and config.model and os.path.exists(os.path.join(config.model, "tokenizer.json")):
+            from ringlinear.tokenizer import load_tokenizer, tokenizer_config
+
+            tokenizer = load_tokenizer(config.model)
+            self._chat_template = tokenizer_config(config.model).get("chat_template")
+        else:
+            self._chat_template = None
+        self.tokenizer = tokenizer
+        eos = self.config.eos_token_id
+        self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+        kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
+        self.runner = ModelRunner(model, self.device, kv_dtype)
+        layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+                                  config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30))
+        cache = self.runner.allocate(layout)
+        limit = self.config.max_position_embeddings if config.max_model_len is None else config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > self.config.max_position_embeddings:
+            raise ValueError(f"EngineConfig.max_model_len={config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if cache.kv and layout.max_cached_tokens < limit:
+            if config.max_model_len is not None:
+                raise ValueError(f"EngineConfig.max_model_len={limit} does not fit the KV cache "
+                                 f"({layout.max_cached_tokens} tokens): raise the memory budget or lower it")
+            limit = layout.max_cached_tokens
+        self.max_model_len = limit
+        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []
+        self._arrivals = itertools.count()
+        self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        if config.verbose:
+            print(f"[ringlinear engine] {self.model_name} on {self.device} ({dtype}): cache "
+                  f"{layout.total_bytes / 2**30:.2f} GiB = {layout.num_slots} state slots "
+                  f"({layout.state_bytes_per_slot / 2**20:.2f} MiB each) + {layout.num_blocks} KV blocks x "
+                  f"{layout.block_size} tokens ({layout.max_cached_tokens} tokens, "
+                  f"{layout.kv_bytes_per_token} B/token); admits {layout.num_slots} sequences, max_model_len "
+                  f"{self.max_model_len}", flush=True)
+
+    # ---- text -----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("prompt", "this engine has no tokenizer: pass token ids")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages", "must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RequestError("messages", f"message {i} must have string fields 'role' and 'content'")
+        if self._chat_template is None:
+            raise RequestError("messages", "the checkpoint's tokenizer has no chat_template")
+        import jinja2
+
+        return jinja2.Template(self._chat_template).render(messages=messages, add_generation_prompt=True)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._seqs:
+            raise RequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise RequestError("prompt", f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        else:
+            raise RequestError("prompt", "must be a string or a list of token ids")
+        if not ids:
+            raise RequestError("prompt", "is empty")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError("prompt", f"{len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
+                                         f"maximum length {self.max_model_len}")
+        seq = Sequence(request_id, ids, params, arrival=next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+            self._pending.append(RequestOutput.of(seq))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled sequence by its tokens of this step; sample where a prompt or the last
+        token was just computed. Returns the outputs of requests that got a token or finished."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
+        logits = self.runner.execute(batch, rows)
+        for seq, n in batch:
+            seq.num_computed += n
+        if rows:
+            seqs = [batch[i][0] for i in rows]
+            tokens, logps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
+            for seq, tok, lp in zip(seqs, tokens, logps):
+                self._append(seq, tok, lp)
+                outputs.append(RequestOutput.of(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.logprobs.append(logprob)
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids or p.stop_token_ids and token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        ids = seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids
+        text = self.decode(ids) if self.tokenizer is not None else ""
+        if p.stop:
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is not None:
+            seq.text = text
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id, None)
+            return
+        # while running, hold back what may still change: an incomplete UTF-8 character, a possible stop prefix
+        hold = max((len(s) - 1 for s in p.stop), default=0) if p.stop else 0
+        text = text.rstrip("\ufffd")
+        seq.text = text[: len(text) - hold] if hold else text
+
+
+class LLM:
+    """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))` -> one finished
+    `RequestOutput` per prompt, in order."""
+
+    def __init__(self, model: str | None = None, *, live_model=None, tokenizer=None, **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), model=live_model, tokenizer=tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"generate: {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.engine.add_request(rid, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="req")
+        t0, n_tok = time.perf_counter(), 0
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                n_tok += 1
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
+        if bar is not None:
+            bar.close()
+        return [done[r] for r in ids]
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        return self.generate([self.engine.apply_chat_template(c) for c in conversations], params)

@@ -1,0 +1,61 @@
+"""Runs one scheduled batch through the model over the hybrid cache: packs the new tokens of every sequence,
+forwards them with the cache's `PagedContext`, and returns the fp32 logits of the sequences whose last
+uncomputed token was in this batch (those that sample). Also sizes the cache from the memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from ringlinear.engine.cache import CacheLayout, HybridCache, plan_layout
+from ringlinear.layers.attention_context import PackedContext
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, kv_dtype: torch.dtype):
+        self.model = model
+        self.config = model.config
+        self.device = device
+        self.kv_dtype = kv_dtype
+        self.cache: HybridCache | None = None
+
+    def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+             gpu_memory_utilization: float, cpu_cache_bytes: int) -> CacheLayout:
+        """On CUDA: budget = utilization x total memory - peak of a profiling forward of
+        `max_num_batched_tokens` tokens (weights + activations). Elsewhere: `cpu_cache_bytes`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.profile(max_num_batched_tokens, max_num_seqs)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(total * gpu_memory_utilization) - peak
+            torch.cuda.empty_cache()
+        else:
+            budget = cpu_cache_bytes
+        return plan_layout(self.config, budget, block_size, max_num_seqs, self.kv_dtype)
+
+    @torch.no_grad()
+    def profile(self, num_tokens: int, num_seqs: int) -> None:
+        """A forward of `num_tokens` tokens (no cache) to measure the activation peak."""
+        ids = torch.randint(0, self.config.vocab_size, (num_tokens,), device=self.device)
+        ctx = PackedContext.from_lens([num_tokens], self.device)
+        last = torch.arange(min(num_seqs, num_tokens), device=self.device)
+        self.model(ids, ctx, logits_indices=last)
+
+    def allocate(self, layout: CacheLayout) -> HybridCache:
+        self.cache = HybridCache(self.config, layout, self.device, self.kv_dtype)
+        return self.cache
+
+    @torch.no_grad()
+    def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int]) -> torch.Tensor:
+        """batch: (sequence, n new tokens); sampling_rows: indices into batch of sequences to sample.
+        Returns fp32 logits [len(sampling_rows), V]."""
+        ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        ctx = self.cache.context(batch)
+        ends = ctx.cu_seqlens[1:].long() - 1
+        rows = ends[torch.tensor(sampling_rows, dtype=torch.long, device=self.device)]
+        return self.model(input_ids, ctx, logits_indices=rows)
+

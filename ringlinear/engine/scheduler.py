@@ -1,0 +1,81 @@
+"""Continuous batching over the hybrid cache. Each step packs, within `max_num_batched_tokens`: first one
+token for every running sequence (decode, or the next chunk of a prompt still being prefilled), then new
+prompts from the queue, chunked when they do not fit (the linear state and the KV pages carry across
+chunks). When blocks run out, the most recently admitted sequence is preempted: its cache is freed and it
+is recomputed later from its tokens (prompt + what it generated), so nothing is lost or truncated."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ringlinear.engine.cache import HybridCache
+from ringlinear.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, cache: HybridCache, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of tokens to compute) for this step; blocks and slots are grown for them."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        queue = list(self.running)  # admission order: the newest is preempted first
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = min(seq.num_uncomputed, budget)
+            while not self.cache.can_grow(seq, n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.cache.grow(seq, n)
+                batch.append((seq, n))
+                budget -= n
+        # admit new prompts while there is budget, a slot and blocks
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.cache.can_grow(seq, n):
+                break
+            self.waiting.popleft()
+            self.cache.grow(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        if not batch and self.waiting and not self.running:
+            seq = self.waiting[0]
+            raise RuntimeError(f"request {seq.request_id} ({seq.num_tokens} tokens) cannot be scheduled into an "
+                               f"empty cache of {self.cache.layout.num_blocks} blocks x {self.cache.block_size}")
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
