@@ -1,4 +1,4 @@
-"""Triton kernels of ringlinear.ops.lightning run in the interpreter on the CPU: set before triton is
+"""Triton kernels (ringlinear.ops.lightning, ops.fp8) run in the interpreter on the CPU: set before triton is
 imported (only when no GPU is present, so `pytest -m gpu` on the device runs the compiled kernels)."""
 
 import os
