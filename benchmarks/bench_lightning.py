@@ -113,7 +113,7 @@ def seg_sweep() -> list[dict]:
     for B, T in [(1, 32768), (1, 131072)]:
         q, k, v, g = make(B, T)
         default = chunk_mod._default_seg_chunks(B * T, H, True)
-        for sc in (1, 2, 4, 8, 16, 32):
+        for sc in (4, 8, 16, 32, 64):
             t = bench(partial(chunk_lightning_attn, q, k, v, g, seg_chunks=sc))
             rows.append({"B": B, "T": T, "seg_chunks": sc, "default": sc == default, "fwd_ms": t})
     return rows
@@ -160,9 +160,9 @@ def forward_table(fla) -> list[dict]:
     return rows
 
 
-def _step(fn, leaves, g, do, **kw):
-    """One forward + backward to q, k, v (no .grad accumulation). g=None: the decay is in kw (fla)."""
-    o = (fn(*leaves, g, **kw) if g is not None else fn(*leaves, **kw))[0]
+def _step(fn, leaves, decay, do, **kw):
+    """One forward + backward to q, k, v (no .grad accumulation). decay=None: the decay is in kw (fla)."""
+    o = (fn(*leaves, decay, **kw) if decay is not None else fn(*leaves, **kw))[0]
     return torch.autograd.grad(o, leaves, do)
 
 
