@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ringlinear.ops.lightning import lightning_attn, lightning_decode
 
@@ -23,10 +24,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
     if Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:
-        i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-        mask = torch.arange(Tk, device=q.device)[None, :] <= i
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    else:  # queries are the last Tq positions: causal mask aligned to the lower right (flash path on CUDA)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
     return o.transpose(0, 1)
 
 

@@ -1,0 +1,250 @@
+"""Serving throughput of the engine at long context: Ring-mini-linear-2.0 (hybrid, random bf16 weights) against
+(a) its all-softmax twin (same model, every layer softmax: what Ring-mini-2.0 costs) and (b) a dense model of
+32B shape (Qwen2.5-32B-like widths; only `--dense-layers` of its 64 layers fit beside the KV cache, and its
+times are scaled by 64 / dense-layers, said in the table). One run, same engine, same GPU.
+
+- prefill: one request of C prompt tokens through the engine (chunked prefill of `--chunk` tokens), tokens/s;
+- decode: B sequences already holding C tokens each (their cache filled with random KV / states rather than by
+  a prefill: the work of a decode step is the same), tokens/s over `--decode-steps` engine steps; B = 8 for
+  every model, and the largest batch the cache admits (capped at 64);
+- floor: bytes one decode step must read (activated weights, with the experts B tokens touch; KV; state read
+  + write) over the copy bandwidth measured in this run, against the measured step time.
+
+    python benchmarks/bench_serving.py --json out.json            (CUDA)
+    python benchmarks/bench_serving.py --quick                     (CPU smoke run, tiny preset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from ringlinear.checkpoint import build_model
+from ringlinear.config import preset
+from ringlinear.engine.cache import cache_bytes
+from ringlinear.engine.llm import EngineConfig, LLMEngine
+from ringlinear.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from ringlinear.layers.moe import MoE, Router
+from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
+
+
+def dense_32b():
+    return preset("ring-mini-linear-2.0").replace(
+        hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+        intermediate_size=27648, num_experts=0, first_k_dense_replace=64, layer_group_size=1,
+        num_nextn_predict_layers=0, vocab_size=152064, tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def random_model(config, device, dtype):
+    """Build on meta, materialise on the device, fill there (no CPU init of 16B floats): N(0, 0.02) matrices,
+    zero biases and expert biases, unit norms, derived buffers recomputed."""
+    model = build_model(config, "meta", dtype).to_empty(device=device)
+    for p in model.parameters():
+        p.normal_(0, 0.02) if p.dim() >= 2 else p.zero_()
+    for mod in model.modules():
+        if isinstance(mod, (RMSNorm, GroupRMSNorm)):
+            mod.reset_parameters()
+        elif isinstance(mod, Router) and mod.expert_bias is not None:
+            mod.expert_bias.zero_()
+    model.reset_buffers()
+    return model.eval()
+
+
+def copy_bandwidth(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    n = 1 << 28
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * n * 4 * 20 / (time.perf_counter() - t0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill_tps(engine: LLMEngine, C: int, device) -> float:
+    ids = torch.randint(0, engine.config.vocab_size, (C,)).tolist()
+    engine.add_request("prefill", ids, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    sync(device)
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync(device)
+    return C / (time.perf_counter() - t0)
+
+
+def fill_running(engine: LLMEngine, B: int, C: int) -> list[Sequence]:
+    """B running sequences with C tokens already in the cache (random KV and states)."""
+    sched, cache = engine.scheduler, engine.scheduler.cache
+    seqs = []
+    for b in range(B):
+        seq = Sequence(f"dec{b}", [1] * C, SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True))
+        seq.token_ids.append(2)  # one sampled token not yet in the cache: the next step decodes it
+        cache.grow(seq, C)
+        seq.num_computed = C
+        seq.status = SequenceStatus.RUNNING
+        sched.running.append(seq)
+        engine._seqs[seq.request_id] = seq
+        seqs.append(seq)
+    for kv in cache.kv.values():
+        kv.normal_()
+    for st in cache.states.values():
+        st.normal_(0, 0.01)
+    return seqs
+
+
+def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> float:
+    seqs = fill_running(engine, B, C)
+    engine.step()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    for s in seqs:
+        engine.abort_request(s.request_id)
+    engine.step()
+    return dt
+
+
+def max_batch(engine: LLMEngine, C: int, cap: int) -> int:
+    cache = engine.scheduler.cache
+    per_seq = cache.blocks_for(C + 64) if cache.kv else 0
+    by_kv = cache.layout.num_blocks // per_seq if per_seq else cap
+    return max(1, min(cap, by_kv, cache.layout.num_slots))
+
+
+def decode_floor_bytes(config, B: int, C: int, dtype_bytes: int = 2) -> float:
+    """Bytes a decode step of B tokens at context C must read: weights (experts the B tokens touch, expected
+    under uniform routing), KV of every softmax layer, linear states (read + write)."""
+    model = build_model(config, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.model.mtp.parameters())
+    emb = model.model.word_embeddings.weight.numel()
+    routed = sum(sum(p.numel() for p in (m.gate_proj, m.up_proj, m.down_proj)) for m in model.modules()
+                 if isinstance(m, MoE))
+    E, k = max(config.num_experts, 1), config.num_experts_per_tok
+    touched = E * (1 - (1 - k / E) ** B) / E if config.num_experts else 0.0
+    weights = (total - mtp - emb - routed + routed * touched) * dtype_bytes + B * config.hidden_size * dtype_bytes
+    kv, state = cache_bytes(config, torch.bfloat16)
+    return weights + B * (C * kv + 2 * state)
+
+
+def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) -> list[dict]:
+    print(f"\n== {name}: {config.num_hidden_layers} layers, building random weights on {device}", flush=True)
+    model = random_model(config, device, dtype)
+    engine = LLMEngine(EngineConfig(device=str(device), max_num_seqs=args.max_batch,
+                                    max_num_batched_tokens=args.chunk, gpu_memory_utilization=args.mem,
+                                    cpu_cache_gib=args.cpu_cache_gib, verbose=True), model=model)
+    rows = []
+    for C in contexts:
+        row = {"model": name, "context": C, "layer_scale": layer_scale}
+        if C + 64 > engine.max_model_len:
+            row["skipped"] = f"cache holds {engine.max_model_len} tokens"
+            rows.append(row)
+            print(row, flush=True)
+            continue
+        row["prefill_tok_s"] = prefill_tps(engine, C, device) / layer_scale
+        for tag, B in (("b8", min(8, max_batch(engine, C, args.max_batch))), ("max", max_batch(engine, C, args.max_batch))):
+            dt = decode_step_s(engine, B, C, args.decode_steps, device) * layer_scale
+            row[f"decode_{tag}_batch"] = B
+            row[f"decode_{tag}_tok_s"] = B / dt
+            row[f"decode_{tag}_step_ms"] = dt * 1e3
+            if tag == "b8":
+                floor = decode_floor_bytes(config, B, C) * layer_scale / bw
+                row["decode_b8_floor_ms"] = floor * 1e3
+                row["decode_b8_floor_ratio"] = dt / floor
+        rows.append(row)
+        print(row, flush=True)
+    del engine, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: list[dict], bw: float) -> None:
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s")
+    by = {(r["model"], r["context"]): r for r in rows}
+    ctxs = sorted({r["context"] for r in rows})
+    hdr = ("context | hybrid prefill tok/s | twin | dense32B* | hybrid/twin | hybrid/dense | decode B=8 tok/s hybrid | "
+           "twin | hybrid/twin | decode max-batch tok/s hybrid (B) | twin (B) | hybrid/twin | hybrid step / floor")
+    print(hdr)
+
+    def g(m, c, k):
+        return by.get((m, c), {}).get(k, float("nan"))
+
+    for c in ctxs:
+        h, t, d = "hybrid", "softmax-twin", "dense-32B"
+        print(f"{c} | {g(h, c, 'prefill_tok_s'):.0f} | {g(t, c, 'prefill_tok_s'):.0f} | {g(d, c, 'prefill_tok_s'):.0f} | "
+              f"{g(h, c, 'prefill_tok_s') / g(t, c, 'prefill_tok_s'):.2f}x | "
+              f"{g(h, c, 'prefill_tok_s') / g(d, c, 'prefill_tok_s'):.2f}x | "
+              f"{g(h, c, 'decode_b8_tok_s'):.0f} | {g(t, c, 'decode_b8_tok_s'):.0f} | "
+              f"{g(h, c, 'decode_b8_tok_s') / g(t, c, 'decode_b8_tok_s'):.2f}x | "
+              f"{g(h, c, 'decode_max_tok_s'):.0f} ({g(h, c, 'decode_max_batch'):.0f}) | "
+              f"{g(t, c, 'decode_max_tok_s'):.0f} ({g(t, c, 'decode_max_batch'):.0f}) | "
+              f"{g(h, c, 'decode_max_tok_s') / g(t, c, 'decode_max_tok_s'):.2f}x | "
+              f"{g(h, c, 'decode_b8_floor_ratio'):.2f}x")
+    print("* dense 32B shape: measured with a slice of its layers, times scaled to 64 layers")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--contexts", default="4096,16384,32768,65536,130048")
+    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--dense-layers", type=int, default=16)
+    ap.add_argument("--mem", type=float, default=0.92, help="gpu_memory_utilization")
+    ap.add_argument("--models", default="hybrid,softmax-twin,dense-32B")
+    ap.add_argument("--cpu-cache-gib", type=float, default=0.5)
+    ap.add_argument("--quick", action="store_true", help="tiny preset, short contexts (CPU smoke run)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    contexts = [int(c) for c in args.contexts.split(",")]
+    base = preset("ring-mini-linear-2.0")
+    dense, dense_layers = dense_32b(), args.dense_layers
+    if args.quick:
+        base = preset("tiny").replace(max_position_embeddings=4096)
+        dense = base.replace(hidden_size=128, num_experts=0, first_k_dense_replace=base.num_hidden_layers,
+                             layer_group_size=1, intermediate_size=256, num_nextn_predict_layers=0)
+        dense_layers = base.num_hidden_layers // 2
+        contexts = [256, 1024]
+        args.decode_steps, args.chunk, args.max_batch = 3, 256, 8
+    bw = copy_bandwidth(device)
+    models = {
+        "hybrid": (base, 1.0),
+        "softmax-twin": (base.replace(layer_group_size=1), 1.0),
+        "dense-32B": (dense.replace(num_hidden_layers=dense_layers, first_k_dense_replace=dense_layers),
+                      dense.num_hidden_layers / dense_layers),
+    }
+    rows = []
+    for name in args.models.split(","):
+        cfg, scale = models[name]
+        rows += run_model(name, cfg, contexts, args, device, dtype, bw, scale)
+    report(rows, bw)
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "copy_Bps": bw, "args": vars(args)}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
