@@ -118,6 +118,26 @@ class HybridCache:
         return PagedContext(self, batch)
 
 
+def prefix_chunk_attention(q, k, v, k_prefix, v_prefix, scale):
+    """A prompt chunk's queries over the cached prefix (all visible) and the chunk itself (causal).
+    q, k, v: [Tq, H|Hkv, D]; k_prefix, v_prefix: [Tp, Hkv, D]. On CUDA (bf16/fp16) two flash-attention calls
+    merged by their log-sum-exp, so no [Tq, Tp + Tq] mask is ever built; elsewhere one masked SDPA."""
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return causal_attention(q, torch.cat([k_prefix, k]), torch.cat([v_prefix, v]), scale)
+    rep = q.shape[1] // k.shape[1]
+
+    def heads(x):  # [T, Hkv, D] -> [1, H, T, D]
+        return x.repeat_interleave(rep, 1).transpose(0, 1)[None] if rep > 1 else x.transpose(0, 1)[None]
+
+    qh = q.transpose(0, 1)[None]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    o1, lse1 = flash(qh, heads(k_prefix), heads(v_prefix), 0.0, False, False, scale=scale)[:2]
+    o2, lse2 = flash(qh, heads(k), heads(v), 0.0, True, False, scale=scale)[:2]
+    lse = torch.logaddexp(lse1, lse2)
+    o = o1.float() * torch.exp(lse1 - lse)[..., None] + o2.float() * torch.exp(lse2 - lse)[..., None]
+    return o[0].transpose(0, 1).to(q.dtype)
+
+
 class PagedContext(AttentionContext):
     """Softmax layers write new K/V into their pages and attend over the sequence's pages; linear layers
     continue from the sequence's state slot and write the new state back. All-decode batches (one token
@@ -153,14 +173,14 @@ class PagedContext(AttentionContext):
         if self.is_decode:
             return self._decode_attention(kv, q, scale)
         b, outs = self._bounds, []
-        for n, (start, ln) in enumerate(zip(self.starts, self.lens)):
+        for n, start in enumerate(self.starts):
             qn = q[b[n] : b[n + 1]]
             if start == 0:  # nothing cached before: attend over this chunk's own keys (causal, flash path)
                 outs.append(causal_attention(qn, k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale))
                 continue
-            nblk = -(-(start + ln) // bs)
-            pages = kv[:, self.block_tables[n, :nblk]].reshape(2, nblk * bs, Hkv, D)[:, : start + ln]
-            outs.append(causal_attention(qn, pages[0].to(q.dtype), pages[1].to(q.dtype), scale))
+            nblk = -(-start // bs)
+            prefix = kv[:, self.block_tables[n, :nblk]].reshape(2, nblk * bs, Hkv, D)[:, :start].to(q.dtype)
+            outs.append(prefix_chunk_attention(qn, k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], prefix[0], prefix[1], scale))
         return torch.cat(outs, 0)
 
     def _decode_attention(self, kv, q, scale):
