@@ -237,7 +237,16 @@ def main():
     rows = []
     for name in args.models.split(","):
         cfg, scale = models[name]
-        rows += run_model(name, cfg, contexts, args, device, dtype, bw, scale)
+        try:
+            rows += run_model(name, cfg, contexts, args, device, dtype, bw, scale)
+        except Exception as e:  # noqa: BLE001 - report what ran; the failure is printed and recorded
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"model": name, "context": 0, "error": repr(e)[:300]})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     report(rows, bw)
     if args.json:
         meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -144,6 +144,18 @@ def cmd_study_ratio(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from ringlinear.engine.server import serve
+    except ImportError as e:
+        raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
+    try:
+        serve(args)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringlinear", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", action="append", help="a prompt to complete (repeatable)")
     sp.add_argument("--report-context", type=int, default=4096, help="context length for the cache comparison")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, "
+                                      "/v1/chat/completions)")
+    sp.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sp.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    sp.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per request")
+    sp.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched together")
+    sp.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="fraction of GPU memory for weights + cache")
+    sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("study", help="studies: `study ratio` (hybrid ratio: loss, recall, cost)")
     st = sp.add_subparsers(dest="study", required=True)

@@ -16,17 +16,18 @@ from ringlinear.ops.lightning import lightning_attn, lightning_decode
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """GQA attention of the last `Tq` positions over `Tk >= Tq` keys. q: [Tq, H, D]; k, v: [Tk, Hkv, D]."""
+    """GQA attention of the last `Tq` positions over `Tk >= Tq` keys. q: [Tq, H, D]; k, v: [Tk, Hkv, D].
+    Inputs go to SDPA as 4-D [1, H, T, D]: its flash and memory-efficient kernels take nothing else."""
     Tq, Tk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    if kh.shape[0] != qh.shape[0]:
-        rep = qh.shape[0] // kh.shape[0]
-        kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if kh.shape[1] != qh.shape[1]:
+        rep = qh.shape[1] // kh.shape[1]
+        kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
     if Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:  # queries are the last Tq positions: causal mask aligned to the lower right (flash path on CUDA)
+    else:  # queries are the last Tq positions: causal mask aligned to the lower right
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def positions_from_lens(lens: list[int], starts: list[int], device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Policy-gradient losses for RL on rollouts: GRPO group-normalised advantages, the PPO clipped objective
 against the rollout logprobs, optional KL to a reference (k3 estimator), token- or sequence-level
-normalisation, and truncated importance sampling for when trainer and engine disagree.
+normalisation, and truncated (or masked) importance sampling for when trainer and engine disagree.
 
 PPO: L = -E[min(r A, clip(r, 1-eps_lo, 1+eps_hi) A)], r = exp(logp - logp_old)   (Schulman et al. 2017)
 GRPO: A_i = (R_i - mean(R_group)) / (std(R_group) + eps)                         (Shao et al. 2024)
@@ -30,7 +30,8 @@ class PolicyLossConfig:
     clip_high: float = 0.2
     kl_coef: float = 0.0
     normalization: str = "token"  # "token": mean over all response tokens; "sequence": mean of per-sequence means
-    tis_cap: float | None = None  # truncated importance sampling cap on p_old/p_rollout (alignment off)
+    tis_cap: float | None = None  # importance-sampling cap on w = p_old/p_rollout (alignment off); None = off
+    tis_mode: str = "truncate"  # "truncate": weight min(w, cap); "mask": drop tokens with w outside [1/cap, cap]
 
     def __post_init__(self) -> None:
         if self.normalization not in ("token", "sequence"):
@@ -39,6 +40,8 @@ class PolicyLossConfig:
             raise ValueError("clip_low and clip_high must be >= 0")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"tis_cap={self.tis_cap}: must be > 0")
+        if self.tis_mode not in ("truncate", "mask"):
+            raise ValueError(f"tis_mode={self.tis_mode!r}: use 'truncate' or 'mask'")
 
 
 def _reduce(x: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, how: str) -> torch.Tensor:
@@ -63,16 +66,24 @@ def policy_loss(
     """Per-token tensors [T]: `logp` (trainer, differentiable), `logp_old` (the policy that sampled: in aligned
     mode the rollout's own logprobs), `advantages` (broadcast per sequence), `mask` (1 on response tokens),
     `seq_index` (sequence of each token). `logp_rollout` + `cfg.tis_cap` weight tokens by
-    min(p_old / p_rollout, cap) when the trainer's old logprobs differ from the engine's."""
+    min(p_old / p_rollout, cap) ("truncate") or drop tokens whose ratio leaves [1/cap, cap] ("mask") when the
+    trainer's old logprobs differ from the engine's (the dropped tokens still count in the normalisation)."""
     mask = mask.float()
     ratio = torch.exp(logp - logp_old.detach())
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * advantages
     per_tok = -torch.minimum(unclipped, clipped)
-    if cfg.tis_cap is not None and logp_rollout is not None:
-        per_tok = per_tok * torch.exp(logp_old.detach() - logp_rollout.detach()).clamp(max=cfg.tis_cap)
     # tokens where the clipped term wins the min: their gradient is cut
     metrics = {"clip_frac": float(((clipped < unclipped).float() * mask).sum() / mask.sum().clamp_min(1))}
+    if cfg.tis_cap is not None and logp_rollout is not None:
+        w = torch.exp(logp_old.detach() - logp_rollout.detach())
+        if cfg.tis_mode == "truncate":
+            per_tok = per_tok * w.clamp(max=cfg.tis_cap)
+            metrics["tis_clip_frac"] = float(((w > cfg.tis_cap).float() * mask).sum() / mask.sum().clamp_min(1))
+        else:
+            keep = ((w >= 1 / cfg.tis_cap) & (w <= cfg.tis_cap)).float()
+            per_tok = per_tok * keep
+            metrics["tis_mask_frac"] = float(((1 - keep) * mask).sum() / mask.sum().clamp_min(1))
     if cfg.kl_coef > 0:
         if logp_ref is None:
             raise ValueError("kl_coef > 0 needs logp_ref (the reference policy's logprobs)")

@@ -70,7 +70,40 @@ def test_tasks_reward_their_own_answers():
     for task in (ArithmeticTask(seed=1), RetrievalTask(num_pairs=8, seed=2)):
         for _ in range(20):
             s = task.sample()
-            assert task.reward(s.prompt, f" {s.answer} and more", s.answer) == 1.0
-            assert task.reward(s.prompt, "no number", s.answer) == 0.0
+            assert task.reward(s["prompt"], f" {s['answer']} and more", s) == 1.0
+            assert task.reward(s["prompt"], "no number", s) == 0.0
+            assert task.reward(s["prompt"], f"{s['answer']}0", s) == 0.0
     s = ArithmeticTask(seed=3).sample()
-    assert eval(s.prompt[:-1]) == int(s.answer)
+    assert eval(s["prompt"][:-1]) == int(s["answer"])
+
+
+def test_truncated_and_masked_importance_sampling():
+    logp_old, seq, adv, mask = _inputs()
+    logp_rollout = logp_old.clone()
+    logp_rollout[0] -= 2.0  # p_old / p_rollout = e^2 on token 0
+    logp_rollout[5] += 2.0  # e^-2 on token 5
+    grads = {}
+    for mode in ("truncate", "mask"):
+        logp = logp_old.clone().requires_grad_()
+        cfg = PolicyLossConfig(tis_cap=2.0, tis_mode=mode)
+        policy_loss(logp, logp_old, adv, mask, seq, 2, cfg, logp_rollout=logp_rollout)[0].backward()
+        grads[mode] = logp.grad
+    plain = -adv / 10
+    assert torch.allclose(grads["truncate"][0], plain[0] * 2.0)  # capped at 2
+    assert torch.allclose(grads["truncate"][5], plain[5] * torch.exp(torch.tensor(-2.0)))
+    assert grads["mask"][0] == 0 and grads["mask"][5] == 0  # outside [1/2, 2]: dropped
+    others = [i for i in range(10) if i not in (0, 5)]
+    assert torch.allclose(grads["mask"][others], plain[others]) and torch.allclose(grads["truncate"][others], plain[others])
+    _, m = policy_loss(logp_old.clone(), logp_old, adv, mask, seq, 2, PolicyLossConfig(tis_cap=2.0, tis_mode="mask"),
+                       logp_rollout=logp_rollout)
+    assert m["tis_mask_frac"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="tis_mode"):
+        PolicyLossConfig(tis_mode="clip")
+
+
+def test_kl_term_pulls_towards_reference():
+    logp_old, seq, adv, mask = _inputs()
+    logp = logp_old.clone().requires_grad_()
+    ref = logp_old + 0.3  # reference gives more mass: the KL gradient raises logp
+    policy_loss(logp, logp_old, torch.zeros(10), mask, seq, 2, PolicyLossConfig(kl_coef=1.0), logp_ref=ref)[0].backward()
+    assert (logp.grad < 0).all()  # descent raises logp
