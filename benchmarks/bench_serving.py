@@ -150,6 +150,7 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) 
     engine = LLMEngine(EngineConfig(device=str(device), max_num_seqs=args.max_batch,
                                     max_num_batched_tokens=args.chunk, gpu_memory_utilization=args.mem,
                                     cpu_cache_gib=args.cpu_cache_gib, verbose=True), model=model)
+    prefill_tps(engine, min(4096, engine.max_model_len - 1), device)  # warm-up: kernel compilation, autotuning
     rows = []
     for C in contexts:
         row = {"model": name, "context": C, "layer_scale": layer_scale}
