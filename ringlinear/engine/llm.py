@@ -5,6 +5,7 @@ SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layou
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len!r}")
 
 
+def _eos_ids(eos) -> set[int]:
+    return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         from ringlinear.checkpoint import load_model, parse_dtype
@@ -74,8 +79,15 @@ class LLMEngine:
         else:
             self._chat_template = None
         self.tokenizer = tokenizer
-        eos = self.config.eos_token_id
-        self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+        self.eos_token_ids = _eos_ids(self.config.eos_token_id)
+        if config.model and os.path.exists(os.path.join(config.model, "generation_config.json")):
+            with open(os.path.join(config.model, "generation_config.json")) as f:
+                self.eos_token_ids |= _eos_ids(json.load(f).get("eos_token_id"))
+        # a chat template that ends turns with <|im_end|> makes that token an end of generation too
+        if tokenizer is not None and self._chat_template and "<|im_end|>" in self._chat_template:
+            im_end = tokenizer.token_to_id("<|im_end|>")
+            if im_end is not None:
+                self.eos_token_ids.add(im_end)
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = ModelRunner(model, self.device, kv_dtype)
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
