@@ -59,13 +59,7 @@ def trainer_logprobs(model, prompt_ids: list[int], out_ids: list[int]) -> list[f
 
 
 def run_demo(args) -> dict:
-    import importlib.util
-
     from ringlinear.train.trainer import TrainConfig, Trainer
-
-    if importlib.util.find_spec("ringlinear.engine") is None:
-        raise SystemExit("ringlinear demo: not yet available - it needs the inference engine (ringlinear.engine), "
-                         "which has not landed")
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
