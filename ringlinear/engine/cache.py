@@ -149,7 +149,8 @@ class PagedContext(AttentionContext):
         starts = [s.num_computed for s, _ in batch]
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
         pos = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lens)])
-        super().__init__(cu.to(dev), pos.to(dev))
+        super().__init__(cu, pos)  # host tensors: the bounds are read without a device sync
+        self.cu_seqlens, self.positions = cu.to(dev), pos.to(dev)
         self.cache = cache
         self.lens, self.starts = lens, starts
         self.is_decode = all(n == 1 for n in lens)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ringlinear.ops.moe import grouped_topk, routed_experts
+from ringlinear.ops.moe import expert_counts, grouped_topk, routed_experts
 
 
 class SwiGLU(nn.Module):
@@ -46,7 +46,7 @@ class Router(nn.Module):
                               self.norm_topk_prob, self.routed_scaling_factor)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.weight.shape[0]).float()
+                self.tokens_per_expert += expert_counts(idx.reshape(-1), self.weight.shape[0]).float()
         return idx, w
 
 

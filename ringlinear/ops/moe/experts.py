@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert, [E] int64. A scatter-add rather than `torch.bincount`, which reads the largest index
+    back to the host on CUDA (a stream sync in every MoE layer)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat_idx.device).scatter_add_(
+        0, flat_idx, torch.ones_like(flat_idx))
+
+
 def _expert_loop(xs, counts, w_gate, w_up, w_down):
     outs, start = [], 0
     for e, n in enumerate(counts):
@@ -44,7 +51,7 @@ def routed_experts(
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     xs = x[order // k]
-    counts_t = torch.bincount(flat, minlength=E)
+    counts_t = expert_counts(flat, E)
     if use_grouped_mm is None:
         use_grouped_mm = x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
     if use_grouped_mm:
