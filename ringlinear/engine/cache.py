@@ -10,10 +10,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ringlinear.layers.attention_context import AttentionContext, causal_attention
 from ringlinear.ops.lightning import lightning_attn, lightning_decode
+from ringlinear.ops.paged_attention import paged_decode_attention
 
 
 class CacheFull(RuntimeError):
@@ -159,11 +159,11 @@ class PagedContext(AttentionContext):
         if cache.kv:
             tables = [s.block_table for s, _ in batch]
             width = max(len(t) for t in tables)
-            bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+            bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
             seq_of = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lens))
-            self.slot_mapping = (bt[seq_of, pos // bs] * bs + pos % bs).to(dev)
+            self.slot_mapping = (bt[seq_of, pos // bs].long() * bs + pos % bs).to(dev)
             self.block_tables = bt.to(dev)
-            self.seq_lens = torch.tensor([a + n for a, n in zip(starts, lens)], device=dev)
+            self.seq_lens = torch.tensor([a + n for a, n in zip(starts, lens)], dtype=torch.int32, device=dev)
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
         kv = self.cache.kv[layer_idx]
@@ -180,23 +180,13 @@ class PagedContext(AttentionContext):
                 outs.append(causal_attention(qn, k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale))
                 continue
             nblk = -(-start // bs)
-            prefix = kv[:, self.block_tables[n, :nblk]].reshape(2, nblk * bs, Hkv, D)[:, :start].to(q.dtype)
+            prefix = kv[:, self.block_tables[n, :nblk].long()].reshape(2, nblk * bs, Hkv, D)[:, :start].to(q.dtype)
             outs.append(prefix_chunk_attention(qn, k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], prefix[0], prefix[1], scale))
         return torch.cat(outs, 0)
 
     def _decode_attention(self, kv, q, scale):
-        """One query token per sequence over its pages: the query heads of one KV head become the query
-        length (no GQA copy of K/V); keys past the sequence's length are masked."""
-        N, H, D = q.shape
-        Hkv = kv.shape[3]
-        k = kv[0][self.block_tables].flatten(1, 2)  # [N, L, Hkv, D]
-        v = kv[1][self.block_tables].flatten(1, 2)
-        L = k.shape[1]
-        mask = torch.arange(L, device=q.device)[None, :] < self.seq_lens[:, None]  # [N, L]
-        qh = q.view(N, Hkv, H // Hkv, D)
-        o = F.scaled_dot_product_attention(qh, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                                           attn_mask=mask[:, None, None, :], scale=scale)
-        return o.reshape(N, H, D)
+        """One query token per sequence over its own pages (Triton flash-decoding on CUDA)."""
+        return paged_decode_attention(q, kv[0], kv[1], self.block_tables, self.seq_lens, scale)
 
     def linear_attention(self, layer_idx, q, k, v, g, scale):
         pool = self.cache.states[layer_idx]
