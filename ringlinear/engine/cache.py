@@ -103,6 +103,12 @@ class HybridCache:
             need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
             seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
 
+    def reserve_block(self) -> int:
+        """Take one block out of circulation for good (CUDA-graph padding rows write their K/V there)."""
+        if not self.free_blocks:
+            raise CacheFull("no KV block left to reserve")
+        return self.free_blocks.pop()
+
     def release(self, seq) -> None:
         """Return the sequence's blocks and slot (sequence finished, aborted or preempted)."""
         self.free_blocks.extend(seq.block_table)

@@ -33,6 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_cache_gib: float = 1.0
     seed: int = 0
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
     verbose: bool = True
 
     def validate(self) -> None:
@@ -103,6 +104,8 @@ class LLMEngine:
                                  f"({layout.max_cached_tokens} tokens): raise the memory budget or lower it")
             limit = layout.max_cached_tokens
         self.max_model_len = limit
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture(config.max_num_seqs, limit, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []

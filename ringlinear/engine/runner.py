@@ -17,6 +17,7 @@ class ModelRunner:
         self.device = device
         self.kv_dtype = kv_dtype
         self.cache: HybridCache | None = None
+        self.graphs = None
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int) -> CacheLayout:
@@ -48,10 +49,26 @@ class ModelRunner:
         self.cache = HybridCache(self.config, layout, self.device, self.kv_dtype)
         return self.cache
 
+    def capture(self, max_batch: int, max_model_len: int, verbose: bool = True) -> None:
+        """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""
+        from ringlinear.engine.cuda_graphs import DecodeGraphs
+
+        try:
+            self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len)
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down
+            self.graphs = None
+            print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
+            return
+        if verbose:
+            print(f"[ringlinear engine] decode under CUDA graphs, batch buckets {self.graphs.sizes}", flush=True)
+
     @torch.no_grad()
     def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int]) -> torch.Tensor:
         """batch: (sequence, n new tokens); sampling_rows: indices into batch of sequences to sample.
         Returns fp32 logits [len(sampling_rows), V]."""
+        if (self.graphs is not None and len(batch) <= self.graphs.max_batch and len(sampling_rows) == len(batch)
+                and all(n == 1 for _, n in batch)):
+            return self.graphs.run(batch)
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         ctx = self.cache.context(batch)
