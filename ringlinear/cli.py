@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seq-len", type=int, default=256)
     sr.add_argument("--lr", type=float, default=3e-3)
     sr.set_defaults(fn=cmd_study_ratio)
+
+    from ringlinear.rl.cli import add_rl_parser
+
+    add_rl_parser(sub)
     return p
 
 
