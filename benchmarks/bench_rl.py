@@ -169,11 +169,11 @@ def main() -> None:
     results = {}
     for name in args.runs.split(","):
         results[name] = run_one(name, cfgs[name], args.out, args.off_backend, args.engine_backend)
+        if args.json:  # after every run, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "results": results}, f, indent=1)
     print(f"\ndevice: {dev}; torch {torch.__version__}")
     print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "results": results}, f, indent=1)
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: no figures")
         return

@@ -149,7 +149,8 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) 
     model = random_model(config, device, dtype)
     engine = LLMEngine(EngineConfig(device=str(device), max_num_seqs=args.max_batch,
                                     max_num_batched_tokens=args.chunk, gpu_memory_utilization=args.mem,
-                                    cpu_cache_gib=args.cpu_cache_gib, verbose=True), model=model)
+                                    cpu_cache_gib=args.cpu_cache_gib, enforce_eager=args.eager, verbose=True),
+                       model=model)
     prefill_tps(engine, min(4096, engine.max_model_len - 1), device)  # warm-up: kernel compilation, autotuning
     rows = []
     for C in contexts:
@@ -165,6 +166,10 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) 
             row[f"decode_{tag}_batch"] = B
             row[f"decode_{tag}_tok_s"] = B / dt
             row[f"decode_{tag}_step_ms"] = dt * 1e3
+            if tag == "b8" and engine.runner.graphs is not None:  # the same step without graphs, same run
+                graphs, engine.runner.graphs = engine.runner.graphs, None
+                row["decode_b8_step_ms_eager"] = decode_step_s(engine, B, C, args.decode_steps, device) * layer_scale * 1e3
+                engine.runner.graphs = graphs
             if tag == "b8":
                 floor = decode_floor_bytes(config, B, C) * layer_scale / bw
                 row["decode_b8_floor_ms"] = floor * 1e3
@@ -183,7 +188,8 @@ def report(rows: list[dict], bw: float) -> None:
     by = {(r["model"], r["context"]): r for r in rows}
     ctxs = sorted({r["context"] for r in rows})
     hdr = ("context | hybrid prefill tok/s | twin | dense32B* | hybrid/twin | hybrid/dense | decode B=8 tok/s hybrid | "
-           "twin | hybrid/twin | decode max-batch tok/s hybrid (B) | twin (B) | hybrid/twin | hybrid step / floor")
+           "twin | hybrid/twin | decode max-batch tok/s hybrid (B) | twin (B) | hybrid/twin | hybrid step / floor | "
+           "hybrid B=8 step ms graphs / eager")
     print(hdr)
 
     def g(m, c, k):
@@ -199,7 +205,8 @@ def report(rows: list[dict], bw: float) -> None:
               f"{g(h, c, 'decode_max_tok_s'):.0f} ({g(h, c, 'decode_max_batch'):.0f}) | "
               f"{g(t, c, 'decode_max_tok_s'):.0f} ({g(t, c, 'decode_max_batch'):.0f}) | "
               f"{g(h, c, 'decode_max_tok_s') / g(t, c, 'decode_max_tok_s'):.2f}x | "
-              f"{g(h, c, 'decode_b8_floor_ratio'):.2f}x")
+              f"{g(h, c, 'decode_b8_floor_ratio'):.2f}x | "
+              f"{g(h, c, 'decode_b8_step_ms'):.1f} / {g(h, c, 'decode_b8_step_ms_eager'):.1f}")
     print("* dense 32B shape: measured with a slice of its layers, times scaled to 64 layers")
 
 
@@ -214,8 +221,10 @@ def main():
     ap.add_argument("--models", default="hybrid,softmax-twin,dense-32B")
     ap.add_argument("--cpu-cache-gib", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true", help="tiny preset, short contexts (CPU smoke run)")
+    ap.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -248,12 +257,12 @@ def main():
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.json:  # after every model, so a run cut short keeps what it measured
+            meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "copy_Bps": bw, "args": vars(args)}
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
     report(rows, bw)
-    if args.json:
-        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "torch": torch.__version__, "copy_Bps": bw, "args": vars(args)}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a model config field")
-    sp.add_argument("--steps", type=int, default=200)
+    sp.add_argument("--steps", type=int, default=600)
     sp.add_argument("--batch", type=int, default=16)
     sp.add_argument("--seq-len", type=int, default=128)
     sp.add_argument("--lr", type=float, default=3e-3)

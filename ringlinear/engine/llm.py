@@ -33,7 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_cache_gib: float = 1.0
     seed: int = 0
-    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    enforce_eager: bool = False  # True: decode without CUDA graphs
     verbose: bool = True
 
     def validate(self) -> None:
@@ -105,7 +105,11 @@ class LLMEngine:
             limit = layout.max_cached_tokens
         self.max_model_len = limit
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture(config.max_num_seqs, limit, config.verbose)
+            if os.environ.get("RINGLINEAR_BACKEND", "").strip().lower() == "torch":
+                if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
+                    print("[ringlinear engine] RINGLINEAR_BACKEND=torch: decode runs eagerly (no CUDA graphs)")
+            else:
+                self.runner.capture(config.max_num_seqs, limit, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []

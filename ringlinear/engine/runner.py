@@ -53,6 +53,12 @@ class ModelRunner:
         """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""
         from ringlinear.engine.cuda_graphs import DecodeGraphs
 
+        dtype = next(self.model.parameters()).dtype
+        if self.config.num_experts and dtype != torch.bfloat16:
+            # only bf16 experts run as one grouped GEMM; other dtypes loop over experts with host-side sizes
+            print(f"[ringlinear engine] CUDA graphs off: MoE experts in {dtype} run a per-expert loop "
+                  "sized on the host (bf16 runs grouped GEMMs); decode runs eagerly", flush=True)
+            return
         try:
             self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down

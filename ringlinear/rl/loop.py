@@ -67,8 +67,8 @@ class RLRun:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
         model, self.tokenizer, self.eos_id = build_policy(cfg, self.device)
         self.task = TASKS[cfg.task](seed=cfg.seed, **cfg.task_kwargs)
-        self.eval_samples = [TASKS[cfg.task](seed=cfg.seed + 7919, **cfg.task_kwargs).sample()
-                             for _ in range(cfg.eval_prompts)] if cfg.eval_every else []
+        held_out = TASKS[cfg.task](seed=cfg.seed + 7919, **cfg.task_kwargs)  # one generator: distinct samples
+        self.eval_samples = [held_out.sample() for _ in range(cfg.eval_prompts)] if cfg.eval_every else []
         self.reward_fn = reward_fn or (load_reward(cfg.reward) if cfg.reward else self.task.reward)
         self.sft_losses = sft_warmup(model, self.task, self.tokenizer, self.eos_id, cfg.sft_warmup_steps, cfg.sft_lr,
                                      cfg.sft_batch, progress=cfg.progress) if cfg.sft_warmup_steps else []

@@ -51,3 +51,17 @@ def test_cli_runs_with_a_user_reward(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "config.json").read_text())["lr"] == 0.001
     assert (out / "reward.png").stat().st_size > 0
     assert "reward_mean" in capsys.readouterr().out
+
+
+def test_eval_prompts_are_distinct_held_out_samples():
+    from ringlinear.rl.config import RLConfig
+    from ringlinear.rl.loop import RLRun
+
+    run = RLRun(RLConfig.from_dict({"model": "tiny", "task": "arithmetic", "task_kwargs": {"max_operand": 30},
+                                    "steps": 1, "prompts_per_step": 2, "group_size": 2, "sft_warmup_steps": 0,
+                                    "eval_every": 1, "eval_prompts": 16, "progress": False, "out_dir": None,
+                                    "engine_cpu_cache_gib": 0.05}))
+    prompts = [s["prompt"] for s in run.eval_samples]
+    assert len(set(prompts)) >= 12  # 16 draws from ~1900 problems
+    train = {run.task.sample()["prompt"] for _ in range(16)}
+    assert train != set(prompts)  # a different stream from the training prompts

@@ -1,5 +1,5 @@
-"""Decode attention over a paged KV cache: one query token per sequence. Triton on CUDA (or with
-RINGLINEAR_BACKEND=triton), the PyTorch reference (`naive.py`) elsewhere."""
+"""Decode attention over a paged KV cache: one query token per sequence. The Triton kernel (`decode.py`) on
+CUDA, the PyTorch reference (`naive.py`) elsewhere; RINGLINEAR_BACKEND=triton|torch forces one."""
 
 from __future__ import annotations
 
