@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     hist = Trainer(cfg).fit()
-    if hist:
+    if hist and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in hist[-1].items()}))
     return 0
 

@@ -1,6 +1,6 @@
-"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer (and MTP module)
-is its own shard group, then the root; fp32 sharded master parameters, bf16 compute on GPU through
-`MixedPrecisionPolicy`, gradients reduced in fp32. Kept out of the model (torchtitan's parallelize.py).
+"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer
+(and MTP decoder layer) is its own shard group, then the root; fp32 sharded master parameters, bf16 compute on
+GPU through `MixedPrecisionPolicy`, gradients reduced in fp32. Kept out of the model (torchtitan's parallelize.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def apply_fsdp(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """Shard `model` (a RingLinearForCausalLM with fp32 parameters) over the default process group."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
@@ -41,7 +41,11 @@ def apply_fsdp(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     for name, mod in model.named_modules():
         if name.endswith("mlp.gate"):
             fully_shard(mod, mesh=mesh, mp_policy=mp_router)
-    for block in list(model.model.layers) + list(model.model.mtp):
+    # MTP: only its decoder layer is a unit; its norms and eh_proj stay with the root, because `loss` calls
+    # `mtp.final_layernorm` after the MTP forward, when a unit of its own would have resharded it
+    for block in list(model.model.layers) + [m.layer for m in model.model.mtp]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # the trainer calls `model.loss(...)`, not `model(...)`: it must run the root's unshard/reshard hooks too
+    register_fsdp_forward_method(model, "loss")
     return model
