@@ -133,14 +133,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_study_ratio(args) -> int:
-    from ringlinear.demo import default_corpus
+    from ringlinear.demo import default_corpus, stdlib_corpus
     from ringlinear.study.ratio import StudyConfig, run_study
 
     os.makedirs(args.out, exist_ok=True)
-    corpus = args.corpus or default_corpus(os.path.join(args.out, "corpus.txt"))
+    builtin = {"pydoc": default_corpus, "stdlib": stdlib_corpus}[args.builtin_corpus]
+    corpus = args.corpus or builtin(os.path.join(args.out, f"corpus-{args.builtin_corpus}.txt"))
     sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
-                     num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr)
-    run_study(sc)
+                     num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                     recall_keys=args.recall_keys, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
+                     recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs)
+    try:
+        run_study(sc)
+    except ValueError as e:
+        print(f"ringlinear study ratio: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -226,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sp.add_subparsers(dest="study", required=True)
     sr = st.add_parser("ratio", help="train models differing only in layer_group_size; table + plots (resumable)")
     ints = lambda s: [int(x) for x in s.split(",")]
-    sr.add_argument("--corpus", help="UTF-8 text file (default: CPython's pydoc help topics)")
+    sr.add_argument("--corpus", help="UTF-8 text file (default: --builtin-corpus)")
+    sr.add_argument("--builtin-corpus", choices=["pydoc", "stdlib"], default="pydoc",
+                    help="offline corpus when no --corpus: CPython's help topics (0.5 MB) or its stdlib sources (11 MB)")
     sr.add_argument("--out", default="runs/ratio-study")
     sr.add_argument("--group-sizes", type=ints, default=[1, 2, 4, 8, 0],
                     help="comma-separated layer_group_size values (1 = all softmax, 0 = all linear)")
@@ -236,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--batch", type=int, default=8)
     sr.add_argument("--seq-len", type=int, default=256)
     sr.add_argument("--lr", type=float, default=3e-3)
+    sr.add_argument("--recall-keys", type=int, default=64, help="distinct keys (and values) of the recall task")
+    sr.add_argument("--recall-pairs", type=ints, default=[4, 8, 16, 32],
+                    help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")
+    sr.add_argument("--recall-queries", type=int, default=8, help="queries Q per recall sequence")
+    sr.add_argument("--recall-fraction", type=float, default=0.4, help="share of training tokens in recall sequences")
+    sr.add_argument("--seed", type=int, default=0)
+    sr.add_argument("--save-every", type=int, default=0, help="checkpoint each run every N steps to resume mid-run")
+    sr.add_argument("--jobs", type=int, default=1, help="models trained at once (processes; useful on a GPU)")
     sr.set_defaults(fn=cmd_study_ratio)
 
     from ringlinear.rl.cli import add_rl_parser

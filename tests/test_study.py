@@ -3,18 +3,43 @@ import json
 from ringlinear.cli import main
 
 
-def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
+def _args(tmp_path, *extra):
     corpus = tmp_path / "c.txt"
-    corpus.write_text(("alpha beta gamma delta. " * 40 + "\n\n\n") * 6)
-    args = ["study", "ratio", "--corpus", str(corpus), "--out", str(tmp_path / "s"), "--group-sizes", "1,0",
-            "--widths", "64", "--layers", "2", "--steps", "2", "--batch", "2", "--seq-len", "64"]
+    if not corpus.exists():
+        corpus.write_text(("alpha beta gamma delta. " * 40 + "\n\n\n") * 6)
+    return ["study", "ratio", "--corpus", str(corpus), "--out", str(tmp_path / "s"), "--group-sizes", "1,0",
+            "--widths", "64", "--layers", "2", "--steps", "2", "--batch", "2", "--seq-len", "64",
+            "--recall-pairs", "4,8", "--recall-queries", "4", *extra]
+
+
+def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
+    args = _args(tmp_path, "--save-every", "1")
     assert main(args) == 0
     runs = sorted(p.name for p in (tmp_path / "s").glob("run-*.json"))
     assert runs == ["run-w64-g0.json", "run-w64-g1.json"]
+    assert not list((tmp_path / "s").glob("ckpt-*"))  # mid-run checkpoints are removed once a run is saved
     r = json.loads((tmp_path / "s" / "run-w64-g0.json").read_text())
-    assert r["layer_types"] == ["linear", "linear"] and set(r["recall"]) and r["lm_loss"] > 0
+    assert r["layer_types"] == ["linear", "linear"] and set(r["recall"]) == {"16", "24"}
+    assert r["lm_loss"] > 0 and r["text_loss"] > 0 and r["setup"]["steps"] == 2
     assert (tmp_path / "s" / "ratio_study.png").exists()
     # a second call finds every run done and only re-reports
-    (tmp_path / "s" / "run-w64-g1.json").write_text(json.dumps({**json.loads((tmp_path / "s" / "run-w64-g1.json").read_text()), "lm_loss": 123.0}))
+    p = tmp_path / "s" / "run-w64-g1.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "lm_loss": 123.0}))
+    capsys.readouterr()
     assert main(args) == 0
     assert "123.000" in capsys.readouterr().out
+    # other settings never mix with the saved runs
+    assert main(_args(tmp_path, "--lr", "0.01")) == 2
+    assert "differing: ['lr']" in capsys.readouterr().err
+
+
+def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
+    assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # 2*40 + 8 > seq_len 64
+    assert "exceeds seq_len=64" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--group-sizes", "1,3", "--layers", "2")) == 2
+    assert "group size 3" in capsys.readouterr().err
+
+
+def test_ratio_study_parallel_jobs(tmp_path):
+    assert main(_args(tmp_path, "--jobs", "2")) == 0
+    assert len(list((tmp_path / "s").glob("run-*.json"))) == 2

@@ -8,6 +8,8 @@ and fp32 states (reference generation; the engine has its paged twin in `ringlin
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -28,6 +30,33 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     else:  # queries are the last Tq positions: causal mask aligned to the lower right
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
     return o[0].transpose(0, 1)
+
+
+def _use_varlen(q: torch.Tensor) -> bool:
+    """Packed batches of many sequences go through one varlen flash-attention call (CUDA, bf16/fp16, torch's
+    `torch.nn.attention.varlen`) instead of one SDPA call per sequence; `RINGLINEAR_VARLEN_ATTN=0` turns it off."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
+            and _varlen_attn() is not None)
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without the varlen module
+        return None
+    return varlen_attn
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                            scale: float) -> torch.Tensor:
+    """Causal GQA attention of each packed sequence over itself in one flash-attention call. q: [T, H, D];
+    k, v: [T, Hkv, D]; cu_seqlens: [N+1] int32 -> [T, H, D]. Same result as `causal_attention` per sequence."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    cu = cu_seqlens.to(torch.int32)
+    return _varlen_attn()(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scale,
+                          window_size=(-1, 0))
 
 
 def positions_from_lens(lens: list[int], starts: list[int], device) -> torch.Tensor:
@@ -64,6 +93,8 @@ class PackedContext(AttentionContext):
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
         b = self._bounds
+        if self.num_seqs > 1 and _use_varlen(q):
+            return varlen_causal_attention(q, k, v, self.cu_seqlens, max(y - x for x, y in zip(b, b[1:])), scale)
         outs = [causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale)
                 for n in range(self.num_seqs)]
         return torch.cat(outs, 0)

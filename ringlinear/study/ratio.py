@@ -2,7 +2,9 @@
 `layer_group_size` (all softmax, 1:1, 1:3, 1:7, all linear, ...) at a few widths on the same data and token
 budget — a text corpus mixed with multi-query associative recall — and compare (a) LM loss, (b) recall
 accuracy at growing context, (c) inference cost per decoded token (bytes read at a long context).
-Each finished run is saved as JSON, so an interrupted study resumes where it stopped.
+Each finished run is saved as JSON (with the settings it ran under, so a resumed study never mixes runs of
+different settings); with `save_every` a run also checkpoints and resumes mid-way. `jobs` trains several models
+at once (separate processes; on a GPU the small models leave most of it idle).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,9 +39,40 @@ class StudyConfig:
     recall_keys: int = 64
     recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
     recall_queries: int = 8
-    recall_fraction: float = 0.5  # share of training documents that are recall sequences
+    recall_fraction: float = 0.4  # share of training tokens in recall sequences
+    recall_rows: int = 64  # eval sequences per context length
+    eval_fraction: float = 0.05  # share of text documents held out for the text loss
     cost_context: int = 32768
     seed: int = 0
+    save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
+    jobs: int = 1  # models trained at once
+
+    # fields that do not change a run's result
+    _NOT_SETUP = ("out", "group_sizes", "widths", "save_every", "jobs")
+
+    def setup(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
+
+    def validate(self) -> None:
+        for g in self.group_sizes:
+            if g < 0 or g > self.num_layers:
+                raise ValueError(f"study: group size {g} not in 0..num_layers={self.num_layers} "
+                                 "(1 = all softmax, 0 = all linear, M = M-1 linear layers per softmax layer)")
+        for w in self.widths:
+            if w < 32 or w % 32:
+                raise ValueError(f"study: width {w} must be a multiple of 32 (head_dim) and >= 32")
+        bad = [p for p in self.recall_pairs if not 1 <= p <= self.recall_keys]
+        if bad:
+            raise ValueError(f"study: recall_pairs {bad} must lie in 1..recall_keys={self.recall_keys}")
+        longest = 2 * max(self.recall_pairs) + 2 * self.recall_queries
+        if longest > self.seq_len:
+            raise ValueError(f"study: the longest recall sequence ({longest} tokens) exceeds seq_len={self.seq_len}")
+        if not 0 < self.recall_fraction < 1:
+            raise ValueError(f"study: recall_fraction must be in (0, 1), got {self.recall_fraction}")
+        if not 0 < self.eval_fraction < 0.5:
+            raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+        if self.jobs < 1:
+            raise ValueError(f"study: jobs must be >= 1, got {self.jobs}")
 
     def label(self, g: int) -> str:
         if g == 0:
@@ -66,14 +101,43 @@ def build_dataset(sc: StudyConfig):
     task = RecallTask(RECALL_FIRST_TOKEN + 2 * sc.recall_keys, sc.recall_keys, sc.recall_keys, RECALL_FIRST_TOKEN)
     gen = torch.Generator().manual_seed(sc.seed)
     rng = random.Random(sc.seed)
-    n_recall = int(len(docs) * sc.recall_fraction / (1 - sc.recall_fraction)) if sc.recall_fraction < 1 else 0
-    lm_tokens = sum(len(d) for d in docs)
-    n_recall = max(n_recall, lm_tokens // 200)
+    rng.shuffle(docs)
+    n_eval = max(1, int(len(docs) * sc.eval_fraction))
+    if len(docs) - n_eval < 1:
+        raise ValueError(f"study: the corpus has {len(docs)} document(s); need at least 2 (one is held out)")
+    held, docs = docs[:n_eval], docs[n_eval:]
+    try:
+        heldout = PackedDataset(*pack_rows(held, sc.seq_len), shuffle=False)
+    except ValueError:
+        raise ValueError(f"study: the held-out {sc.eval_fraction:.0%} of the corpus is shorter than one row of "
+                         f"seq_len={sc.seq_len} tokens: give a larger corpus or a larger eval_fraction") from None
+    # Text: a random subset of documents no larger than the run reads (a corpus beyond the token budget would
+    # only cost memory); recall sequences then make up `recall_fraction` of the tokens, each one fresh.
+    budget = sc.steps * sc.micro_batch * sc.seq_len
+    keep, lm_tokens = 0, 0
+    while keep < len(docs) and lm_tokens < budget * (1 - sc.recall_fraction) * 1.05:
+        lm_tokens += len(docs[keep])
+        keep += 1
+    docs = docs[:keep]
+    mean_len = 2 * sum(sc.recall_pairs) / len(sc.recall_pairs) + 2 * sc.recall_queries
+    n_recall = int(lm_tokens * sc.recall_fraction / (1 - sc.recall_fraction) / mean_len)
     for _ in range(n_recall):
         p = rng.choice(sc.recall_pairs)
         docs.append(task.sample(p, sc.recall_queries, gen)[0].tolist())
     rng.shuffle(docs)
-    return PackedDataset(*pack_rows(docs, sc.seq_len), seed=sc.seed), task
+    return PackedDataset(*pack_rows(docs, sc.seq_len), seed=sc.seed), task, heldout
+
+
+@torch.no_grad()
+def heldout_text_loss(model, heldout, micro_batch: int, max_rows: int = 64) -> float:
+    """Mean next-token loss (nats) on held-out text rows (never trained on; no recall sequences)."""
+    dev = next(model.parameters()).device
+    rows = list(range(min(max_rows, heldout.num_rows)))
+    losses = []
+    for i in range(0, len(rows), micro_batch):
+        ids, cu = heldout.batch(rows[i : i + micro_batch])
+        losses.append(model.loss(ids.to(dev), cu.to(dev))["lm_loss"].float().item())
+    return sum(losses) / len(losses)
 
 
 def cost_per_token(cfg, context: int) -> float:
@@ -84,12 +148,15 @@ def cost_per_token(cfg, context: int) -> float:
         + 2 * s.state_bytes_per_sequence
 
 
-def run_one(sc: StudyConfig, width: int, g: int, dataset, task) -> dict:
+def run_one(sc: StudyConfig, width: int, g: int, dataset, task, heldout) -> dict:
     from ringlinear.train.trainer import TrainConfig, Trainer
 
     cfg = model_config(sc, width, g)
+    ckpt_dir = os.path.join(sc.out, f"ckpt-w{width}-g{g}") if sc.save_every else None
     tc = TrainConfig(model="tiny", data=[sc.corpus], seq_len=sc.seq_len, micro_batch=sc.micro_batch, steps=sc.steps,
                      lr=sc.lr, warmup_steps=max(1, sc.steps // 20), seed=sc.seed, progress=False,
+                     save_dir=ckpt_dir, save_every=sc.save_every, resume=bool(ckpt_dir), keep_checkpoints=1,
+                     export=False, plot=False,
                      model_overrides={k: v for k, v in cfg.to_dict().items() if k in (
                          "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                          "moe_shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -98,36 +165,90 @@ def run_one(sc: StudyConfig, width: int, g: int, dataset, task) -> dict:
     dataset.epoch, dataset.index = 0, 0
     dataset._order = dataset._make_order()
     trainer = Trainer(tc, dataset=dataset)
+    t0 = time.perf_counter()
     hist = trainer.fit()
+    seconds = time.perf_counter() - t0
     model = trainer.model.eval()
-    recall = {str(2 * p + 2 * sc.recall_queries): recall_accuracy(model, task, p, sc.recall_queries, rows=32, seed=123)
+    recall = {str(2 * p + 2 * sc.recall_queries): recall_accuracy(model, task, p, sc.recall_queries,
+                                                                  rows=sc.recall_rows, seed=123)
               for p in sc.recall_pairs}
     tail = hist[-max(1, len(hist) // 10):]
-    return {"width": width, "group_size": g, "ratio": sc.label(g), "params": model_stats(cfg).total_params,
-            "lm_loss": sum(h["lm_loss"] for h in tail) / len(tail), "recall": recall,
-            "cost_bytes_per_token": cost_per_token(cfg, sc.cost_context), "layer_types": cfg.layer_types}
+    res = {"width": width, "group_size": g, "ratio": sc.label(g), "params": model_stats(cfg).total_params,
+           "lm_loss": sum(h["lm_loss"] for h in tail) / len(tail),
+           "text_loss": heldout_text_loss(model, heldout, sc.micro_batch), "recall": recall,
+           "cost_bytes_per_token": cost_per_token(cfg, sc.cost_context), "layer_types": cfg.layer_types,
+           "train_seconds": round(seconds, 1), "device": str(trainer.device),
+           "setup": sc.setup()}
+    del trainer, model
+    if ckpt_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return res
+
+
+def _run_path(sc: StudyConfig, w: int, g: int) -> str:
+    return os.path.join(sc.out, f"run-w{w}-g{g}.json")
+
+
+def _load_done(sc: StudyConfig, w: int, g: int) -> dict | None:
+    path = _run_path(sc, w, g)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    old, new = res.get("setup"), sc.setup()
+    if old != new:
+        diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+        raise ValueError(f"study: {path} was trained with other settings (differing: {diff}); "
+                         f"use a new --out directory or delete that file to retrain it")
+    return res
+
+
+def _job(sc: StudyConfig, w: int, g: int) -> dict:
+    """Train and save one model (also the body of a worker process)."""
+    dataset, task, heldout = build_dataset(sc)
+    res = run_one(sc, w, g, dataset, task, heldout)
+    path = _run_path(sc, w, g)
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return res
 
 
 def run_study(sc: StudyConfig) -> list[dict]:
     from tqdm import tqdm
 
+    sc.validate()
     os.makedirs(sc.out, exist_ok=True)
     with open(os.path.join(sc.out, "study.json"), "w") as f:
         json.dump(asdict(sc), f, indent=2)
-    dataset, task = build_dataset(sc)
-    results = []
     runs = [(w, g) for w in sc.widths for g in sc.group_sizes]
-    for w, g in tqdm(runs, desc="ratio study", unit="model"):
-        path = os.path.join(sc.out, f"run-w{w}-g{g}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results.append(json.load(f))
-            continue
-        res = run_one(sc, w, g, dataset, task)
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(path + ".tmp", path)
-        results.append(res)
+    done = {(w, g): r for w, g in runs if (r := _load_done(sc, w, g)) is not None}
+    todo = [rg for rg in runs if rg not in done]
+    if done:
+        print(f"ratio study: {len(done)} of {len(runs)} models already trained in {sc.out}", flush=True)
+    bar = tqdm(total=len(runs), initial=len(done), desc="ratio study", unit="model")
+    if sc.jobs == 1 or len(todo) <= 1:
+        data = build_dataset(sc) if todo else None
+        for w, g in todo:
+            res = run_one(sc, w, g, *data)
+            path = _run_path(sc, w, g)
+            with open(path + ".tmp", "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(path + ".tmp", path)
+            done[(w, g)] = res
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=sc.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_job, sc, w, g): (w, g) for w, g in todo}
+            for fut in as_completed(futs):
+                done[futs[fut]] = fut.result()
+                bar.set_postfix(last=f"w{futs[fut][0]} {sc.label(futs[fut][1])}")
+                bar.update(1)
+    bar.close()
+    results = [done[rg] for rg in runs]
     print_table(results)
     plot_study(results, sc.out)
     return results
@@ -135,11 +256,11 @@ def run_study(sc: StudyConfig) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     ctxs = list(results[0]["recall"]) if results else []
-    print(f"{'width':>5} {'ratio':>11} {'params':>8} {'lm_loss':>8} " + " ".join(f"rec@{c:>4}" for c in ctxs)
-          + "  cost KB/token@ctx")
+    print(f"{'width':>5} {'ratio':>11} {'params':>8} {'train':>7} {'text':>7} " + " ".join(f"rec@{c:>4}" for c in ctxs)
+          + "  decode KiB/token")
     for r in results:
-        print(f"{r['width']:5d} {r['ratio']:>11} {r['params'] / 1e6:7.2f}M {r['lm_loss']:8.3f} "
-              + " ".join(f"{r['recall'][c]:8.2f}" for c in ctxs) + f"  {r['cost_bytes_per_token'] / 1024:10.1f}")
+        print(f"{r['width']:5d} {r['ratio']:>11} {r['params'] / 1e6:7.2f}M {r['lm_loss']:7.3f} {r['text_loss']:7.3f} "
+              + " ".join(f"{r['recall'][c]:8.2f}" for c in ctxs) + f"  {r['cost_bytes_per_token'] / 1024:16.1f}")
 
 
 def plot_study(results: list[dict], out: str) -> None:
@@ -153,11 +274,11 @@ def plot_study(results: list[dict], out: str) -> None:
     widest = max(r["width"] for r in results)
     for ratio in ratios:
         rs = sorted((r for r in results if r["ratio"] == ratio), key=lambda r: r["params"])
-        axes[0].plot([r["params"] for r in rs], [r["lm_loss"] for r in rs], "o-", label=ratio)
+        axes[0].plot([r["params"] for r in rs], [r["text_loss"] for r in rs], "o-", label=ratio)
         big = [r for r in rs if r["width"] == widest][0]
         axes[1].plot([int(c) for c in big["recall"]], list(big["recall"].values()), "o-", label=ratio)
         axes[2].scatter([big["cost_bytes_per_token"] / 1024], [sum(big["recall"].values()) / len(big["recall"])], label=ratio)
-    axes[0].set(xscale="log", xlabel="parameters", ylabel="LM loss", title="loss vs size")
+    axes[0].set(xscale="log", xlabel="parameters", ylabel="held-out text loss (nats)", title="loss vs size")
     axes[1].set(xlabel="context (tokens)", ylabel="recall accuracy", title=f"recall vs context (width {widest})")
     axes[2].set(xlabel="decode bytes read per token (KiB)", ylabel="mean recall", title="cost vs quality")
     for ax in axes:

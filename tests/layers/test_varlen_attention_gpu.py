@@ -1,0 +1,30 @@
+"""Packed softmax attention on CUDA: one varlen flash-attention call == one SDPA call per sequence, forward
+and gradients, GQA, odd lengths. Run on the device: `python -m pytest -q -m gpu tests/layers`."""
+
+import pytest
+import torch
+
+from ringlinear.layers.attention_context import PackedContext, _varlen_attn, causal_attention
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="needs CUDA + torch varlen")
+@pytest.mark.parametrize("lens", [[1, 17, 300, 64, 1000, 129], [512] * 8])
+def test_varlen_matches_per_sequence_sdpa(lens, monkeypatch):
+    torch.manual_seed(0)
+    T, H, Hkv, D = sum(lens), 8, 2, 64
+    q, k, v = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
+    do = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    ctx = PackedContext.from_lens(lens, "cuda")
+    o = ctx.softmax_attention(0, q, k, v, D**-0.5)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    b = ctx._bounds
+    ref = torch.cat([causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], D**-0.5)
+                     for n in range(len(lens))])
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, a, r in zip(["o", "dq", "dk", "dv"], (o, *grads), (ref, *ref_grads)):
+        err = ((a.float() - r.float()).norm() / r.float().norm()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
+    monkeypatch.setenv("RINGLINEAR_VARLEN_ATTN", "0")  # the switch restores the loop bit for bit
+    assert torch.equal(ctx.softmax_attention(0, q, k, v, D**-0.5), ref)
