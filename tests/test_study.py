@@ -38,6 +38,10 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert "exceeds seq_len=64" in capsys.readouterr().err
     assert main(_args(tmp_path, "--group-sizes", "1,3", "--layers", "2")) == 2
     assert "group size 3" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--jobs", "0")) == 2
+    assert "jobs must be >= 1" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--save-every", "-1")) == 2
+    assert "save_every must be >= 0" in capsys.readouterr().err
 
 
 def test_ratio_study_parallel_jobs(tmp_path):

@@ -8,6 +8,7 @@ and fp32 states (reference generation; the engine has its paged twin in `ringlin
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,6 +40,7 @@ def _use_varlen(q: torch.Tensor) -> bool:
             and _varlen_attn() is not None)
 
 
+@functools.cache
 def _varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -76,6 +78,12 @@ class AttentionContext:
     def num_seqs(self) -> int:
         return len(self._bounds) - 1
 
+    @functools.cached_property
+    def max_len(self) -> int:
+        """Longest sequence of the batch (in this forward's tokens)."""
+        b = self._bounds
+        return max((y - x for x, y in zip(b, b[1:])), default=0)
+
     def softmax_attention(self, layer_idx, q, k, v, scale):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -94,7 +102,7 @@ class PackedContext(AttentionContext):
     def softmax_attention(self, layer_idx, q, k, v, scale):
         b = self._bounds
         if self.num_seqs > 1 and _use_varlen(q):
-            return varlen_causal_attention(q, k, v, self.cu_seqlens, max(y - x for x, y in zip(b, b[1:])), scale)
+            return varlen_causal_attention(q, k, v, self.cu_seqlens, self.max_len, scale)
         outs = [causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale)
                 for n in range(self.num_seqs)]
         return torch.cat(outs, 0)

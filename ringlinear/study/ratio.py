@@ -54,6 +54,14 @@ class StudyConfig:
         return {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
 
     def validate(self) -> None:
+        if not self.group_sizes or not self.widths or not self.recall_pairs:
+            raise ValueError("study: group_sizes, widths and recall_pairs each need at least one value")
+        for name in ("num_layers", "steps", "seq_len", "micro_batch", "recall_keys", "recall_queries", "recall_rows",
+                     "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"study: {name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"study: save_every must be >= 0 (0: no mid-run checkpoints), got {self.save_every}")
         for g in self.group_sizes:
             if g < 0 or g > self.num_layers:
                 raise ValueError(f"study: group size {g} not in 0..num_layers={self.num_layers} "
@@ -71,8 +79,6 @@ class StudyConfig:
             raise ValueError(f"study: recall_fraction must be in (0, 1), got {self.recall_fraction}")
         if not 0 < self.eval_fraction < 0.5:
             raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
-        if self.jobs < 1:
-            raise ValueError(f"study: jobs must be >= 1, got {self.jobs}")
 
     def label(self, g: int) -> str:
         if g == 0:
@@ -203,15 +209,17 @@ def _load_done(sc: StudyConfig, w: int, g: int) -> dict | None:
     return res
 
 
-def _job(sc: StudyConfig, w: int, g: int) -> dict:
-    """Train and save one model (also the body of a worker process)."""
-    dataset, task, heldout = build_dataset(sc)
-    res = run_one(sc, w, g, dataset, task, heldout)
+def _save_run(sc: StudyConfig, w: int, g: int, res: dict) -> dict:
     path = _run_path(sc, w, g)
     with open(path + ".tmp", "w") as f:
         json.dump(res, f, indent=2)
     os.replace(path + ".tmp", path)
     return res
+
+
+def _job(sc: StudyConfig, w: int, g: int) -> dict:
+    """Train and save one model in a worker process (which builds its own copy of the data)."""
+    return _save_run(sc, w, g, run_one(sc, w, g, *build_dataset(sc)))
 
 
 def run_study(sc: StudyConfig) -> list[dict]:
@@ -230,12 +238,7 @@ def run_study(sc: StudyConfig) -> list[dict]:
     if sc.jobs == 1 or len(todo) <= 1:
         data = build_dataset(sc) if todo else None
         for w, g in todo:
-            res = run_one(sc, w, g, *data)
-            path = _run_path(sc, w, g)
-            with open(path + ".tmp", "w") as f:
-                json.dump(res, f, indent=2)
-            os.replace(path + ".tmp", path)
-            done[(w, g)] = res
+            done[(w, g)] = _save_run(sc, w, g, run_one(sc, w, g, *data))
             bar.update(1)
     else:
         import multiprocessing as mp

@@ -2,47 +2,22 @@
 the same global batch (2 ranks x 1 micro-batch == 1 rank x 2 accumulated), a sharded checkpoint resumes on 2
 ranks onto the same curve, and the exported model matches the single-process one."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _fsdp_launch import pydoc_corpus, run_trainer
 
 from ringlinear.checkpoint import load_model
 
 
-def _corpus(path):
-    import pydoc_data.topics as topics
-
-    path.write_text("\n\n\n".join(list(topics.topics.values())[:40]))
-    return str(path)
-
-
-RUNNER = """import json, sys
-from ringlinear.train.trainer import TrainConfig, Trainer
-stop = int(sys.argv[2])
-Trainer(TrainConfig.from_json(sys.argv[1])).fit(stop_after=stop or None)
-"""
-
-
 def _train(tmp_path, name, nproc, steps, accum, resume=False, save_every=0, stop_after=0):
     """Run the trainer in `nproc` fresh processes (torchrun, gloo); `stop_after` kills it after that step."""
-    cfg = {"model": "tiny", "data": [_corpus(tmp_path / "corpus.txt")], "seq_len": 64, "micro_batch": 2,
-           "grad_accum": accum, "steps": steps, "lr": 1e-3, "warmup_steps": 2, "save_dir": str(tmp_path / name),
-           "save_every": save_every, "progress": False, "deterministic": True, "resume": resume,
-           "export_dtype": "float32"}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    (tmp_path / "runner.py").write_text(RUNNER)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launch if nproc > 1 else [sys.executable]) + [str(tmp_path / "runner.py"), str(tmp_path / f"{name}.json"),
-                                                          str(stop_after)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    hist = tmp_path / name / "history.json"
-    return json.loads(hist.read_text()) if hist.exists() else None
+    cfg = {"model": "tiny", "data": [pydoc_corpus(tmp_path / "corpus.txt", 40)], "seq_len": 64, "micro_batch": 2,
+           "grad_accum": accum, "steps": steps, "lr": 1e-3, "warmup_steps": 2, "save_every": save_every,
+           "progress": False, "deterministic": True, "resume": resume, "export_dtype": "float32"}
+    return run_trainer(tmp_path, name, nproc, cfg, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                       stop_after=stop_after)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")

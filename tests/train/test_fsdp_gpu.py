@@ -2,42 +2,19 @@
 so within bf16 tolerance rather than bit-equal), a sharded checkpoint resumes on 2 ranks, and the exported model
 loads. Run on a machine with >= 2 GPUs: `python -m pytest -q -s -m gpu tests/train/test_fsdp_gpu.py`."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _fsdp_launch import pydoc_corpus, run_trainer
 
 from ringlinear.checkpoint import load_model
 
 pytestmark = pytest.mark.gpu
 
-RUNNER = """import sys
-from ringlinear.train.trainer import TrainConfig, Trainer
-stop = int(sys.argv[2])
-Trainer(TrainConfig.from_json(sys.argv[1])).fit(stop_after=stop or None)
-"""
-
-
 def _train(tmp_path, name, nproc, steps, accum, resume=False, save_every=0, stop_after=0):
-    import pydoc_data.topics as topics
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n\n".join(topics.topics.values()))
-    cfg = {"model": "small", "data": [str(corpus)], "seq_len": 1024, "micro_batch": 8, "grad_accum": accum,
-           "steps": steps, "lr": 1e-3, "warmup_steps": 5, "save_dir": str(tmp_path / name), "save_every": save_every,
+    cfg = {"model": "small", "data": [pydoc_corpus(tmp_path / "corpus.txt")], "seq_len": 1024, "micro_batch": 8,
+           "grad_accum": accum, "steps": steps, "lr": 1e-3, "warmup_steps": 5, "save_every": save_every,
            "progress": False, "resume": resume}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    (tmp_path / "runner.py").write_text(RUNNER)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launch if nproc > 1 else [sys.executable]) + [str(tmp_path / "runner.py"), str(tmp_path / f"{name}.json"),
-                                                          str(stop_after)]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "4"}, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    hist = tmp_path / name / "history.json"
-    return json.loads(hist.read_text()) if hist.exists() else None
+    return run_trainer(tmp_path, name, nproc, cfg, {"OMP_NUM_THREADS": "4"}, stop_after=stop_after, timeout=900)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
