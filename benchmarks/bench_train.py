@@ -19,18 +19,42 @@ import torch
 def bench_kernels() -> list[dict]:
     from triton.testing import do_bench
 
-    from ringlinear.ops.fp8 import quantize_transpose_ref, rmsnorm_quantize_ref, swiglu_quantize_ref
-    from ringlinear.ops.fp8.kernels import quantize_transpose, rmsnorm_quantize, swiglu_quantize
+    from ringlinear.ops.fp8 import (
+        quantize_128x128,
+        quantize_rowwise,
+        quantize_transpose_ref,
+        rmsnorm_quantize_ref,
+        swiglu_quantize_ref,
+    )
+    from ringlinear.ops.fp8.kernels import (
+        quantize_blocks,
+        quantize_rows,
+        quantize_transpose,
+        rmsnorm_quantize,
+        swiglu_quantize,
+        swiglu_quantize_rows,
+    )
+
+    def swiglu_rows_ref(gu):
+        gf, uf = gu.float().chunk(2, dim=1)
+        return quantize_rowwise(gf * torch.sigmoid(gf) * uf)
 
     M = 16384
     x = torch.randn(M, 2048, device="cuda", dtype=torch.bfloat16)
     g, u = torch.randn(2, M, 5120, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(2048, device="cuda")
+    we = torch.randn(256 * 512, 2048, device="cuda", dtype=torch.bfloat16)  # one expert projection of 256
+    gu = torch.randn(65536, 1024, device="cuda", dtype=torch.bfloat16)
+    wd = torch.randn(5120, 2048, device="cuda", dtype=torch.bfloat16)
     cases = [
         ("quantize+transpose [16384,2048]", lambda: quantize_transpose(x), lambda: quantize_transpose_ref(x), x.numel() * 4),
         ("quantize 1x128 [16384,2048]", lambda: quantize_transpose(x, False), lambda: quantize_transpose_ref(x)[:2], x.numel() * 3),
         ("swiglu+quantize [16384,5120]", lambda: swiglu_quantize(g, u), lambda: swiglu_quantize_ref(g, u), g.numel() * 5),
         ("rmsnorm+quantize [16384,2048]", lambda: rmsnorm_quantize(x, w, 1e-6), lambda: rmsnorm_quantize_ref(x, w, 1e-6), x.numel() * 3),
+        ("rowwise quantize experts [131072,2048]", lambda: quantize_rows(we), lambda: quantize_rowwise(we), we.numel() * 3),
+        ("swiglu+rowwise quantize [65536,2x512]", lambda: swiglu_quantize_rows(gu), lambda: swiglu_rows_ref(gu), gu.numel() * 3 // 2),
+        ("128x128 quantize+transpose [5120,2048]", lambda: quantize_blocks(wd, True),
+         lambda: (lambda q: (q, q[0].t().contiguous()))(quantize_128x128(wd)), wd.numel() * 4),
     ]
     rows = []
     for name, fused, ref, nbytes in cases:
@@ -49,26 +73,53 @@ def _synthetic(rows: int, seq_len: int, vocab: int, seed: int = 0):
     return PackedDataset(tokens, segs, seed=seed)
 
 
-def bench_step(fp8: bool, layers: int, seq_len: int, micro_batch: int, steps: int) -> dict:
+def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: int, accums: list[int],
+               profile_dir: str | None = None) -> list[dict]:
+    """Step time of one trainer (built once per recipe) at each gradient-accumulation count in `accums`: a
+    step = `accum` forward+backward micro-batches + one optimizer step, so larger counts weigh the optimizer
+    (an fp32 AdamW over every weight of the slice, which data parallelism would shard) as real runs do."""
     from ringlinear.train.trainer import TrainConfig, Trainer
 
-    over = {"num_hidden_layers": layers, "first_k_dense_replace": max(1, layers - 2)}
+    dense = min(layers - 1, 3)  # the slice: `dense` dense-MLP layers, the rest MoE (256 experts)
+    over = {"num_hidden_layers": layers, "first_k_dense_replace": dense}
     cfg = TrainConfig.from_dict({"model": "ring-mini-linear-2.0", "model_overrides": over, "data": ["<synthetic>"],
-                                 "seq_len": seq_len, "micro_batch": micro_batch, "steps": steps + 3, "fp8": fp8,
+                                 "seq_len": seq_len, "micro_batch": micro_batch, "steps": 10_000, "fp8": recipe != "bf16",
+                                 "fp8_experts": recipe == "fp8",
                                  "progress": False, "lr": 1e-4, "warmup_steps": 2})
     tr = Trainer(cfg, dataset=_synthetic(256, seq_len, 157184))
-    for _ in range(3):
-        tr.train_step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        rec = tr.train_step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    tokens = seq_len * micro_batch
-    out = {"recipe": "fp8" if fp8 else "bf16", "layers": layers, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
-           "mfu_vs_989T": tr.flops_per_token * tokens / dt / 989e12, "loss": rec["loss"],
-           "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    out = []
+    for accum in accums:
+        tr.cfg.grad_accum = accum
+        for _ in range(2):
+            tr.train_step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            rec = tr.train_step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+        tokens = seq_len * micro_batch * accum
+        out.append({"recipe": recipe, "layers": layers, "moe_layers": layers - dense,
+                    "grad_accum": accum, "tokens_per_step": tokens, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+                    "mfu_vs_989T": tr.flops_per_token * tokens / dt / 989e12, "loss": rec["loss"],
+                    "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30})
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        tr.cfg.grad_accum = 1
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            tr.train_step()
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+        ka = prof.key_averages()
+        kernel_ms = sum(e.self_device_time_total for e in ka) / 1e3
+        with open(os.path.join(profile_dir, f"profile_{recipe}.txt"), "w") as f:
+            f.write(f"one step, accum 1: wall {wall:.1f} ms (profiled), GPU kernel time {kernel_ms:.1f} ms\n\n")
+            f.write(ka.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=80))
+            f.write("\n\nops by total device time (children included)\n")
+            f.write(ka.table(sort_by="device_time_total", row_limit=45, max_name_column_width=80))
     del tr
     gc.collect()
     torch.cuda.empty_cache()
@@ -76,7 +127,9 @@ def bench_step(fp8: bool, layers: int, seq_len: int, micro_batch: int, steps: in
     return out
 
 
-def loss_curves(steps: int, out_dir: str) -> dict:
+def loss_curves(steps: int, out_dir: str, recipes: list[str]) -> dict:
+    """Loss of the `small` preset under each recipe (same seed, data order and init); the gap is the relative
+    difference of the mean loss over the last tenth of the steps."""
     from ringlinear.train.trainer import TrainConfig, Trainer, plot_losses
 
     files = sorted(glob.glob("ringlinear/**/*.py", recursive=True)) + ["README.md"]
@@ -85,17 +138,17 @@ def loss_curves(steps: int, out_dir: str) -> dict:
         for p in files:
             f.write(open(p).read() + "\n\n\n")
     hist = {}
-    for fp8 in (False, True):
+    for recipe in ["bf16"] + [r for r in recipes if r != "bf16"]:
         cfg = TrainConfig.from_dict({"model": "small", "data": [corpus], "seq_len": 512, "micro_batch": 4,
-                                     "steps": steps, "fp8": fp8, "lr": 2e-3, "warmup_steps": 30, "progress": False,
-                                     "seed": 0})
-        hist["fp8" if fp8 else "bf16"] = Trainer(cfg).fit()
+                                     "steps": steps, "fp8": recipe != "bf16", "fp8_experts": recipe == "fp8",
+                                     "lr": 2e-3, "warmup_steps": 30, "progress": False, "seed": 0})
+        hist[recipe] = Trainer(cfg).fit()
     os.remove(corpus)
-    plot_losses(hist, os.path.join(out_dir, "loss_fp8_vs_bf16.png"), "small preset: FP8 vs BF16")
+    plot_losses(hist, os.path.join(out_dir, "loss_fp8_vs_bf16.png"), "small preset: FP8 recipes vs BF16")
     tail = max(10, steps // 10)
     mean = {k: sum(h["loss"] for h in v[-tail:]) / tail for k, v in hist.items()}
-    return {"steps": steps, "tail_steps": tail, "bf16_tail_loss": mean["bf16"], "fp8_tail_loss": mean["fp8"],
-            "rel_diff": abs(mean["fp8"] - mean["bf16"]) / mean["bf16"],
+    return {"steps": steps, "tail_steps": tail, "tail_loss": mean,
+            "rel_diff": {k: abs(m - mean["bf16"]) / mean["bf16"] for k, m in mean.items() if k != "bf16"},
             "curves": {k: [h["loss"] for h in v] for k, v in hist.items()}}
 
 
@@ -105,37 +158,67 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--grad-accum", default="1,4", help="comma-separated gradient-accumulation counts to time")
+    ap.add_argument("--recipes", default="bf16,fp8,fp8-dense",
+                    help="bf16; fp8 (dense projections + experts); fp8-dense (experts stay BF16)")
+    ap.add_argument("--profile", action="store_true", help="write a kernel profile of one step per recipe to --out")
     ap.add_argument("--curve-steps", type=int, default=0, help="also run the FP8-vs-BF16 loss curves")
+    ap.add_argument("--parts", default="steps,kernels,curve", help="which parts to run, in this order")
     ap.add_argument("--out", default=".")
     ap.add_argument("--json")
     args = ap.parse_args()
     res: dict = {"device": torch.cuda.get_device_name()}
-    if args.curve_steps:
-        res["curve"] = loss_curves(args.curve_steps, args.out)
-        c = res["curve"]
-        print(f"loss curve ({c['steps']} steps, mean of last {c['tail_steps']}): bf16 {c['bf16_tail_loss']:.4f} "
-              f"fp8 {c['fp8_tail_loss']:.4f} rel diff {c['rel_diff']:.4%}", flush=True)
-    res["kernels"] = bench_kernels()
-    print(f"{'kernel':34s} {'fused ms':>9s} {'unfused ms':>10s} {'speedup':>8s} {'GB/s':>7s}")
-    for r in res["kernels"]:
-        print(f"{r['kernel']:34s} {r['fused_ms']:9.3f} {r['unfused_ms']:10.3f} {r['speedup']:8.2f} {r['fused_GBps']:7.0f}", flush=True)
-    res["steps"] = []
-    for fp8 in (False, True):
+
+    def dump() -> None:  # after each part, so a cut-off run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    for part in args.parts.split(","):
+        if part == "steps":
+            res["steps"], res["speedup_vs_bf16"] = run_steps(args)
+        elif part == "kernels":
+            res["kernels"] = bench_kernels()
+            print(f"{'kernel':40s} {'fused ms':>9s} {'unfused ms':>10s} {'speedup':>8s} {'GB/s':>7s}")
+            for r in res["kernels"]:
+                print(f"{r['kernel']:40s} {r['fused_ms']:9.3f} {r['unfused_ms']:10.3f} {r['speedup']:8.2f} "
+                      f"{r['fused_GBps']:7.0f}", flush=True)
+        elif part == "curve":
+            if not args.curve_steps:
+                continue
+            res["curve"] = c = loss_curves(args.curve_steps, args.out, args.recipes.split(","))
+            for k, d in c["rel_diff"].items():
+                print(f"loss curve ({c['steps']} steps, mean of last {c['tail_steps']}): bf16 "
+                      f"{c['tail_loss']['bf16']:.4f} {k} {c['tail_loss'][k]:.4f} rel diff {d:.4%}", flush=True)
+        else:
+            raise SystemExit(f"--parts: unknown part {part!r} (allowed: steps, kernels, curve)")
+        dump()
+
+
+def run_steps(args) -> tuple[list[dict], dict]:
+    steps = []
+    accums = [int(a) for a in args.grad_accum.split(",")]
+    for recipe in args.recipes.split(","):
         try:
-            res["steps"].append(bench_step(fp8, args.layers, args.seq_len, args.micro_batch, args.steps))
+            steps += bench_step(recipe, args.layers, args.seq_len, args.micro_batch, args.steps, accums,
+                                args.out if args.profile else None)
         except Exception as e:  # report, do not hide: the table shows which recipe failed and why
-            res["steps"].append({"recipe": "fp8" if fp8 else "bf16", "error": repr(e)[:500]})
-        print(res["steps"][-1], flush=True)
-    ok = [r for r in res["steps"] if "error" not in r]
-    print(f"{'recipe':6s} {'layers':>6s} {'step ms':>9s} {'tok/s':>9s} {'MFU(989T)':>9s} {'mem GiB':>8s}")
+            steps.append({"recipe": recipe, "error": repr(e)[:500]})
+        print(steps[-1], flush=True)
+    ok = [r for r in steps if "error" not in r]
+    print(f"{'recipe':9s} {'layers':>6s} {'accum':>5s} {'tok/step':>8s} {'step ms':>9s} {'tok/s':>9s} {'MFU(989T)':>9s} "
+          f"{'mem GiB':>8s}")
     for r in ok:
-        print(f"{r['recipe']:6s} {r['layers']:6d} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['mfu_vs_989T']:9.1%} {r['peak_mem_GiB']:8.1f}")
-    if len(ok) == 2:
-        res["fp8_speedup"] = ok[0]["step_ms"] / ok[1]["step_ms"]
-        print(f"FP8 / BF16 step throughput: {res['fp8_speedup']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        print(f"{r['recipe']:9s} {r['layers']:6d} {r['grad_accum']:5d} {r['tokens_per_step']:8d} {r['step_ms']:9.1f} "
+              f"{r['tokens_per_s']:9.0f} {r['mfu_vs_989T']:9.1%} {r['peak_mem_GiB']:8.1f}")
+    speedup = {}
+    for a in accums:
+        by = {r["recipe"]: r for r in ok if r["grad_accum"] == a}
+        for rec in by:
+            if rec != "bf16" and "bf16" in by:
+                speedup[f"{rec}@accum{a}"] = x = by["bf16"]["step_ms"] / by[rec]["step_ms"]
+                print(f"{rec} / bf16 throughput, grad_accum {a}: {x:.2f}x", flush=True)
+    return steps, speedup
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ringlinear.layers.linear_attention import LightningAttention
 from ringlinear.layers.moe import MoE, Router, SwiGLU
 from ringlinear.layers.norms import RMSNorm
 from ringlinear.layers.softmax_attention import SoftmaxAttention
+from ringlinear.ops.cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -160,7 +161,8 @@ class RingLinearForCausalLM(nn.Module):
         if labels is None:
             labels = shifted_within(input_ids, cu_seqlens, 1)
         hidden = self.model(input_ids, ctx)
-        lm_loss = F.cross_entropy(self.compute_logits(self.model.norm(hidden)), labels, ignore_index=IGNORE_INDEX)
+        # lm_head + cross entropy fused and chunked: no [T, V] logits kept (values as `compute_logits` + CE)
+        lm_loss = linear_cross_entropy(self.model.norm(hidden), self.lm_head_weight, labels, IGNORE_INDEX)
         out = {"lm_loss": lm_loss, "loss": lm_loss}
         if len(self.model.mtp):
             mtp_losses, h = [], hidden
@@ -169,8 +171,7 @@ class RingLinearForCausalLM(nn.Module):
                 emb = self.model.word_embeddings(nxt.clamp(min=0))
                 h = mtp(h, emb, ctx)
                 tgt = shifted_within(input_ids, cu_seqlens, k + 1)
-                logits = self.compute_logits(mtp.final_layernorm(h))
-                mtp_losses.append(F.cross_entropy(logits, tgt, ignore_index=IGNORE_INDEX))
+                mtp_losses.append(linear_cross_entropy(mtp.final_layernorm(h), self.lm_head_weight, tgt, IGNORE_INDEX))
             mtp_loss = torch.stack(mtp_losses).mean()
             out["mtp_loss"] = mtp_loss
             out["loss"] = lm_loss + self.config.mtp_loss_scaling_factor * mtp_loss

@@ -1,7 +1,11 @@
 """The FP8 training recipe: every dense projection whose sizes are multiples of 128 (attention qkv / gate /
-output, dense and shared-expert SwiGLU) runs through `Fp8LinearFn`, and the routed expert GEMMs through
-the grouped FP8 GEMM; the router, norms, embeddings and lm_head stay BF16/FP32 (DeepSeek-V3 §3.3.1).
+output, dense and shared-expert SwiGLU) runs through `Fp8LinearFn`, and the routed experts through
+`Fp8ExpertsFn` (tokens quantized once, before they are copied to their k experts); the router, norms,
+embeddings and lm_head stay BF16/FP32 (DeepSeek-V3 §3.3.1).
 Swapped from outside the model: modules keep their parameter names, so checkpoints are unchanged.
+With `cache_weights`, a weight's FP8 copy is reused while the weight is unchanged (same storage and version
+counter: every micro-batch of a gradient-accumulation step); off under FSDP, whose unsharded weights are
+refilled in place each step.
 """
 
 from __future__ import annotations
@@ -9,31 +13,57 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ringlinear.layers.moe import MoE
 from ringlinear.ops.fp8.gemm import require_fp8
-from ringlinear.ops.fp8.linear import Fp8GroupedLinearFn, fp8_linear
+from ringlinear.ops.fp8.kernels import quantize_rows
+from ringlinear.ops.fp8.linear import (
+    Fp8ExpertsFn,
+    Fp8GroupedLinearFn,
+    fp8_linear,
+    quantize_expert_weights,
+    quantize_weight_blocks,
+)
+from ringlinear.ops.moe import expert_counts
+
+
+def _weight_fp8(mod: nn.Module, name: str, weights: tuple[torch.Tensor, ...], quantize):
+    """`quantize(*weights)`, reused from the module's cache while every weight keeps its storage and version."""
+    if not getattr(mod, "fp8_cache_weights", False):
+        return quantize(*weights)
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    cache = mod.__dict__.setdefault("_fp8_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = quantize(*weights)
+    cache[name] = (key, val)
+    return val
 
 
 class Fp8Linear(nn.Linear):
     """nn.Linear whose forward GEMM (and input-gradient GEMM) is FP8; same parameters and state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias)
+        wq = _weight_fp8(self, "weight", (self.weight,), quantize_weight_blocks)
+        return fp8_linear(x, self.weight, self.bias, wq)
 
 
 def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
-    # Same routing and combine as ringlinear.ops.moe.routed_experts; the three expert GEMMs in FP8.
+    # Same routing and combine as ringlinear.ops.moe.routed_experts; the expert GEMMs in FP8.
     idx, w = self.gate(x)
     T, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    xs = x[order // k].to(torch.bfloat16)
-    offs = torch.bincount(flat, minlength=self.gate_proj.shape[0]).cumsum(0).to(torch.int32)
-    h = F.silu(Fp8GroupedLinearFn.apply(xs, self.gate_proj, offs)) * Fp8GroupedLinearFn.apply(xs, self.up_proj, offs)
-    ys = Fp8GroupedLinearFn.apply(h, self.down_proj, offs)
+    src = order // k
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():  # quantize each token once, then copy its bytes to its k expert slots
+        x8, sx = quantize_rows(xb)
+        xs8 = x8.view(torch.uint8)[src].view(x8.dtype)
+    offs = expert_counts(flat, self.gate_proj.shape[0]).cumsum(0).to(torch.int32)
+    wq = _weight_fp8(self, "experts", (self.gate_proj, self.up_proj, self.down_proj), quantize_expert_weights)
+    ys = Fp8ExpertsFn.apply(xb[src], xs8, sx[src], self.gate_proj, self.up_proj, self.down_proj, offs, *wq)
     out = torch.empty_like(ys)
     out[order] = ys
     out = (out.view(T, k, -1).float() * w.float()[..., None]).sum(1).to(x.dtype)
@@ -56,7 +86,7 @@ def _grouped_fp8_works(device: torch.device) -> str | None:
         return f"grouped FP8 GEMM unavailable ({type(e).__name__}: {str(e)[:200]})"
 
 
-def apply_fp8_recipe(model: nn.Module, experts: bool = True) -> dict[str, int]:
+def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool = False) -> dict[str, int]:
     """Swap eligible projections (in place) to FP8. Raises `Fp8Unavailable` off CUDA/FP8 GPUs: a BF16 run
     must be asked for, never fallen into. Returns counts of swapped / kept modules."""
     require_fp8(next(model.parameters()).device)
@@ -73,6 +103,7 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True) -> dict[str, int]:
         if type(mod) is nn.Linear:
             if mod.in_features % 128 == 0 and mod.out_features % 128 == 0:
                 mod.__class__ = Fp8Linear
+                mod.fp8_cache_weights = cache_weights
                 swapped += 1
             else:
                 kept += 1
@@ -80,7 +111,9 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True) -> dict[str, int]:
             inter, hid = mod.gate_proj.shape[1:]
             if inter % 16 == 0 and hid % 16 == 0:
                 mod.forward = types.MethodType(_fp8_moe_forward, mod)
+                mod.fp8_cache_weights = cache_weights
                 moe += 1
     print(f"FP8 recipe: {swapped} linears FP8, {kept} kept BF16, {moe} MoE layers with FP8 experts"
-          + (f" (experts BF16: {reason})" if reason else ""), flush=True)
+          + (f" (experts BF16: {reason})" if reason else "") + (", weight FP8 copies cached" if cache_weights else ""),
+          flush=True)
     return {"fp8_linears": swapped, "bf16_linears": kept, "fp8_moe_layers": moe}

@@ -58,6 +58,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU embedding backward is not, by default)
     shuffle: bool = True
     fp8: bool = False
+    fp8_experts: bool = True  # with fp8: the routed expert GEMMs too (else only dense projections)
     activation_checkpointing: bool = False
     compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     save_dir: str | None = None
@@ -186,7 +187,8 @@ class Trainer:
         if cfg.fp8:
             from ringlinear.train.fp8_recipe import apply_fp8_recipe
 
-            apply_fp8_recipe(model)  # raises on a device without FP8 GEMMs
+            # raises on a device without FP8 GEMMs; FP8 weight copies reused across micro-batches (not under FSDP)
+            apply_fp8_recipe(model, experts=cfg.fp8_experts, cache_weights=self.world == 1)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if self.world > 1:

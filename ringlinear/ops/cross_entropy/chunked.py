@@ -1,0 +1,120 @@
+"""Fused lm_head + cross entropy, chunked over tokens (the trick of Liger's fused linear cross entropy).
+
+The [T, V] fp32 logits of a 157K vocabulary are the largest tensors of a training step (5 GB at 8K tokens,
+twice over with their gradient) and, computed as an fp32 GEMM, its slowest GEMMs. Here each chunk of tokens
+gets its logits from a bf16 tensor-core GEMM with fp32 accumulation and fp32 output (bf16 inputs are exact in
+fp32, so the logits equal the fp32 reference's up to summation order), its loss, and at once its gradients
+dL/dlogits = (softmax - onehot) / n, which feed dL/dhidden and dL/dweight (bf16 GEMMs, fp32 accumulation of
+dW over chunks). Backward only scales the stored gradients by the incoming scalar. Peak extra memory: one
+chunk of fp32 logits (`chunk_rows x V`) plus dW in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ringlinear.ops.cross_entropy.kernel import softmax_ce_grad
+
+
+@functools.cache
+def _mm_f32_ok(device: torch.device) -> bool:
+    """Whether this build has the bf16 x bf16 -> fp32 GEMM (`torch.mm(..., out_dtype=)`) on `device`."""
+    try:
+        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and fp32 output, on tensor cores for bf16/fp16 CUDA inputs."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        if _mm_f32_ok(a.device):
+            return torch.mm(a, b, out_dtype=torch.float32)
+        # bf16/fp16 values are exact in TF32, so a TF32 GEMM of the upcast inputs keeps every product exact
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return a.float() @ b.float()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return a.float() @ b.float()
+
+
+def default_chunk_rows(vocab: int, budget_elems: int = 1 << 28) -> int:
+    """Rows per chunk so one chunk of fp32 logits holds about `budget_elems` (1 GiB) values, a multiple of 256."""
+    return max(256, budget_elems // max(1, vocab) // 256 * 256)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_rows: int, fused: bool):
+        T = hidden.shape[0]
+        valid = labels != ignore_index
+        n = valid.sum()
+        inv_n = 1.0 / n.clamp(min=1).float()
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        dh = torch.empty_like(hidden) if need_grad else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+        wt = weight.t()
+        for s in range(0, T, chunk_rows):
+            e = min(T, s + chunk_rows)
+            h = hidden[s:e]
+            logits = _mm_f32(h, wt)  # [c, V] fp32
+            if fused:  # one Triton kernel: per-row loss and (softmax - onehot) / n in the input dtype
+                rl, g = softmax_ce_grad(logits, labels[s:e], inv_n, ignore_index, hidden.dtype if need_grad else None)
+                loss += rl.sum()
+                if need_grad:
+                    dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
+                    dw += _mm_f32(g.t(), h)
+                continue
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(e - s, device=hidden.device)
+            tgt = logits[rows, safe[s:e]]
+            v = valid[s:e]
+            loss += torch.where(v, lse - tgt, torch.zeros_like(lse)).sum()
+            if need_grad:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[rows, safe[s:e]] -= 1.0
+                g.mul_((v.float() * inv_n)[:, None])
+                g = g.to(hidden.dtype)
+                dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
+                dw += _mm_f32(g.t(), h)
+        if need_grad:
+            ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        # mean over labelled tokens; NaN when there are none, as F.cross_entropy
+        return torch.where(n > 0, loss * inv_n, torch.full_like(loss, float("nan")))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_out.to(dh.dtype), (dw * grad_out).to(ctx.weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None, fused: bool | None = None) -> torch.Tensor:
+    """Mean cross entropy of `hidden @ weight^T` (fp32 logits) over tokens with labels != ignore_index, without
+    materialising all logits. hidden: [T, H]; weight: [V, H] (same dtype); labels: [T] int. Same value and
+    gradients as `linear_cross_entropy_ref` (to fp32 summation order; gradients rounded to the input dtype).
+    `fused`: loss and logit gradients from the Triton kernel (default: on CUDA unless RINGLINEAR_FUSED_CE=0)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] needed, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: labels must be [T={hidden.shape[0]}], got {tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    if rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
+    if fused is None:
+        fused = hidden.is_cuda and os.environ.get("RINGLINEAR_FUSED_CE", "1") != "0"
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows, fused)
