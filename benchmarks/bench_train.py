@@ -128,8 +128,9 @@ def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: 
 
 
 def loss_curves(steps: int, out_dir: str, recipes: list[str]) -> dict:
-    """Loss of the `small` preset under each recipe (same seed, data order and init); the gap is the relative
-    difference of the mean loss over the last tenth of the steps."""
+    """Loss of the `small` preset under each recipe (same seed, data order and init; `bf16-seedN` is BF16 from
+    seed N, the gap two BF16 runs show); the gap is the relative difference of the mean loss over the last
+    tenth of the steps."""
     from ringlinear.train.trainer import TrainConfig, Trainer, plot_losses
 
     files = sorted(glob.glob("ringlinear/**/*.py", recursive=True)) + ["README.md"]
@@ -139,9 +140,10 @@ def loss_curves(steps: int, out_dir: str, recipes: list[str]) -> dict:
             f.write(open(p).read() + "\n\n\n")
     hist = {}
     for recipe in ["bf16"] + [r for r in recipes if r != "bf16"]:
+        base, _, seed = recipe.partition("-seed")  # "bf16-seed1": the noise floor, BF16 from another seed
         cfg = TrainConfig.from_dict({"model": "small", "data": [corpus], "seq_len": 512, "micro_batch": 4,
-                                     "steps": steps, "fp8": recipe != "bf16", "fp8_experts": recipe == "fp8",
-                                     "lr": 2e-3, "warmup_steps": 30, "progress": False, "seed": 0})
+                                     "steps": steps, "fp8": base != "bf16", "fp8_experts": base == "fp8",
+                                     "lr": 2e-3, "warmup_steps": 30, "progress": False, "seed": int(seed or 0)})
         hist[recipe] = Trainer(cfg).fit()
     os.remove(corpus)
     plot_losses(hist, os.path.join(out_dir, "loss_fp8_vs_bf16.png"), "small preset: FP8 recipes vs BF16")
@@ -164,6 +166,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one step per recipe to --out")
     ap.add_argument("--curve-steps", type=int, default=0, help="also run the FP8-vs-BF16 loss curves")
     ap.add_argument("--parts", default="steps,kernels,curve", help="which parts to run, in this order")
+    ap.add_argument("--curve-recipes", default="bf16,fp8,fp8-dense,bf16-seed1",
+                    help="recipes of the loss curves; bf16-seedN: BF16 from seed N (the run-to-run noise floor)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -186,7 +190,7 @@ def main() -> None:
         elif part == "curve":
             if not args.curve_steps:
                 continue
-            res["curve"] = c = loss_curves(args.curve_steps, args.out, args.recipes.split(","))
+            res["curve"] = c = loss_curves(args.curve_steps, args.out, args.curve_recipes.split(","))
             for k, d in c["rel_diff"].items():
                 print(f"loss curve ({c['steps']} steps, mean of last {c['tail_steps']}): bf16 "
                       f"{c['tail_loss']['bf16']:.4f} {k} {c['tail_loss'][k]:.4f} rel diff {d:.4%}", flush=True)

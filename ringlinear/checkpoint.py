@@ -97,9 +97,10 @@ def build_model(config: RingLinearConfig, device: str | torch.device = "meta", d
     return model
 
 
-def init_model(config: RingLinearConfig, seed: int = 0, device="cpu", dtype=None) -> RingLinearForCausalLM:
+def init_model(config: RingLinearConfig, seed: int = 0, device="cpu", dtype=None,
+               embedding_std: float | None = None) -> RingLinearForCausalLM:
     model = build_model(config, device, dtype)
-    model.init_weights(seed)
+    model.init_weights(seed, embedding_std=embedding_std)
     return model
 
 

@@ -142,7 +142,8 @@ def cmd_study_ratio(args) -> int:
     sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                      recall_keys=args.recall_keys, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
-                     recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs)
+                     recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
+                     init_std=args.init_std, embedding_init_std=args.embedding_init_std)
     try:
         run_study(sc)
     except ValueError as e:
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")
     sr.add_argument("--recall-queries", type=int, default=8, help="queries Q per recall sequence")
     sr.add_argument("--recall-fraction", type=float, default=0.4, help="share of training tokens in recall sequences")
+    sr.add_argument("--init-std", type=float, default=0.0,
+                    help="std of projection weights at init; 0: sqrt(2 / (5 * width)) (see StudyConfig)")
+    sr.add_argument("--embedding-init-std", type=float, default=1.0, help="std of the input embeddings at init")
     sr.add_argument("--seed", type=int, default=0)
     sr.add_argument("--save-every", type=int, default=0, help="checkpoint each run every N steps to resume mid-run")
     sr.add_argument("--jobs", type=int, default=1, help="models trained at once (processes; useful on a GPU)")

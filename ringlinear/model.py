@@ -89,8 +89,9 @@ class RingLinearForCausalLM(nn.Module):
         return self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for projections, embeddings and experts; ones for norms; zero biases."""
+    def init_weights(self, seed: int | None = None, embedding_std: float | None = None) -> None:
+        """Normal(0, initializer_range) for projections, embeddings and experts; ones for norms; zero biases.
+        `embedding_std` overrides the std of the input embeddings (small models: see `ringlinear.study`)."""
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)
@@ -100,7 +101,9 @@ class RingLinearForCausalLM(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
 
         for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
+            if isinstance(mod, nn.Embedding) and embedding_std is not None:
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen).mul_(embedding_std).to(mod.weight.dtype))
+            elif isinstance(mod, (nn.Linear, nn.Embedding)):
                 normal_(mod.weight)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.zero_()

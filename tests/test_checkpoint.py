@@ -85,3 +85,16 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_model(init_model(preset("tiny"), seed=9), tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_init_model_embedding_std():
+    cfg = preset("tiny")
+    a = init_model(cfg, seed=3, embedding_std=1.0)
+    b = init_model(cfg, seed=3)
+    emb = a.model.word_embeddings.weight
+    assert abs(emb.std().item() - 1.0) < 0.05
+    assert abs(b.model.word_embeddings.weight.std().item() - cfg.initializer_range) < 0.002
+    # every other tensor is initialised exactly as without the option
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "word_embeddings" not in k)
+    assert torch.equal(emb, init_model(cfg, seed=3, embedding_std=1.0).model.word_embeddings.weight)

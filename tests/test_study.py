@@ -47,3 +47,18 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
 def test_ratio_study_parallel_jobs(tmp_path):
     assert main(_args(tmp_path, "--jobs", "2")) == 0
     assert len(list((tmp_path / "s").glob("run-*.json"))) == 2
+
+
+def test_study_init_scales_with_width_and_rejects_bad_values(tmp_path, capsys):
+    import math
+
+    from ringlinear.study.ratio import StudyConfig, model_config
+
+    sc = StudyConfig(corpus="x")
+    for w in (64, 256):
+        assert math.isclose(model_config(sc, w, 2).initializer_range, math.sqrt(2 / (5 * w)))
+    assert model_config(StudyConfig(corpus="x", init_std=0.05), 64, 2).initializer_range == 0.05
+    assert main(_args(tmp_path, "--embedding-init-std", "0")) == 2
+    assert "embedding_init_std > 0" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--init-std", "-1")) == 2
+    assert "init_std >= 0" in capsys.readouterr().err

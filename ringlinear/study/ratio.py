@@ -10,6 +10,7 @@ at once (separate processes; on a GPU the small models leave most of it idle).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -43,6 +44,13 @@ class StudyConfig:
     recall_rows: int = 64  # eval sequences per context length
     eval_fraction: float = 0.05  # share of text documents held out for the text loss
     cost_context: int = 32768
+    # Init of these narrow models. The presets' initializer_range 0.02 suits width 2048 (about 1/sqrt(width));
+    # at width 64-256 it leaves the softmax layers unable to learn recall at all (attention logits and the token
+    # signal in the residual stream start ~4x too small: all-softmax stayed at chance on MQAR where the same
+    # model with this init solves it, CPU probe 2026-11-24). 0: sqrt(2 / (5 * width)) ("small init", Nguyen &
+    # Salazar 2019, GPT-NeoX) for projections; input embeddings at `embedding_init_std`.
+    init_std: float = 0.0
+    embedding_init_std: float = 1.0
     seed: int = 0
     save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
     jobs: int = 1  # models trained at once
@@ -77,6 +85,9 @@ class StudyConfig:
             raise ValueError(f"study: the longest recall sequence ({longest} tokens) exceeds seq_len={self.seq_len}")
         if not 0 < self.recall_fraction < 1:
             raise ValueError(f"study: recall_fraction must be in (0, 1), got {self.recall_fraction}")
+        if self.init_std < 0 or not self.embedding_init_std > 0:
+            raise ValueError(f"study: need init_std >= 0 (0: sqrt(2/(5*width))) and embedding_init_std > 0, got "
+                             f"{self.init_std} and {self.embedding_init_std}")
         if not 0 < self.eval_fraction < 0.5:
             raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
 
@@ -95,7 +106,7 @@ def model_config(sc: StudyConfig, width: int, group_size: int):
                   num_hidden_layers=sc.num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                   head_dim=32, layer_group_size=group_size, group_norm_size=min(2, heads), num_experts=8,
                   num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=0,
-                  eos_token_id=257, pad_token_id=256)
+                  eos_token_id=257, pad_token_id=256, initializer_range=sc.init_std or math.sqrt(2 / (5 * width)))
 
 
 def build_dataset(sc: StudyConfig):
@@ -162,12 +173,13 @@ def run_one(sc: StudyConfig, width: int, g: int, dataset, task, heldout) -> dict
     tc = TrainConfig(model="tiny", data=[sc.corpus], seq_len=sc.seq_len, micro_batch=sc.micro_batch, steps=sc.steps,
                      lr=sc.lr, warmup_steps=max(1, sc.steps // 20), seed=sc.seed, progress=False,
                      save_dir=ckpt_dir, save_every=sc.save_every, resume=bool(ckpt_dir), keep_checkpoints=1,
-                     export=False, plot=False,
+                     export=False, plot=False, embedding_init_std=sc.embedding_init_std,
                      model_overrides={k: v for k, v in cfg.to_dict().items() if k in (
                          "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                          "moe_shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads",
                          "num_key_value_heads", "head_dim", "layer_group_size", "group_norm_size", "num_experts",
-                         "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers")})
+                         "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers",
+                         "initializer_range")})
     dataset.epoch, dataset.index = 0, 0
     dataset._order = dataset._make_order()
     trainer = Trainer(tc, dataset=dataset)

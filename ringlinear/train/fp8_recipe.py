@@ -1,5 +1,6 @@
-"""The FP8 training recipe: every dense projection whose sizes are multiples of 128 (attention qkv / gate /
-output, dense and shared-expert SwiGLU) runs through `Fp8LinearFn`, and the routed experts through
+"""The FP8 training recipe: SwiGLU MLPs (dense layers, shared experts) run through `Fp8SwiGLUFn` (one FP8
+GEMM for gate + up, the fused SwiGLU + quantize kernel, FP8 down GEMM), every other dense projection whose
+sizes are multiples of 128 (attention qkv / gate / output) through `Fp8LinearFn`, and the routed experts through
 `Fp8ExpertsFn` (tokens quantized once, before they are copied to their k experts); the router, norms,
 embeddings and lm_head stay BF16/FP32 (DeepSeek-V3 §3.3.1).
 Swapped from outside the model: modules keep their parameter names, so checkpoints are unchanged.
@@ -15,14 +16,16 @@ import types
 import torch
 from torch import nn
 
-from ringlinear.layers.moe import MoE
+from ringlinear.layers.moe import MoE, SwiGLU
 from ringlinear.ops.fp8.gemm import require_fp8
 from ringlinear.ops.fp8.kernels import quantize_rows
 from ringlinear.ops.fp8.linear import (
     Fp8ExpertsFn,
     Fp8GroupedLinearFn,
+    Fp8SwiGLUFn,
     fp8_linear,
     quantize_expert_weights,
+    quantize_swiglu_weights,
     quantize_weight_blocks,
 )
 from ringlinear.ops.moe import expert_counts
@@ -40,6 +43,16 @@ def _weight_fp8(mod: nn.Module, name: str, weights: tuple[torch.Tensor, ...], qu
     val = quantize(*weights)
     cache[name] = (key, val)
     return val
+
+
+class Fp8SwiGLU(SwiGLU):
+    """SwiGLU MLP (dense layers, shared experts) through `Fp8SwiGLUFn`: one FP8 GEMM for gate and up, the fused
+    SwiGLU + quantize kernel, FP8 down GEMM; same parameters and state_dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ws = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        wq = _weight_fp8(self, "swiglu", ws, quantize_swiglu_weights)
+        return Fp8SwiGLUFn.apply(x.reshape(-1, x.shape[-1]), *ws, *wq).view(x.shape)
 
 
 class Fp8Linear(nn.Linear):
@@ -90,7 +103,8 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
     """Swap eligible projections (in place) to FP8. Raises `Fp8Unavailable` off CUDA/FP8 GPUs: a BF16 run
     must be asked for, never fallen into. Returns counts of swapped / kept modules."""
     require_fp8(next(model.parameters()).device)
-    swapped = kept = moe = 0
+    swapped = kept = moe = mlps = 0
+    in_fp8_mlp: set[int] = set()  # linears of swapped SwiGLUs: the fused function runs them
     reason = _grouped_fp8_works(next(model.parameters()).device) if experts else "disabled"
     if reason is not None and experts:
         import warnings
@@ -98,9 +112,16 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
         warnings.warn(f"FP8 recipe: MoE expert GEMMs stay BF16: {reason}", stacklevel=2)
         experts = False
     for name, mod in list(model.named_modules()):
-        if name.endswith("mlp.gate") or "lm_head" in name:
+        if name.endswith("mlp.gate") or "lm_head" in name or id(mod) in in_fp8_mlp:
             continue
-        if type(mod) is nn.Linear:
+        if type(mod) is SwiGLU:
+            lins = (mod.gate_proj, mod.up_proj, mod.down_proj)
+            if all(lin.bias is None and lin.in_features % 128 == 0 and lin.out_features % 128 == 0 for lin in lins):
+                mod.__class__ = Fp8SwiGLU
+                mod.fp8_cache_weights = cache_weights
+                in_fp8_mlp.update(id(lin) for lin in lins)
+                mlps += 1
+        elif type(mod) is nn.Linear:
             if mod.in_features % 128 == 0 and mod.out_features % 128 == 0:
                 mod.__class__ = Fp8Linear
                 mod.fp8_cache_weights = cache_weights
@@ -113,7 +134,8 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
                 mod.forward = types.MethodType(_fp8_moe_forward, mod)
                 mod.fp8_cache_weights = cache_weights
                 moe += 1
-    print(f"FP8 recipe: {swapped} linears FP8, {kept} kept BF16, {moe} MoE layers with FP8 experts"
+    print(f"FP8 recipe: {mlps} SwiGLU MLPs fused FP8, {swapped} other linears FP8, {kept} kept BF16, {moe} MoE "
+          "layers with FP8 experts"
           + (f" (experts BF16: {reason})" if reason else "") + (", weight FP8 copies cached" if cache_weights else ""),
           flush=True)
-    return {"fp8_linears": swapped, "bf16_linears": kept, "fp8_moe_layers": moe}
+    return {"fp8_swiglu_mlps": mlps, "fp8_linears": swapped, "bf16_linears": kept, "fp8_moe_layers": moe}

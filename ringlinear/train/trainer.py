@@ -55,6 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
+    embedding_init_std: float | None = None  # presets: std of the input embeddings at init (default initializer_range)
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU embedding backward is not, by default)
     shuffle: bool = True
     fp8: bool = False
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError("train config: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train config: compute_dtype must be auto, bf16 or fp32, got {self.compute_dtype!r}")
+        if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+            raise ValueError(f"train config: embedding_init_std must be > 0, got {self.embedding_init_std!r}")
         if (self.save_every or self.resume) and not self.save_dir:
             raise ValueError("train config: save_every / resume need save_dir")
 
@@ -237,10 +240,11 @@ class Trainer:
                                      "with tokenizer.json) whose vocabulary fits")
                 mcfg = mcfg.replace(eos_token_id=tok.token_to_id("<|endoftext|>"), pad_token_id=tok.token_to_id("<|pad|>"))
             # fp32 init on the CPU with the run's seed: the same weights on every rank and device.
-            model = init_model(mcfg, seed=cfg.seed, device="cpu", dtype="float32")
+            model = init_model(mcfg, seed=cfg.seed, device="cpu", dtype="float32", embedding_std=cfg.embedding_init_std)
         else:
-            if cfg.model_overrides:
-                raise ValueError("model_overrides only apply to presets; edit the checkpoint's config.json instead")
+            if cfg.model_overrides or cfg.embedding_init_std is not None:
+                raise ValueError("model_overrides and embedding_init_std only apply to presets (a checkpoint brings "
+                                 "its weights and config.json)")
             model = load_model(cfg.model, device="cpu", dtype="float32")
             mcfg = model.config
             tok = load_tokenizer(cfg.tokenizer or cfg.model)

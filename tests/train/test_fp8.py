@@ -70,6 +70,9 @@ def test_swiglu_quantize_kernel(M, inter):
     (y, s), (ry, rs) = swiglu_quantize(g, u), swiglu_quantize_ref(g, u)
     assert _same_q(y, ry)
     torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    gu = torch.cat([g, u], 1)  # the two halves of one [M, 2I] GEMM output, read in place
+    y2, s2 = swiglu_quantize(gu[:, :inter], gu[:, inter:])
+    assert torch.equal(y2.float(), y.float()) and torch.equal(s2, s)
 
 
 @pytest.mark.parametrize("M,H", [(37, 384), (16, 256)])
@@ -187,6 +190,36 @@ def test_fp8_linear_gpu():
     assert _rel(ys, ref) < 6e-2 and torch.isfinite(we.grad).all() and we.grad[1].abs().sum() == 0
 
 
+@pytest.mark.gpu
+def test_fp8_swiglu_gpu():
+    from ringlinear.layers.moe import SwiGLU
+    from ringlinear.ops.fp8.linear import Fp8SwiGLUFn, quantize_swiglu_weights
+    from ringlinear.train.fp8_recipe import apply_fp8_recipe
+
+    H, n_i, M = 256, 384, 300  # M not a multiple of 128: padded rows
+    g = torch.Generator(device="cuda").manual_seed(1)
+    wg, wu, wd = [(torch.randn(*s, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_()
+                  for s in ((n_i, H), (n_i, H), (H, n_i))]
+    x = torch.randn(M, H, device="cuda", generator=g).bfloat16().requires_grad_()
+    y = Fp8SwiGLUFn.apply(x, wg, wu, wd, *quantize_swiglu_weights(wg, wu, wd))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_p = [t.detach().float().requires_grad_() for t in (x, wg, wu, wd)]
+    xr, gr, ur, dr = ref_p
+    ref = (torch.nn.functional.silu(xr @ gr.t()) * (xr @ ur.t())) @ dr.t()
+    ref.backward(dy.float())
+    assert _rel(y, ref) < 8e-2  # two chained FP8 GEMMs
+    for got, want in zip((x, wg, wu, wd), ref_p):
+        assert torch.isfinite(got.grad).all() and _rel(got.grad, want.grad) < 8e-2
+    # the recipe swaps the module (same parameters) and it computes the same function
+    mlp = SwiGLU(H, n_i).cuda().bfloat16()
+    xin = torch.randn(2, 50, H, device="cuda", dtype=torch.bfloat16)
+    want = mlp(xin)
+    counts = apply_fp8_recipe(torch.nn.Sequential(mlp), experts=False)
+    assert counts["fp8_swiglu_mlps"] == 1 and counts["fp8_linears"] == 0 and type(mlp).__name__ == "Fp8SwiGLU"
+    assert _rel(mlp(xin), want) < 8e-2
+
+
 def test_weight_cache_follows_version_and_storage():
     from ringlinear.train.fp8_recipe import _weight_fp8
 
@@ -238,7 +271,9 @@ def test_fp8_experts_gpu():
     ref.backward(dy.float())
     assert _rel(y, ref) < 8e-2  # two chained FP8 GEMMs (the SwiGLU output is quantized too)
     for got, want in zip((xs, wg, wu, wd), ref_p):
-        assert _rel(got.grad, want.grad) < 2e-2  # backward is BF16
+        # backward GEMMs are BF16, but they read the forward's FP8-GEMM output gu (SwiGLU recomputed from it),
+        # so its e4m3 error (~4%, as the forward's) carries into every gradient
+        assert _rel(got.grad, want.grad) < 6e-2
     assert wg.grad[1].abs().sum() == 0
     # the recipe's MoE forward == the BF16 routed experts, within FP8 error
     from ringlinear.layers.moe import MoE

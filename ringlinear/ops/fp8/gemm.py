@@ -29,19 +29,24 @@ def fp8_gemm_rowwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: t
     return torch._scaled_mm(a8, b8.t(), scale_a=sa.float(), scale_b=sb.float().t(), out_dtype=out_dtype)
 
 
-def fp8_gemm_blockwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
-                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """a8: [M, K] e4m3 with sa: [M, K/128] (1x128 tiles); b8: [N, K] e4m3 row-major with sb: [N/128, K/128]
-    (128x128 blocks) -> [M, N]. Scale layouts as cuBLAS wants them (DEVICE_NOTES.md): sa M-major, sb
-    column-major."""
-    ST = F.ScalingType
-    sa_m = sa.float().t().contiguous().t()
-    # scale_b follows the second operand b8.t(): [K/128, N/128], column-major, with the K-block dim padded
-    # to a multiple of 4 (torch 2.11 on H100 asks for it: "scale_b must have shape 4 x 6", K/128 = 2).
+def blockwise_scale_b(sb: torch.Tensor) -> torch.Tensor:
+    """128x128 block scales of a row-major [N, K] operand, sb: [N/128, K/128], in the layout cuBLAS reads for
+    `scale_b` (DEVICE_NOTES.md): [K/128, N/128] column-major, the K-block dim padded to a multiple of 4 (torch
+    2.11 on H100 asks for it: "scale_b must have shape 4 x 6" at K/128 = 2). Weights prepare this once."""
     nb, kb = sb.shape
     sb_c = torch.ones(nb, -(-kb // 4) * 4, device=sb.device, dtype=torch.float32)
     sb_c[:, :kb] = sb
-    sb_c = sb_c.t()
+    return sb_c.t()
+
+
+def fp8_gemm_blockwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16, sb_prepared: bool = False) -> torch.Tensor:
+    """a8: [M, K] e4m3 with sa: [M, K/128] (1x128 tiles); b8: [N, K] e4m3 row-major with sb: [N/128, K/128]
+    (128x128 blocks), or `blockwise_scale_b(sb)` with `sb_prepared` -> [M, N]. sa is used as is when stored
+    M-major (as `quantize_transpose` writes it), else re-laid out."""
+    ST = F.ScalingType
+    sa_m = sa.float().t().contiguous().t()
+    sb_c = sb if sb_prepared else blockwise_scale_b(sb)
     return F.scaled_mm(a8, b8.t(), scale_a=sa_m, scale_recipe_a=ST.BlockWise1x128, scale_b=sb_c,
                        scale_recipe_b=ST.BlockWise128x128, output_dtype=out_dtype)
 

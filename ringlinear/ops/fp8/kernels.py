@@ -50,7 +50,7 @@ def _quant_transpose_kernel(x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
     s = _div(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
     y = _round_e4m3(tl.clamp(_div(x, s[:, None]), -448.0, 448.0))
     tl.store(y_ptr + rm[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rm * (K // BK) + pk, s, mask=rm < M)
+    tl.store(s_ptr + pk * M + rm, s, mask=rm < M)  # M-major, the layout the blockwise GEMM reads
     if TRANSPOSE:
         st = _div(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
         yt = _round_e4m3(tl.clamp(_div(x, st[None, :]), -448.0, 448.0))
@@ -61,13 +61,14 @@ def _quant_transpose_kernel(x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
 
 def quantize_transpose(x: torch.Tensor, transpose: bool = True):
     """x: [M, K] (K % 128 == 0) -> x8 [M, K], s [M, K/128] and, if `transpose`, xt8 [K, M],
-    st [K, ceil(M/128)] (1x128 along M; a partial last M tile is scaled over its valid rows)."""
+    st [K, ceil(M/128)] (1x128 along M; a partial last M tile is scaled over its valid rows).
+    `s` is stored M-major (strides (1, M)), as `fp8_gemm_blockwise` wants it: no re-layout per GEMM."""
     if x.dim() != 2 or x.shape[1] % BLOCK:
         raise ValueError(f"quantize_transpose: need [M, K] with K % 128 == 0, got {tuple(x.shape)}")
     x = x.contiguous()
     M, K = x.shape
     y = torch.empty(M, K, dtype=FP8, device=x.device)
-    s = torch.empty(M, K // BLOCK, dtype=torch.float32, device=x.device)
+    s = torch.empty(K // BLOCK, M, dtype=torch.float32, device=x.device).t()
     nmb = triton.cdiv(M, BLOCK)
     yt = torch.empty(K, M, dtype=FP8, device=x.device) if transpose else y
     st = torch.empty(K, nmb, dtype=torch.float32, device=x.device) if transpose else s
@@ -77,31 +78,36 @@ def quantize_transpose(x: torch.Tensor, transpose: bool = True):
 
 
 @triton.jit
-def _swiglu_quant_kernel(g_ptr, u_ptr, y_ptr, s_ptr, M, N_I, BM: tl.constexpr, BK: tl.constexpr):
+def _swiglu_quant_kernel(g_ptr, u_ptr, y_ptr, s_ptr, M, N_I, stride_in, BM: tl.constexpr, BK: tl.constexpr):
     pm, pk = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
     rk = pk * BK + tl.arange(0, BK)
     mask = (rm[:, None] < M) & (rk[None, :] < N_I)
     off = rm[:, None] * N_I + rk[None, :]
-    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    off_in = rm[:, None] * stride_in + rk[None, :]
+    g = tl.load(g_ptr + off_in, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off_in, mask=mask, other=0.0).to(tl.float32)
     h = g * tl.sigmoid(g) * u
     s = _div(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-12), 448.0)
     y = _round_e4m3(tl.clamp(_div(h, s[:, None]), -448.0, 448.0))
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rm * (N_I // BK) + pk, s, mask=rm < M)
+    tl.store(s_ptr + pk * M + rm, s, mask=rm < M)  # M-major, as the blockwise GEMM reads it
 
 
 def swiglu_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate, up: [M, I] (I % 128 == 0) -> (h8 [M, I] e4m3, s [M, I/128]) of h = silu(gate) * up."""
+    """gate, up: [M, I] (I % 128 == 0) -> (h8 [M, I] e4m3, s [M, I/128], stored M-major) of
+    h = silu(gate) * up. gate and up may be the two column halves of one [M, 2I] GEMM output (read in place)."""
     if gate.shape != up.shape or gate.dim() != 2 or gate.shape[1] % BLOCK:
         raise ValueError(f"swiglu_quantize: need equal [M, I] with I % 128 == 0, got {tuple(gate.shape)}, {tuple(up.shape)}")
-    gate, up = gate.contiguous(), up.contiguous()
+    if gate.stride(1) != 1 or up.stride(1) != 1 or gate.stride(0) != up.stride(0):
+        gate, up = gate.contiguous(), up.contiguous()
     M, n_i = gate.shape
     y = torch.empty(M, n_i, dtype=FP8, device=gate.device)
-    s = torch.empty(M, n_i // BLOCK, dtype=torch.float32, device=gate.device)
+    s = torch.empty(n_i // BLOCK, M, dtype=torch.float32, device=gate.device).t()
     BM = 32
-    _swiglu_quant_kernel[(triton.cdiv(M, BM), n_i // BLOCK)](gate, up, y, s, M, n_i, BM=BM, BK=BLOCK, num_warps=4)
+    if M:
+        _swiglu_quant_kernel[(triton.cdiv(M, BM), n_i // BLOCK)](gate, up, y, s, M, n_i, gate.stride(0), BM=BM,
+                                                                 BK=BLOCK, num_warps=4)
     return y, s
 
 
@@ -221,35 +227,31 @@ def swiglu_quantize_rows(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _quant_block_kernel(w_ptr, y_ptr, yt_ptr, s_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr,
-                        TRANSPOSE: tl.constexpr):
-    # One 128x128 block, one scale; TRANSPOSE also writes the block into w^T (its scales are s^T).
+def _quant_block_kernel(w_ptr, y_ptr, s_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    # One 128x128 block, one scale.
     pn, pk = tl.program_id(0), tl.program_id(1)
     rn = pn * BN + tl.arange(0, BN)
     rk = pk * BK + tl.arange(0, BK)
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :]).to(tl.float32)
     s = _div(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(w, s), -448.0, 448.0)).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rn[:, None] * K + rk[None, :], y)
-    if TRANSPOSE:
-        tl.store(yt_ptr + rk[None, :] * N + rn[:, None], y)
+    y = _round_e4m3(tl.clamp(_div(w, s), -448.0, 448.0))
+    tl.store(y_ptr + rn[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + pn * (K // BK) + pk, s)
 
 
 def quantize_blocks(w: torch.Tensor, transpose: bool = False):
     """128x128-block e4m3 quantization in one pass. w: [N, K] (both % 128 == 0) -> (w8 [N, K], scale
-    [N/128, K/128]) and, with `transpose`, also w8^T [K, N] contiguous (its block scales are scale^T);
+    [N/128, K/128]) and, with `transpose`, also w8^T [K, N] contiguous (its block scales are scale^T; a byte
+    copy: an in-kernel transposed fp8 store gave corrupt bytes on the H100 with Triton 3.6, 2026-11-24);
     reference `quantize_128x128`."""
     if w.dim() != 2 or w.shape[0] % BLOCK or w.shape[1] % BLOCK:
         raise ValueError(f"quantize_blocks: need [N, K] with N, K % 128 == 0, got {tuple(w.shape)}")
     w = w.contiguous()
     N, K = w.shape
     y = torch.empty(N, K, dtype=FP8, device=w.device)
-    yt = torch.empty(K, N, dtype=FP8, device=w.device) if transpose else y
     s = torch.empty(N // BLOCK, K // BLOCK, dtype=torch.float32, device=w.device)
-    _quant_block_kernel[(N // BLOCK, K // BLOCK)](w, y, yt, s, N, K, BN=BLOCK, BK=BLOCK, TRANSPOSE=transpose,
-                                                  num_warps=8)
-    return (y, s, yt) if transpose else (y, s)
+    _quant_block_kernel[(N // BLOCK, K // BLOCK)](w, y, s, N, K, BN=BLOCK, BK=BLOCK, num_warps=8)
+    return (y, s, y.t().contiguous()) if transpose else (y, s)
 
 
 __all__ = ["quantize_transpose", "swiglu_quantize", "rmsnorm_quantize", "quantize_rows", "quantize_rows_cat",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ringlinear.ops.fp8.gemm import fp8_gemm_blockwise, fp8_grouped_gemm_rowwise
+from ringlinear.ops.fp8.gemm import blockwise_scale_b, fp8_gemm_blockwise, fp8_grouped_gemm_rowwise
 from ringlinear.ops.fp8.kernels import (
     quantize_blocks,
     quantize_rows,
     quantize_rows_cat,
     quantize_transpose,
+    swiglu_quantize,
     swiglu_quantize_rows,
 )
 
@@ -27,40 +28,87 @@ def _pad_rows(x: torch.Tensor, multiple: int = 128) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w8 [N, K], scale [N/128, K/128], w8^T [K, N]) for `Fp8LinearFn`."""
+def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `Fp8LinearFn` needs of a weight w: [N, K]: (w8 [N, K], w8^T [K, N]) e4m3 with their 128x128 block
+    scales already in the GEMM's layout (`blockwise_scale_b`), for the forward and the input-gradient GEMM."""
     with torch.no_grad():
-        return quantize_blocks(w.detach(), transpose=True)
+        w8, sw, w8t = quantize_blocks(w.detach(), transpose=True)
+        return w8, blockwise_scale_b(sw), w8t, blockwise_scale_b(sw.t())
 
 
 class Fp8LinearFn(torch.autograd.Function):
-    """x: [M, K] bf16, w: [N, K] (K, N % 128 == 0) with its quantization (w8, sw, w8t) -> [M, N] bf16."""
+    """x: [M, K] bf16, w: [N, K] (K, N % 128 == 0) with its `quantize_weight_blocks` -> [M, N] bf16."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, w8t: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, w8, sw, w8t, swt):
         M = x.shape[0]
         x8, sx = quantize_transpose(_pad_rows(x.to(torch.bfloat16)), transpose=False)
-        ctx.save_for_backward(x, w8t, sw)
+        ctx.save_for_backward(x, w8t, swt)
         ctx.w_dtype = w.dtype
-        return fp8_gemm_blockwise(x8, sx, w8, sw)[:M]
+        return fp8_gemm_blockwise(x8, sx, w8, sw, sb_prepared=True)[:M]
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w8t, sw = ctx.saved_tensors
+        x, w8t, swt = ctx.saved_tensors
         M = dy.shape[0]
         dy = dy.to(torch.bfloat16).contiguous()
         dy8, sdy = quantize_transpose(_pad_rows(dy), transpose=False)
-        dx = fp8_gemm_blockwise(dy8, sdy, w8t, sw.t())[:M]
+        dx = fp8_gemm_blockwise(dy8, sdy, w8t, swt, sb_prepared=True)[:M]
         dw = (dy.t() @ x.to(torch.bfloat16)).to(ctx.w_dtype)
-        return dx.to(x.dtype), dw, None, None, None
+        return dx.to(x.dtype), dw, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               wq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               wq: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] through `Fp8LinearFn`; `wq`: the weight's `quantize_weight_blocks` if known."""
     wq = wq if wq is not None else quantize_weight_blocks(weight)
     y = Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, *wq).view(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None else y
+
+
+def quantize_swiglu_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`quantize_weight_blocks` of [gate; up] ([2I, H], one GEMM for both) and of down ([H, I]), for `Fp8SwiGLUFn`."""
+    with torch.no_grad():
+        return (*quantize_weight_blocks(torch.cat([w_gate.detach(), w_up.detach()])), *quantize_weight_blocks(w_down))
+
+
+class Fp8SwiGLUFn(torch.autograd.Function):
+    """y = (silu(x Wg^T) * (x Wu^T)) Wd^T. x: [M, H] bf16; w_gate, w_up: [I, H]; w_down: [H, I] (H, I % 128 == 0)
+    with their `quantize_swiglu_weights` -> [M, H]. Forward: x quantized once (1x128) for one FP8 GEMM against
+    [gate; up], SwiGLU + quantize in one Triton pass, FP8 down GEMM. Backward: both input-gradient GEMMs FP8,
+    the weight gradients BF16 (as `Fp8LinearFn`)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, w13_8, s13, w13_8t, s13t, w2_8, s2, w2_8t, s2t):
+        M, n_i = x.shape[0], w_gate.shape[0]
+        xb = x.to(torch.bfloat16)
+        x8, sx = quantize_transpose(_pad_rows(xb), transpose=False)
+        gu = fp8_gemm_blockwise(x8, sx, w13_8, s13, sb_prepared=True)  # [Mp, 2I]
+        h8, sh = swiglu_quantize(gu[:, :n_i], gu[:, n_i:])
+        y = fp8_gemm_blockwise(h8, sh, w2_8, s2, sb_prepared=True)[:M]
+        ctx.save_for_backward(xb, gu, w13_8t, s13t, w2_8t, s2t)
+        ctx.dtypes = (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xb, gu, w13_8t, s13t, w2_8t, s2t = ctx.saved_tensors
+        x_dt, g_dt, u_dt, d_dt = ctx.dtypes
+        bf = torch.bfloat16
+        M, n_i = dy.shape[0], gu.shape[1] // 2
+        dy = dy.to(bf).contiguous()
+        dy8, sdy = quantize_transpose(_pad_rows(dy), transpose=False)
+        dh = fp8_gemm_blockwise(dy8, sdy, w2_8t, s2t, sb_prepared=True).float()  # [Mp, I]
+        g, u = gu[:, :n_i].float(), gu[:, n_i:].float()
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        dw_down = dy.t() @ (silu * u)[:M].to(bf)  # [H, I]
+        dgu = torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * silu], 1).to(bf)  # [Mp, 2I]
+        dgu8, sdgu = quantize_transpose(dgu, transpose=False)
+        dx = fp8_gemm_blockwise(dgu8, sdgu, w13_8t, s13t, sb_prepared=True)[:M]
+        dw13 = dgu[:M].t() @ xb  # [2I, H]
+        return (dx.to(x_dt), dw13[:n_i].to(g_dt), dw13[n_i:].to(u_dt), dw_down.to(d_dt),
+                None, None, None, None, None, None, None, None)
 
 
 class Fp8GroupedLinearFn(torch.autograd.Function):
