@@ -34,7 +34,9 @@ def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
 
 
 def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
-    assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # 2*40 + 8 > seq_len 64
+    assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # more pairs than distinct keys (32)
+    assert "must lie in 1..recall_keys=32" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--recall-pairs", "4,30")) == 2  # 2*30 + 8 > seq_len 64
     assert "exceeds seq_len=64" in capsys.readouterr().err
     assert main(_args(tmp_path, "--group-sizes", "1,3", "--layers", "2")) == 2
     assert "group size 3" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Packed pre-training data: documents tokenised with the checkpoint's tokenizer, an EOS after each,
 concatenated and cut into fixed-length rows; document boundaries inside a row become `cu_seqlens`
 (varlen attention never crosses documents). Row order is a seeded permutation per epoch, and the
-position (epoch, row) is the resumable state.
+position (epoch, row) is the resumable state. An optional per-token loss mask says which next-token targets
+count (e.g. only the answers of a synthetic recall sequence, whose keys and values are random).
 """
 
 from __future__ import annotations
@@ -42,16 +43,23 @@ def tokenize_documents(docs: list[str], tokenizer, eos_id: int) -> list[list[int
     return [enc.ids + [eos_id] for enc in tokenizer.encode_batch(docs, add_special_tokens=False)]
 
 
-def pack_rows(docs: list[list[int]], seq_len: int) -> tuple[torch.Tensor, list[list[int]]]:
+def pack_rows(docs: list[list[int]], seq_len: int, masks: list[list[bool]] | None = None):
     """Concatenate documents and cut into rows of `seq_len` tokens (the tail shorter than a row is dropped).
-    Returns (tokens [R, seq_len] int64, per row the lengths of its document pieces, summing to seq_len)."""
+    Returns (tokens [R, seq_len] int64, per row the lengths of its document pieces, summing to seq_len), and
+    with `masks` (per document, one bool per token: is the target after this token trained on) also the
+    packed mask [R, seq_len] bool."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if masks is not None and [len(m) for m in masks] != [len(d) for d in docs]:
+        raise ValueError("pack_rows: masks must hold one bool per token of each document")
     flat: list[int] = []
+    flat_mask: list[bool] = []
     bounds: list[int] = []  # token offsets where a new document starts
-    for d in docs:
+    for i, d in enumerate(docs):
         bounds.append(len(flat))
         flat.extend(d)
+        if masks is not None:
+            flat_mask.extend(masks[i])
     R = len(flat) // seq_len
     if R == 0:
         raise ValueError(f"the corpus has {len(flat)} tokens, fewer than one row of seq_len={seq_len}")
@@ -65,7 +73,9 @@ def pack_rows(docs: list[list[int]], seq_len: int) -> tuple[torch.Tensor, list[l
         cuts = [lo] + [s for s in starts[j:] if s < hi] + [hi]
         seg_lens.append([b - a for a, b in zip(cuts[:-1], cuts[1:])])
     tokens = torch.tensor(flat[: R * seq_len], dtype=torch.long).view(R, seq_len)
-    return tokens, seg_lens
+    if masks is None:
+        return tokens, seg_lens
+    return tokens, seg_lens, torch.tensor(flat_mask[: R * seq_len], dtype=torch.bool).view(R, seq_len)
 
 
 class PackedDataset:
@@ -74,8 +84,11 @@ class PackedDataset:
     `next_rows(n)` returns the next `n` rows packed as one varlen batch: input_ids [n * seq_len] and
     cu_seqlens [S+1] int32 over all document pieces of those rows."""
 
-    def __init__(self, tokens: torch.Tensor, seg_lens: list[list[int]], seed: int = 0, shuffle: bool = True):
-        self.tokens, self.seg_lens = tokens, seg_lens
+    def __init__(self, tokens: torch.Tensor, seg_lens: list[list[int]], seed: int = 0, shuffle: bool = True,
+                 loss_mask: torch.Tensor | None = None):
+        if loss_mask is not None and loss_mask.shape != tokens.shape:
+            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must match tokens {tuple(tokens.shape)}")
+        self.tokens, self.seg_lens, self.loss_mask = tokens, seg_lens, loss_mask
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
@@ -112,6 +125,16 @@ class PackedDataset:
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
         return self.tokens[row_ids].reshape(-1), cu
+
+    def labels(self, row_ids: list[int], cu_seqlens: torch.Tensor) -> torch.Tensor | None:
+        """Next-token labels of `batch(row_ids)` with masked-out targets set to IGNORE_INDEX, or None when the
+        dataset has no loss mask (the model then shifts the ids itself)."""
+        if self.loss_mask is None:
+            return None
+        from ringlinear.model import IGNORE_INDEX, shifted_within
+
+        labels = shifted_within(self.tokens[row_ids].reshape(-1), cu_seqlens, 1)
+        return labels.masked_fill_(~self.loss_mask[row_ids].reshape(-1), IGNORE_INDEX)
 
     def next_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch(self.next_row_ids(n))

@@ -279,8 +279,11 @@ class Trainer:
         for j in range(cfg.grad_accum):
             # Micro-batch j of rank r: chunk r*accum + j of the global step (1 rank x accum 2 == 2 ranks x 1).
             c = self.rank * cfg.grad_accum + j
-            ids, cu = self.data.batch(rows[c * cfg.micro_batch:(c + 1) * cfg.micro_batch])
-            out = self.model.loss(ids.to(self.device), cu.to(self.device))
+            mb = rows[c * cfg.micro_batch:(c + 1) * cfg.micro_batch]
+            ids, cu = self.data.batch(mb)
+            labels = self.data.labels(mb, cu)
+            out = self.model.loss(ids.to(self.device), cu.to(self.device),
+                                  labels=None if labels is None else labels.to(self.device))
             (out["loss"] / cfg.grad_accum).backward()
             self.master.accumulate_grads()
             for k in sums:

@@ -132,6 +132,35 @@ def test_pack_rows_respects_boundaries():
         PackedDataset(tokens, segs, seed=4).load_state_dict(state)
 
 
+def test_loss_mask_packs_with_documents_and_reaches_the_loss(corpus):
+    docs = [[1, 2, 3, 9], [4, 5, 9], [6, 7, 8, 10, 11, 9], [12, 9]]
+    masks = [[True] * 4, [False, True, False], [False] * 6, [True, True]]
+    tokens, segs, mask = pack_rows(docs, 5, masks)
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
+    ds = PackedDataset(tokens, segs, shuffle=False, loss_mask=mask)
+    ids, cu = ds.batch([0, 1])
+    # targets: next token within the document, ignored where masked and at each document's last token
+    assert ds.labels([0, 1], cu).tolist() == [2, 3, 9, -100, -100, 9, -100, -100, -100, -100]
+    assert PackedDataset(tokens, segs).labels([0], cu) is None
+    with pytest.raises(ValueError, match="one bool per token"):
+        pack_rows(docs, 5, masks[:3])
+    with pytest.raises(ValueError, match="must match tokens"):
+        PackedDataset(tokens, segs, loss_mask=mask[:2])
+    # the trainer's loss counts only the unmasked targets: masking all but the first token of each row
+    # changes the loss to the mean over those targets alone
+    tr = Trainer(_cfg(corpus))
+    rows = list(range(2))
+    ids, cu = tr.data.batch(rows)
+    full = tr.model.loss(ids, cu)["lm_loss"].item()
+    m = torch.zeros_like(tr.data.tokens, dtype=torch.bool)
+    m[:, 0] = True
+    tr.data.loss_mask = m
+    only_first = tr.model.loss(ids, cu, labels=tr.data.labels(rows, cu))["lm_loss"].item()
+    logits = tr.model(ids.view(2, -1))[:, 0].float()
+    want = torch.nn.functional.cross_entropy(logits, ids.view(2, -1)[:, 1]).item()
+    assert abs(only_first - want) < 1e-4 and abs(full - want) > 1e-3
+
+
 def test_bias_balancing_moves_toward_balance():
     cfg = preset("tiny")
     r = Router(cfg)
