@@ -114,7 +114,9 @@ def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: 
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         ka = prof.key_averages()
-        kernel_ms = sum(e.self_device_time_total for e in ka) / 1e3
+        # kernels only (ops and annotations would count them again); CUPTI's "Command Buffer Full" is no kernel
+        kernel_ms = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA
+                        and "Command Buffer Full" not in e.key) / 1e3
         with open(os.path.join(profile_dir, f"profile_{recipe}.txt"), "w") as f:
             f.write(f"one step, accum 1: wall {wall:.1f} ms (profiled), GPU kernel time {kernel_ms:.1f} ms\n\n")
             f.write(ka.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=80))

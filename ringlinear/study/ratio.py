@@ -152,7 +152,14 @@ def build_dataset(sc: StudyConfig):
         masks.append((labels != IGNORE_INDEX).tolist() if sc.recall_loss == "answers" else [True] * len(ids))
     order = list(range(len(docs)))
     rng.shuffle(order)
-    tokens, segs, mask = pack_rows([docs[i] for i in order], sc.seq_len, [masks[i] for i in order])
+    docs, masks = [docs[i] for i in order], [masks[i] for i in order]
+    # A recall sequence cut by a row boundary loses its pairs to the previous row: its answers are noise there.
+    start = 0
+    for d, m in zip(docs, masks):
+        if not all(m) and start // sc.seq_len != (start + len(d) - 1) // sc.seq_len:
+            m[:] = [False] * len(m)
+        start += len(d)
+    tokens, segs, mask = pack_rows(docs, sc.seq_len, masks)
     return PackedDataset(tokens, segs, seed=sc.seed, loss_mask=mask), task, heldout
 
 
