@@ -143,7 +143,8 @@ def cmd_study_ratio(args) -> int:
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                      recall_keys=args.recall_keys, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
-                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss)
+                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
+                     compute_dtype=args.compute_dtype)
     try:
         run_study(sc)
     except ValueError as e:
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--recall-fraction", type=float, default=0.4, help="share of training tokens in recall sequences")
     sr.add_argument("--recall-loss", choices=["answers", "all"], default="answers",
                     help="train recall sequences on their answers only (as MQAR) or on every next token")
+    sr.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="training compute dtype (fp32 by default on every device: see StudyConfig)")
     sr.add_argument("--init-std", type=float, default=0.0,
                     help="std of projection weights at init; 0: sqrt(2 / (5 * width)) (see StudyConfig)")
     sr.add_argument("--embedding-init-std", type=float, default=1.0, help="std of the input embeddings at init")
