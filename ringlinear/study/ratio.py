@@ -55,9 +55,10 @@ class StudyConfig:
     # Salazar 2019, GPT-NeoX) for projections; input embeddings at `embedding_init_std`.
     init_std: float = 0.0
     embedding_init_std: float = 1.0
-    # fp32 compute on every device. With bf16 (the trainer's GPU default) the same 4-layer study on the H100
-    # left every all-softmax model at chance on recall after 800 steps, while fp32 on the CPU learned it
-    # (1.00 at every context): unit-scale embeddings leave the layers' small residual updates to bf16 rounding.
+    # fp32 compute on every device. With bf16 (the trainer's GPU default) the 4-layer study on the H100 left all
+    # three all-softmax models at chance on recall after 800 steps; in fp32 two of the three reached 1.00 (and the
+    # CPU's fp32 run too). Our reading, not proven: unit-scale embeddings leave the layers' small residual
+    # updates to bf16 rounding. One seed each (README, ratio study).
     compute_dtype: str = "fp32"
     seed: int = 0
     save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
