@@ -53,13 +53,14 @@ def default_chunk_rows(vocab: int, budget_elems: int = 1 << 28) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_rows: int, fused: bool):
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_rows: int, fused: bool, want_grad: bool):
         T = hidden.shape[0]
         valid = labels != ignore_index
         n = valid.sum()
         inv_n = 1.0 / n.clamp(min=1).float()
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # ctx.needs_input_grad ignores grad mode: under torch.no_grad (evaluation) skip the gradient GEMMs
+        need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         dh = torch.empty_like(hidden) if need_grad else None
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
@@ -96,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dh, dw = ctx.saved_tensors
-        return dh * grad_out.to(dh.dtype), (dw * grad_out).to(ctx.weight_dtype), None, None, None, None
+        return dh * grad_out.to(dh.dtype), (dw * grad_out).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -117,4 +118,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
     if fused is None:
         fused = hidden.is_cuda and os.environ.get("RINGLINEAR_FUSED_CE", "1") != "0"
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows, fused)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows, fused, torch.is_grad_enabled())
