@@ -167,7 +167,8 @@ def test_fp8_gemms_gpu():
 
 @pytest.mark.gpu
 def test_fp8_linear_gpu():
-    from ringlinear.ops.fp8.linear import Fp8GroupedLinearFn, fp8_linear
+    from ringlinear.ops.fp8.gemm import fp8_grouped_gemm_rowwise
+    from ringlinear.ops.fp8.linear import fp8_linear
 
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(256, 512, device="cuda") * 0.05).requires_grad_()
@@ -178,16 +179,16 @@ def test_fp8_linear_gpu():
     y2 = x2 @ w2.t()
     y2.backward(g.float())
     assert _rel(y, y2) < 6e-2 and _rel(x.grad, x2.grad) < 6e-2 and _rel(w.grad, w2.grad) < 2e-2
-    # grouped (MoE experts)
+    # grouped per-row GEMM (MoE experts; autograd through it is `test_fp8_experts_gpu`)
     E, T = 4, 256
-    xs = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    we = (torch.randn(E, 128, 256, device="cuda") * 0.05).requires_grad_()
+    xs = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+    we = torch.randn(E, 128, 256, device="cuda") * 0.05
     offs = torch.tensor([64, 64, 160, 256], device="cuda", dtype=torch.int32)  # one empty expert
-    ys = Fp8GroupedLinearFn.apply(xs, we, offs)
-    ys.backward(torch.ones_like(ys))
+    (x8, sx), (w8, sw) = quantize_rows(xs), quantize_rows(we.reshape(E * 128, 256))
+    ys = fp8_grouped_gemm_rowwise(x8, sx, w8.view(E, 128, 256), sw.view(E, 128), offs)
     starts = [0, 64, 64, 160]
-    ref = torch.cat([xs.detach().float()[a:b] @ we.detach()[e].t() for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
-    assert _rel(ys, ref) < 6e-2 and torch.isfinite(we.grad).all() and we.grad[1].abs().sum() == 0
+    ref = torch.cat([xs.float()[a:b] @ we[e].t() for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
+    assert _rel(ys, ref) < 6e-2
 
 
 @pytest.mark.gpu

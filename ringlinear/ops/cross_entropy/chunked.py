@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ringlinear.ops.cross_entropy.kernel import softmax_ce_grad
+from ringlinear.ops.cross_entropy.kernel import softmax_ce_grad, softmax_ce_grad_ref
 
 
 @functools.cache
@@ -55,10 +55,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_rows: int, fused: bool, want_grad: bool):
         T = hidden.shape[0]
-        valid = labels != ignore_index
-        n = valid.sum()
+        n = (labels != ignore_index).sum()
         inv_n = 1.0 / n.clamp(min=1).float()
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
         # ctx.needs_input_grad ignores grad mode: under torch.no_grad (evaluation) skip the gradient GEMMs
         need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -69,23 +67,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(T, s + chunk_rows)
             h = hidden[s:e]
             logits = _mm_f32(h, wt)  # [c, V] fp32
-            if fused:  # one Triton kernel: per-row loss and (softmax - onehot) / n in the input dtype
-                rl, g = softmax_ce_grad(logits, labels[s:e], inv_n, ignore_index, hidden.dtype if need_grad else None)
-                loss += rl.sum()
-                if need_grad:
-                    dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
-                    dw += _mm_f32(g.t(), h)
-                continue
-            lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(e - s, device=hidden.device)
-            tgt = logits[rows, safe[s:e]]
-            v = valid[s:e]
-            loss += torch.where(v, lse - tgt, torch.zeros_like(lse)).sum()
+            # per-row loss and (softmax - onehot) / n in the input dtype: one Triton kernel, or its reference
+            ce = softmax_ce_grad if fused else softmax_ce_grad_ref
+            rl, g = ce(logits, labels[s:e], inv_n, ignore_index, hidden.dtype if need_grad else None)
+            loss += rl.sum()
             if need_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[rows, safe[s:e]] -= 1.0
-                g.mul_((v.float() * inv_n)[:, None])
-                g = g.to(hidden.dtype)
                 dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
                 dw += _mm_f32(g.t(), h)
         if need_grad:

@@ -65,6 +65,7 @@ def softmax_ce_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Ten
 
 def softmax_ce_grad_ref(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int = -100,
                         grad_dtype: torch.dtype | None = torch.bfloat16):
+    """`softmax_ce_grad` in PyTorch (the CPU path of `linear_cross_entropy`)."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(logits, -1)

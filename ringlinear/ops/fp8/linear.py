@@ -66,6 +66,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y + bias if bias is not None else y
 
 
+def _swiglu_backward(gu: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the gate+up GEMM output gu = [g | u] ([M, 2I]) and dL/dh ([M, I]) of h = silu(g) * u: (h, dL/dg,
+    dL/du), in fp32."""
+    n_i = gu.shape[1] // 2
+    g, u = gu[:, :n_i].float(), gu[:, n_i:].float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    dh = dh.float()
+    return silu * u, dh * u * sig * (1 + g * (1 - sig)), dh * silu
+
+
 def quantize_swiglu_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`quantize_weight_blocks` of [gate; up] ([2I, H], one GEMM for both) and of down ([H, I]), for `Fp8SwiGLUFn`."""
     with torch.no_grad():
@@ -98,38 +109,15 @@ class Fp8SwiGLUFn(torch.autograd.Function):
         M, n_i = dy.shape[0], gu.shape[1] // 2
         dy = dy.to(bf).contiguous()
         dy8, sdy = quantize_transpose(_pad_rows(dy), transpose=False)
-        dh = fp8_gemm_blockwise(dy8, sdy, w2_8t, s2t, sb_prepared=True).float()  # [Mp, I]
-        g, u = gu[:, :n_i].float(), gu[:, n_i:].float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dw_down = dy.t() @ (silu * u)[:M].to(bf)  # [H, I]
-        dgu = torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * silu], 1).to(bf)  # [Mp, 2I]
+        dh = fp8_gemm_blockwise(dy8, sdy, w2_8t, s2t, sb_prepared=True)  # [Mp, I]
+        h, dg, du = _swiglu_backward(gu, dh)
+        dw_down = dy.t() @ h[:M].to(bf)  # [H, I]
+        dgu = torch.cat([dg, du], 1).to(bf)  # [Mp, 2I]
         dgu8, sdgu = quantize_transpose(dgu, transpose=False)
         dx = fp8_gemm_blockwise(dgu8, sdgu, w13_8t, s13t, sb_prepared=True)[:M]
         dw13 = dgu[:M].t() @ xb  # [2I, H]
         return (dx.to(x_dt), dw13[:n_i].to(g_dt), dw13[n_i:].to(u_dt), dw_down.to(d_dt),
                 None, None, None, None, None, None, None, None)
-
-
-class Fp8GroupedLinearFn(torch.autograd.Function):
-    """xs: [T, K] bf16 (tokens sorted by expert), w: [E, N, K], offs: [E] int32 -> [T, N] bf16."""
-
-    @staticmethod
-    def forward(ctx, xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        E, N, K = w.shape
-        x8, sx = quantize_rows(xs.to(torch.bfloat16))
-        w8, sw = quantize_rows(w.detach().reshape(E * N, K))
-        ctx.save_for_backward(xs, w, offs)
-        return fp8_grouped_gemm_rowwise(x8, sx, w8.view(E, N, K), sw.view(E, N), offs)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        xs, w, offs = ctx.saved_tensors
-        dy = dy.to(torch.bfloat16).contiguous()
-        wb = w.to(torch.bfloat16)
-        dx = torch._grouped_mm(dy, wb, offs=offs)  # [T, N] x [E, N, K] -> [T, K]
-        dw = torch._grouped_mm(dy.t(), xs.to(torch.bfloat16), offs=offs)  # [N, T] x [T, K] -> [E, N, K]
-        return dx.to(xs.dtype), dw.to(w.dtype), None
 
 
 def quantize_expert_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
@@ -159,15 +147,11 @@ class Fp8ExpertsFn(torch.autograd.Function):
     def backward(ctx, dy):
         xs, gu, wg, wu, wd, offs = ctx.saved_tensors
         bf = torch.bfloat16
-        n_i = wg.shape[1]
         dy = dy.to(bf).contiguous()
-        g, u = gu[:, :n_i].float(), gu[:, n_i:].float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dwd = torch._grouped_mm(dy.t(), (silu * u).to(bf), offs=offs)  # [H, Tk] x [Tk, I] -> [E, H, I]
-        dh = torch._grouped_mm(dy, wd.to(bf), offs=offs).float()  # [Tk, H] x [E, H, I] -> [Tk, I]
-        dg = (dh * u * sig * (1 + g * (1 - sig))).to(bf)
-        du = (dh * silu).to(bf)
+        dh = torch._grouped_mm(dy, wd.to(bf), offs=offs)  # [Tk, H] x [E, H, I] -> [Tk, I]
+        h, dg, du = _swiglu_backward(gu, dh)
+        dwd = torch._grouped_mm(dy.t(), h.to(bf), offs=offs)  # [H, Tk] x [Tk, I] -> [E, H, I]
+        dg, du = dg.to(bf), du.to(bf)
         xsb = xs.to(bf)
         dwg = torch._grouped_mm(dg.t(), xsb, offs=offs)  # [E, I, H]
         dwu = torch._grouped_mm(du.t(), xsb, offs=offs)
