@@ -44,6 +44,25 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert "jobs must be >= 1" in capsys.readouterr().err
     assert main(_args(tmp_path, "--save-every", "-1")) == 2
     assert "save_every must be >= 0" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--recall-values", "-1")) == 2
+    assert "recall_values must be >= 0" in capsys.readouterr().err
+
+
+def test_recall_values_set_the_value_vocabulary():
+    import torch
+
+    from ringlinear.study.ratio import RECALL_FIRST_TOKEN, StudyConfig, model_config
+    from ringlinear.study.recall import RecallTask
+
+    sc = StudyConfig(corpus="x", recall_keys=64, recall_values=16)
+    assert sc.num_values == 16 and sc.vocab_size == RECALL_FIRST_TOKEN + 80
+    assert model_config(sc, 64, 1).vocab_size == sc.vocab_size
+    assert StudyConfig(corpus="x", recall_keys=48).vocab_size == RECALL_FIRST_TOKEN + 96  # 0: as many as keys
+    task = RecallTask(sc.vocab_size, 64, 16, RECALL_FIRST_TOKEN)
+    ids, labels = task.sample(64, 8, torch.Generator().manual_seed(0))
+    keys, vals = ids[:128:2], ids[1:128:2]
+    assert sorted(keys.tolist()) == list(range(RECALL_FIRST_TOKEN, RECALL_FIRST_TOKEN + 64))
+    assert vals.min() >= RECALL_FIRST_TOKEN + 64 and vals.max() < sc.vocab_size
 
 
 def test_ratio_study_parallel_jobs(tmp_path):

@@ -29,7 +29,7 @@ from ringlinear.rl.losses import PolicyLossConfig, group_advantages, mismatch_me
 from ringlinear.rl.rollout import RolloutBatch
 from ringlinear.rl.scoring import completion_logprobs, lightning_backend, pack_completions
 from ringlinear.train.balancing import update_expert_bias
-from ringlinear.train.trainer import MasterWeights, lr_lambda
+from ringlinear.train.trainer import MasterWeights, lr_lambda, make_adamw
 
 
 def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> None:
@@ -53,11 +53,7 @@ class PolicyTrainer:
         self.master = MasterWeights(list(model.parameters()))
         model.train()
         self.model = model
-        decay = [m for p, m in self.master.pairs if p.dim() >= 2]
-        no_decay = [m for p, m in self.master.pairs if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=self.device.type == "cuda")
+        self.optimizer = make_adamw(self.master, cfg.lr, cfg.betas, cfg.weight_decay, self.device, distributed=False)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=1.0))
         self.ref = None

@@ -39,6 +39,9 @@ class StudyConfig:
     micro_batch: int = 8
     lr: float = 3e-3
     recall_keys: int = 32  # 64 keys were not learned even by all-softmax in 2400 CPU-probe steps; 32 in ~600
+    # distinct values (0: as many as keys). Keys beyond a linear layer's state width (heads x head_dim) cannot
+    # all be stored without interference: that is the capacity a many-key, many-pair task stresses.
+    recall_values: int = 0
     recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
     recall_queries: int = 8
     recall_fraction: float = 0.4  # share of training tokens in recall sequences
@@ -73,6 +76,8 @@ class StudyConfig:
     def validate(self) -> None:
         if not self.group_sizes or not self.widths or not self.recall_pairs:
             raise ValueError("study: group_sizes, widths and recall_pairs each need at least one value")
+        if self.recall_values < 0:
+            raise ValueError(f"study: recall_values must be >= 0 (0: as many as recall_keys), got {self.recall_values}")
         for name in ("num_layers", "steps", "seq_len", "micro_batch", "recall_keys", "recall_queries", "recall_rows",
                      "jobs"):
             if getattr(self, name) < 1:
@@ -104,6 +109,14 @@ class StudyConfig:
         if not 0 < self.eval_fraction < 0.5:
             raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
 
+    @property
+    def num_values(self) -> int:
+        return self.recall_values or self.recall_keys
+
+    @property
+    def vocab_size(self) -> int:
+        return RECALL_FIRST_TOKEN + self.recall_keys + self.num_values
+
     def label(self, g: int) -> str:
         if g == 0:
             return "all linear"
@@ -114,7 +127,7 @@ class StudyConfig:
 
 def model_config(sc: StudyConfig, width: int, group_size: int):
     heads = max(2, width // 32)
-    return preset("tiny", vocab_size=RECALL_FIRST_TOKEN + 2 * sc.recall_keys, hidden_size=width,
+    return preset("tiny", vocab_size=sc.vocab_size, hidden_size=width,
                   intermediate_size=3 * width, moe_intermediate_size=width, moe_shared_expert_intermediate_size=width,
                   num_hidden_layers=sc.num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                   head_dim=32, layer_group_size=group_size, group_norm_size=min(2, heads), num_experts=8,
@@ -128,7 +141,7 @@ def build_dataset(sc: StudyConfig):
 
     tok = byte_level_tokenizer()
     docs = tokenize_documents(read_documents([sc.corpus]), tok, 257)
-    task = RecallTask(RECALL_FIRST_TOKEN + 2 * sc.recall_keys, sc.recall_keys, sc.recall_keys, RECALL_FIRST_TOKEN)
+    task = RecallTask(sc.vocab_size, sc.recall_keys, sc.num_values, RECALL_FIRST_TOKEN)
     gen = torch.Generator().manual_seed(sc.seed)
     rng = random.Random(sc.seed)
     rng.shuffle(docs)
