@@ -64,6 +64,28 @@ def bench_kernels() -> list[dict]:
     return rows
 
 
+def bench_grouped() -> list[dict]:
+    """Expert GEMMs of one Ring-mini MoE layer (256 experts, 8192 tokens x top-8, tokens spread evenly):
+    torch's BF16 grouped GEMM vs its FP8 rowwise-scaled grouped GEMM (what the `fp8` recipe's experts run)."""
+    from triton.testing import do_bench
+
+    E, T, H, I = 256, 65536, 2048, 512
+    offs = torch.arange(T // E, T + 1, T // E, device="cuda", dtype=torch.int32)
+    rows = []
+    for name, N, K in (("gate+up", 2 * I, H), ("down", H, I)):
+        a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
+        a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        sa, sb = torch.ones(T, device="cuda"), torch.ones(E, N, device="cuda")
+        tb = do_bench(lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs), return_mode="median")
+        t8 = do_bench(lambda: torch._scaled_grouped_mm(a8, w8.transpose(1, 2), sa, sb, offs=offs,
+                                                       out_dtype=torch.bfloat16), return_mode="median")
+        flop = 2 * T * N * K
+        rows.append({"gemm": name, "bf16_us": tb * 1e3, "fp8_us": t8 * 1e3, "bf16_TFLOPs": flop / tb / 1e9,
+                     "fp8_TFLOPs": flop / t8 / 1e9, "fp8_speedup": tb / t8})
+    return rows
+
+
 def _synthetic(rows: int, seq_len: int, vocab: int, seed: int = 0):
     from ringlinear.train.data import PackedDataset
 
@@ -167,7 +189,7 @@ def main() -> None:
                     help="bf16; fp8 (dense projections + experts); fp8-dense (experts stay BF16)")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one step per recipe to --out")
     ap.add_argument("--curve-steps", type=int, default=0, help="also run the FP8-vs-BF16 loss curves")
-    ap.add_argument("--parts", default="steps,kernels,curve", help="which parts to run, in this order")
+    ap.add_argument("--parts", default="steps,kernels,grouped,curve", help="which parts to run, in this order")
     ap.add_argument("--curve-recipes", default="bf16,fp8,fp8-dense,bf16-seed1",
                     help="recipes of the loss curves; bf16-seedN: BF16 from seed N (the run-to-run noise floor)")
     ap.add_argument("--out", default=".")
@@ -189,6 +211,11 @@ def main() -> None:
             for r in res["kernels"]:
                 print(f"{r['kernel']:40s} {r['fused_ms']:9.3f} {r['unfused_ms']:10.3f} {r['speedup']:8.2f} "
                       f"{r['fused_GBps']:7.0f}", flush=True)
+        elif part == "grouped":
+            res["grouped_gemm"] = bench_grouped()
+            for r in res["grouped_gemm"]:
+                print(f"experts {r['gemm']:8s} bf16 {r['bf16_us']:7.1f} us ({r['bf16_TFLOPs']:4.0f} TFLOP/s)  fp8 rowwise "
+                      f"{r['fp8_us']:7.1f} us ({r['fp8_TFLOPs']:4.0f} TFLOP/s)  fp8/bf16 {r['fp8_speedup']:.2f}x", flush=True)
         elif part == "curve":
             if not args.curve_steps:
                 continue
@@ -197,7 +224,7 @@ def main() -> None:
                 print(f"loss curve ({c['steps']} steps, mean of last {c['tail_steps']}): bf16 "
                       f"{c['tail_loss']['bf16']:.4f} {k} {c['tail_loss'][k]:.4f} rel diff {d:.4%}", flush=True)
         else:
-            raise SystemExit(f"--parts: unknown part {part!r} (allowed: steps, kernels, curve)")
+            raise SystemExit(f"--parts: unknown part {part!r} (allowed: steps, kernels, grouped, curve)")
         dump()
 
 

@@ -141,7 +141,7 @@ def cmd_study_ratio(args) -> int:
     corpus = args.corpus or builtin(os.path.join(args.out, f"corpus-{args.builtin_corpus}.txt"))
     sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-                     recall_keys=args.recall_keys, recall_values=args.recall_values, recall_pairs=args.recall_pairs,
+                     recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim, recall_pairs=args.recall_pairs,
                      recall_queries=args.recall_queries,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
                      init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seq-len", type=int, default=256)
     sr.add_argument("--lr", type=float, default=3e-3)
     sr.add_argument("--recall-keys", type=int, default=32, help="distinct keys of the recall task")
+    sr.add_argument("--head-dim", type=int, default=32,
+                    help="per-head q/k/v width (heads stay width/32): smaller leaves linear layers less state")
     sr.add_argument("--recall-values", type=int, default=0, help="distinct values (0: as many as keys)")
     sr.add_argument("--recall-pairs", type=ints, default=[4, 8, 16, 32],
                     help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")

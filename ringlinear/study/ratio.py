@@ -42,6 +42,10 @@ class StudyConfig:
     # distinct values (0: as many as keys). Keys beyond a linear layer's state width (heads x head_dim) cannot
     # all be stored without interference: that is the capacity a many-key, many-pair task stresses.
     recall_values: int = 0
+    # Per-head width of q/k/v. Heads stay width // 32 (at least 2), so a smaller head_dim shrinks what a linear
+    # layer can store without interference (heads x head_dim key directions) while a softmax head still picks its
+    # best-matching key. Ring-mini's ratio: 16 heads x 128 = 2048 key directions against a 157K-token vocabulary.
+    head_dim: int = 32
     recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
     recall_queries: int = 8
     recall_fraction: float = 0.4  # share of training tokens in recall sequences
@@ -90,7 +94,9 @@ class StudyConfig:
                                  "(1 = all softmax, 0 = all linear, M = M-1 linear layers per softmax layer)")
         for w in self.widths:
             if w < 32 or w % 32:
-                raise ValueError(f"study: width {w} must be a multiple of 32 (head_dim) and >= 32")
+                raise ValueError(f"study: width {w} must be a multiple of 32 and >= 32")
+        if self.head_dim < 16 or self.head_dim % 16:
+            raise ValueError(f"study: head_dim must be a multiple of 16 (the kernels' smallest tile), got {self.head_dim}")
         bad = [p for p in self.recall_pairs if not 1 <= p <= self.recall_keys]
         if bad:
             raise ValueError(f"study: recall_pairs {bad} must lie in 1..recall_keys={self.recall_keys}")
@@ -130,7 +136,7 @@ def model_config(sc: StudyConfig, width: int, group_size: int):
     return preset("tiny", vocab_size=sc.vocab_size, hidden_size=width,
                   intermediate_size=3 * width, moe_intermediate_size=width, moe_shared_expert_intermediate_size=width,
                   num_hidden_layers=sc.num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                  head_dim=32, layer_group_size=group_size, group_norm_size=min(2, heads), num_experts=8,
+                  head_dim=sc.head_dim, layer_group_size=group_size, group_norm_size=min(2, heads), num_experts=8,
                   num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=0,
                   eos_token_id=257, pad_token_id=256, initializer_range=sc.init_std or math.sqrt(2 / (5 * width)))
 
