@@ -69,17 +69,17 @@ def bench_grouped() -> list[dict]:
     torch's BF16 grouped GEMM vs its FP8 rowwise-scaled grouped GEMM (what the `fp8` recipe's experts run)."""
     from triton.testing import do_bench
 
-    E, T, H, I = 256, 65536, 2048, 512
+    E, T, H, inter = 256, 65536, 2048, 512
     offs = torch.arange(T // E, T + 1, T // E, device="cuda", dtype=torch.int32)
     rows = []
-    for name, N, K in (("gate+up", 2 * I, H), ("down", H, I)):
+    for name, N, K in (("gate+up", 2 * inter, H), ("down", H, inter)):
         a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
         a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
         sa, sb = torch.ones(T, device="cuda"), torch.ones(E, N, device="cuda")
-        tb = do_bench(lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs), return_mode="median")
-        t8 = do_bench(lambda: torch._scaled_grouped_mm(a8, w8.transpose(1, 2), sa, sb, offs=offs,
-                                                       out_dtype=torch.bfloat16), return_mode="median")
+        tb = do_bench(lambda a=a, w=w: torch._grouped_mm(a, w.transpose(1, 2), offs=offs), return_mode="median")
+        t8 = do_bench(lambda a8=a8, w8=w8, sa=sa, sb=sb: torch._scaled_grouped_mm(
+            a8, w8.transpose(1, 2), sa, sb, offs=offs, out_dtype=torch.bfloat16), return_mode="median")
         flop = 2 * T * N * K
         rows.append({"gemm": name, "bf16_us": tb * 1e3, "fp8_us": t8 * 1e3, "bf16_TFLOPs": flop / tb / 1e9,
                      "fp8_TFLOPs": flop / t8 / 1e9, "fp8_speedup": tb / t8})
