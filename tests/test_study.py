@@ -46,6 +46,8 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert "save_every must be >= 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-values", "-1")) == 2
     assert "recall_values must be >= 0" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--head-dim", "24")) == 2
+    assert "head_dim must be a multiple of 16" in capsys.readouterr().err
 
 
 def test_recall_values_set_the_value_vocabulary():
@@ -57,6 +59,8 @@ def test_recall_values_set_the_value_vocabulary():
     sc = StudyConfig(corpus="x", recall_keys=64, recall_values=16)
     assert sc.num_values == 16 and sc.vocab_size == RECALL_FIRST_TOKEN + 80
     assert model_config(sc, 64, 1).vocab_size == sc.vocab_size
+    small = model_config(StudyConfig(corpus="x", head_dim=16), 128, 0)
+    assert (small.head_dim, small.num_attention_heads) == (16, 4)  # heads stay width / 32: less linear state
     assert StudyConfig(corpus="x", recall_keys=48).vocab_size == RECALL_FIRST_TOKEN + 96  # 0: as many as keys
     task = RecallTask(sc.vocab_size, 64, 16, RECALL_FIRST_TOKEN)
     ids, labels = task.sample(64, 8, torch.Generator().manual_seed(0))

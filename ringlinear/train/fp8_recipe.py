@@ -18,6 +18,7 @@ from torch import nn
 
 from ringlinear.layers.moe import MoE, SwiGLU
 from ringlinear.ops.fp8.gemm import fp8_grouped_gemm_rowwise, require_fp8
+from ringlinear.ops.fp8.grouped import fp8_grouped_gemm_triton
 from ringlinear.ops.fp8.kernels import quantize_rows
 from ringlinear.ops.fp8.linear import (
     Fp8ExpertsFn,
@@ -75,7 +76,8 @@ def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
         xs8 = x8.view(torch.uint8)[src].view(x8.dtype)
     offs = expert_counts(flat, self.gate_proj.shape[0]).cumsum(0).to(torch.int32)
     wq = _weight_fp8(self, "experts", (self.gate_proj, self.up_proj, self.down_proj), quantize_expert_weights)
-    ys = Fp8ExpertsFn.apply(xb[src], xs8, sx[src], self.gate_proj, self.up_proj, self.down_proj, offs, *wq)
+    ys = Fp8ExpertsFn.apply(xb[src], xs8, sx[src], self.gate_proj, self.up_proj, self.down_proj, offs, *wq,
+                            self.fp8_grouped_gemm)
     out = torch.empty_like(ys)
     out[order] = ys
     out = (out.view(T, k, -1).float() * w.float()[..., None]).sum(1).to(x.dtype)
@@ -84,14 +86,17 @@ def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grouped_fp8_works(device: torch.device) -> str | None:
+GROUPED_GEMMS = {"torch": fp8_grouped_gemm_rowwise, "triton": fp8_grouped_gemm_triton}
+
+
+def _grouped_fp8_works(device: torch.device, gemm=fp8_grouped_gemm_rowwise) -> str | None:
     """None when the grouped FP8 GEMM runs on this build/GPU and matches BF16, else the reason it does not."""
     try:
         xs = torch.randn(64, 128, device=device, dtype=torch.bfloat16)
         w = torch.randn(2, 128, 128, device=device)
         offs = torch.tensor([32, 64], device=device, dtype=torch.int32)
         (x8, sx), (w8, sw) = quantize_rows(xs), quantize_rows(w.reshape(256, 128))
-        y = fp8_grouped_gemm_rowwise(x8, sx, w8.view(2, 128, 128), sw.view(2, 128), offs).float()
+        y = gemm(x8, sx, w8.view(2, 128, 128), sw.view(2, 128), offs).float()
         ref = torch.cat([xs[:32].float() @ w[0].t(), xs[32:].float() @ w[1].t()])
         err = ((y - ref).norm() / ref.norm()).item()
         return None if err < 0.06 else f"grouped FP8 GEMM error {err:.3f} vs BF16"
@@ -99,13 +104,19 @@ def _grouped_fp8_works(device: torch.device) -> str | None:
         return f"grouped FP8 GEMM unavailable ({type(e).__name__}: {str(e)[:200]})"
 
 
-def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool = False) -> dict[str, int]:
+def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool = False,
+                     grouped_gemm: str = "torch") -> dict[str, int]:
     """Swap eligible projections (in place) to FP8. Raises `Fp8Unavailable` off CUDA/FP8 GPUs: a BF16 run
-    must be asked for, never fallen into. Returns counts of swapped / kept modules."""
+    must be asked for, never fallen into. `grouped_gemm` picks the experts' FP8 grouped GEMM: "torch"
+    (`torch._scaled_grouped_mm`) or "triton" (ours, `ringlinear.ops.fp8.grouped`; exact in the interpreter, not
+    yet timed on a GPU). Returns counts of swapped / kept modules."""
+    if grouped_gemm not in GROUPED_GEMMS:
+        raise ValueError(f"FP8 recipe: grouped_gemm must be one of {sorted(GROUPED_GEMMS)}, got {grouped_gemm!r}")
     require_fp8(next(model.parameters()).device)
     swapped = kept = moe = mlps = 0
     in_fp8_mlp: set[int] = set()  # linears of swapped SwiGLUs: the fused function runs them
-    reason = _grouped_fp8_works(next(model.parameters()).device) if experts else "disabled"
+    gemm = GROUPED_GEMMS[grouped_gemm]
+    reason = _grouped_fp8_works(next(model.parameters()).device, gemm) if experts else "disabled"
     if reason is not None and experts:
         import warnings
 
@@ -133,9 +144,10 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
             if inter % 16 == 0 and hid % 16 == 0:
                 mod.forward = types.MethodType(_fp8_moe_forward, mod)
                 mod.fp8_cache_weights = cache_weights
+                mod.fp8_grouped_gemm = gemm
                 moe += 1
     print(f"FP8 recipe: {mlps} SwiGLU MLPs fused FP8, {swapped} other linears FP8, {kept} kept BF16, {moe} MoE "
-          "layers with FP8 experts"
+          f"layers with FP8 experts ({grouped_gemm} grouped GEMM)"
           + (f" (experts BF16: {reason})" if reason else "") + (", weight FP8 copies cached" if cache_weights else ""),
           flush=True)
     return {"fp8_swiglu_mlps": mlps, "fp8_linears": swapped, "bf16_linears": kept, "fp8_moe_layers": moe}

@@ -60,6 +60,8 @@ class TrainConfig:
     shuffle: bool = True
     fp8: bool = False
     fp8_experts: bool = True  # with fp8: the routed expert GEMMs too (else only dense projections)
+    # the experts' FP8 grouped GEMM: "torch" (torch._scaled_grouped_mm) or "triton" (ours; not yet timed on a GPU)
+    fp8_grouped_gemm: str = "torch"
     activation_checkpointing: bool = False
     compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     save_dir: str | None = None
@@ -102,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"train config: compute_dtype must be auto, bf16 or fp32, got {self.compute_dtype!r}")
         if self.embedding_init_std is not None and not self.embedding_init_std > 0:
             raise ValueError(f"train config: embedding_init_std must be > 0, got {self.embedding_init_std!r}")
+        if self.fp8_grouped_gemm not in ("torch", "triton"):
+            raise ValueError(f"train config: fp8_grouped_gemm must be 'torch' or 'triton', got {self.fp8_grouped_gemm!r}")
         if (self.save_every or self.resume) and not self.save_dir:
             raise ValueError("train config: save_every / resume need save_dir")
 
@@ -214,7 +218,8 @@ class Trainer:
             from ringlinear.train.fp8_recipe import apply_fp8_recipe
 
             # raises on a device without FP8 GEMMs; FP8 weight copies reused across micro-batches (not under FSDP)
-            apply_fp8_recipe(model, experts=cfg.fp8_experts, cache_weights=self.world == 1)
+            apply_fp8_recipe(model, experts=cfg.fp8_experts, cache_weights=self.world == 1,
+                             grouped_gemm=cfg.fp8_grouped_gemm)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if self.world > 1:

@@ -247,23 +247,22 @@ def test_weight_cache_follows_version_and_storage():
     assert len(calls) == 5
 
 
-@pytest.mark.gpu
-def test_fp8_experts_gpu():
+def _experts_vs_reference(device, backend, E, H, n_i, counts):
     from ringlinear.ops.fp8.linear import Fp8ExpertsFn, quantize_expert_weights
-    from ringlinear.train.fp8_recipe import _fp8_moe_forward
+    from ringlinear.train.fp8_recipe import GROUPED_GEMMS
 
-    E, H, n_i, T = 4, 256, 128, 300
-    g = torch.Generator(device="cuda").manual_seed(0)
-    wg, wu, wd = [(torch.randn(*s, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_()
+    T = sum(counts)
+    g = torch.Generator(device=device).manual_seed(0)
+    wg, wu, wd = [(torch.randn(*s, device=device, generator=g) * 0.05).bfloat16().requires_grad_()
                   for s in ((E, n_i, H), (E, n_i, H), (E, H, n_i))]
-    xs = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_()
-    offs = torch.tensor([100, 100, 250, 300], device="cuda", dtype=torch.int32)  # expert 1 empty
+    xs = torch.randn(T, H, device=device, generator=g).bfloat16().requires_grad_()
+    offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
     x8, sx = quantize_rows(xs.detach())
-    y = Fp8ExpertsFn.apply(xs, x8, sx, wg, wu, wd, offs, *quantize_expert_weights(wg, wu, wd))
+    y = Fp8ExpertsFn.apply(xs, x8, sx, wg, wu, wd, offs, *quantize_expert_weights(wg, wu, wd), GROUPED_GEMMS[backend])
     dy = torch.randn_like(y)
     y.backward(dy)
     ref_p = [t.detach().float().requires_grad_() for t in (xs, wg, wu, wd)]
-    starts = [0, 100, 100, 250]
+    starts = [0] + offs.tolist()[:-1]
     outs = []
     for e, (a, b) in enumerate(zip(starts, offs.tolist())):
         xe = ref_p[0][a:b]
@@ -275,7 +274,33 @@ def test_fp8_experts_gpu():
         # backward GEMMs are BF16, but they read the forward's FP8-GEMM output gu (SwiGLU recomputed from it),
         # so its e4m3 error (~4%, as the forward's) carries into every gradient
         assert _rel(got.grad, want.grad) < 6e-2
-    assert wg.grad[1].abs().sum() == 0
+    empty = [e for e, c in enumerate(counts) if c == 0]
+    assert all(wg.grad[e].abs().sum() == 0 for e in empty)
+
+
+def test_fp8_experts_triton_gemm_cpu():
+    # the Triton grouped GEMM in the interpreter (the backward's BF16 grouped GEMMs need CUDA strides: forward only)
+    from ringlinear.ops.fp8.linear import Fp8ExpertsFn, quantize_expert_weights
+    from ringlinear.train.fp8_recipe import GROUPED_GEMMS
+
+    E, H, n_i, counts = 3, 128, 64, [10, 0, 23]
+    g = torch.Generator().manual_seed(0)
+    wg, wu, wd = [(torch.randn(*s, generator=g) * 0.05).bfloat16() for s in ((E, n_i, H), (E, n_i, H), (E, H, n_i))]
+    xs = torch.randn(sum(counts), H, generator=g).bfloat16()
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x8, sx = quantize_rows(xs)
+    y = Fp8ExpertsFn.apply(xs, x8, sx, wg, wu, wd, offs, *quantize_expert_weights(wg, wu, wd), GROUPED_GEMMS["triton"])
+    ref = torch.cat([torch.nn.functional.silu(xs[a:b].float() @ wg[e].float().t()) * (xs[a:b].float() @ wu[e].float().t())
+                     @ wd[e].float().t() for e, (a, b) in enumerate(zip([0, 10, 10], [10, 10, 33]))])
+    assert _rel(y, ref) < 8e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_experts_gpu(backend):
+    from ringlinear.train.fp8_recipe import GROUPED_GEMMS, _fp8_moe_forward
+
+    _experts_vs_reference("cuda", backend, 4, 256, 128, [100, 0, 150, 50])  # expert 1 empty
     # the recipe's MoE forward == the BF16 routed experts, within FP8 error
     from ringlinear.layers.moe import MoE
 
@@ -290,6 +315,17 @@ def test_fp8_experts_gpu():
     with torch.no_grad():
         want = moe(x)
         moe.fp8_cache_weights = True
+        moe.fp8_grouped_gemm = GROUPED_GEMMS[backend]
         got = _fp8_moe_forward(moe, x)
         again = _fp8_moe_forward(moe, x)
     assert _rel(got, want) < 6e-2 and torch.equal(got, again)
+
+
+def test_fp8_recipe_rejects_unknown_grouped_gemm():
+    from ringlinear.train.fp8_recipe import apply_fp8_recipe
+    from ringlinear.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="grouped_gemm must be one of"):
+        apply_fp8_recipe(torch.nn.Linear(128, 128), grouped_gemm="cutlass")
+    with pytest.raises(ValueError, match="fp8_grouped_gemm must be 'torch' or 'triton'"):
+        TrainConfig(model="tiny", data=["x"], fp8_grouped_gemm="cutlass").validate()

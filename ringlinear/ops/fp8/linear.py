@@ -136,10 +136,11 @@ class Fp8ExpertsFn(torch.autograd.Function):
     int32 cumulative counts; wq: `quantize_expert_weights(...)` -> [Tk, H] bf16. Forward FP8, backward BF16."""
 
     @staticmethod
-    def forward(ctx, xs, xs8, sxs, w_gate, w_up, w_down, offs, w13_8, s13, w2_8, s2):
-        gu = fp8_grouped_gemm_rowwise(xs8, sxs, w13_8, s13, offs)  # [Tk, 2I]
+    def forward(ctx, xs, xs8, sxs, w_gate, w_up, w_down, offs, w13_8, s13, w2_8, s2, gemm=None):
+        gemm = gemm or fp8_grouped_gemm_rowwise  # or the Triton kernel (`ringlinear.ops.fp8.grouped`)
+        gu = gemm(xs8, sxs, w13_8, s13, offs)  # [Tk, 2I]
         h8, sh = swiglu_quantize_rows(gu)
-        y = fp8_grouped_gemm_rowwise(h8, sh, w2_8, s2, offs)
+        y = gemm(h8, sh, w2_8, s2, offs)
         ctx.save_for_backward(xs, gu, w_gate, w_up, w_down, offs)
         return y
 
@@ -157,4 +158,4 @@ class Fp8ExpertsFn(torch.autograd.Function):
         dwu = torch._grouped_mm(du.t(), xsb, offs=offs)
         dxs = torch._grouped_mm(dg, wg.to(bf), offs=offs) + torch._grouped_mm(du, wu.to(bf), offs=offs)
         return (dxs.to(xs.dtype), None, None, dwg.to(wg.dtype), dwu.to(wu.dtype), dwd.to(wd.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
