@@ -192,8 +192,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--grad-accum", default="1,4", help="comma-separated gradient-accumulation counts to time")
     ap.add_argument("--recipes", default="bf16,fp8,fp8-dense",
-                    help="bf16; fp8 (dense projections + experts); fp8-dense (experts stay BF16); fp8-tg (fp8 with our "
-                         "Triton grouped GEMM for the experts)")
+                    help="bf16; fp8 (dense projections + experts, torch's FP8 grouped GEMM); fp8-dense (experts stay "
+                         "BF16); fp8-tg (fp8 with our Triton FP8 grouped GEMM for the experts, the trainer's default)")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one step per recipe to --out")
     ap.add_argument("--curve-steps", type=int, default=0, help="also run the FP8-vs-BF16 loss curves")
     ap.add_argument("--parts", default="steps,kernels,grouped,curve", help="which parts to run, in this order")

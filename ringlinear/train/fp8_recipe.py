@@ -105,11 +105,10 @@ def _grouped_fp8_works(device: torch.device, gemm=fp8_grouped_gemm_rowwise) -> s
 
 
 def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool = False,
-                     grouped_gemm: str = "torch") -> dict[str, int]:
+                     grouped_gemm: str = "triton") -> dict[str, int]:
     """Swap eligible projections (in place) to FP8. Raises `Fp8Unavailable` off CUDA/FP8 GPUs: a BF16 run
-    must be asked for, never fallen into. `grouped_gemm` picks the experts' FP8 grouped GEMM: "torch"
-    (`torch._scaled_grouped_mm`) or "triton" (ours, `ringlinear.ops.fp8.grouped`; exact in the interpreter, not
-    yet timed on a GPU). Returns counts of swapped / kept modules."""
+    must be asked for, never fallen into. `grouped_gemm` picks the experts' FP8 grouped GEMM: "triton" (ours,
+    `ringlinear.ops.fp8.grouped`, faster at MoE shapes) or "torch" (`torch._scaled_grouped_mm`). Returns counts of swapped / kept modules."""
     if grouped_gemm not in GROUPED_GEMMS:
         raise ValueError(f"FP8 recipe: grouped_gemm must be one of {sorted(GROUPED_GEMMS)}, got {grouped_gemm!r}")
     require_fp8(next(model.parameters()).device)

@@ -60,8 +60,9 @@ class TrainConfig:
     shuffle: bool = True
     fp8: bool = False
     fp8_experts: bool = True  # with fp8: the routed expert GEMMs too (else only dense projections)
-    # the experts' FP8 grouped GEMM: "torch" (torch._scaled_grouped_mm) or "triton" (ours; not yet timed on a GPU)
-    fp8_grouped_gemm: str = "torch"
+    # the experts' FP8 grouped GEMM: "triton" (ours: 1.21x / 0.91x the speed of BF16's on the H100) or "torch"
+    # (torch._scaled_grouped_mm: 0.64x / 0.57x)
+    fp8_grouped_gemm: str = "triton"
     activation_checkpointing: bool = False
     compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     save_dir: str | None = None
