@@ -141,8 +141,8 @@ def cmd_study_ratio(args) -> int:
     corpus = args.corpus or builtin(os.path.join(args.out, f"corpus-{args.builtin_corpus}.txt"))
     sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-                     recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim, recall_pairs=args.recall_pairs,
-                     recall_queries=args.recall_queries,
+                     recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim,
+                     recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
                      init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
                      compute_dtype=args.compute_dtype)

@@ -87,9 +87,10 @@ def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 GROUPED_GEMMS = {"torch": fp8_grouped_gemm_rowwise, "triton": fp8_grouped_gemm_triton}
+GROUPED_K_ALIGN = {"torch": 16, "triton": 32}  # the reduction sizes (hidden for gate+up, intermediate for down)
 
 
-def _grouped_fp8_works(device: torch.device, gemm=fp8_grouped_gemm_rowwise) -> str | None:
+def _grouped_fp8_works(device: torch.device, gemm) -> str | None:
     """None when the grouped FP8 GEMM runs on this build/GPU and matches BF16, else the reason it does not."""
     try:
         xs = torch.randn(64, 128, device=device, dtype=torch.bfloat16)
@@ -108,7 +109,8 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
                      grouped_gemm: str = "triton") -> dict[str, int]:
     """Swap eligible projections (in place) to FP8. Raises `Fp8Unavailable` off CUDA/FP8 GPUs: a BF16 run
     must be asked for, never fallen into. `grouped_gemm` picks the experts' FP8 grouped GEMM: "triton" (ours,
-    `ringlinear.ops.fp8.grouped`, faster at MoE shapes) or "torch" (`torch._scaled_grouped_mm`). Returns counts of swapped / kept modules."""
+    `ringlinear.ops.fp8.grouped`, faster at MoE shapes; K a multiple of 32) or "torch" (`torch._scaled_grouped_mm`;
+    K a multiple of 16); experts whose sizes do not fit stay BF16. Returns counts of swapped / kept modules."""
     if grouped_gemm not in GROUPED_GEMMS:
         raise ValueError(f"FP8 recipe: grouped_gemm must be one of {sorted(GROUPED_GEMMS)}, got {grouped_gemm!r}")
     require_fp8(next(model.parameters()).device)
@@ -140,7 +142,7 @@ def apply_fp8_recipe(model: nn.Module, experts: bool = True, cache_weights: bool
                 kept += 1
         elif isinstance(mod, MoE) and experts:
             inter, hid = mod.gate_proj.shape[1:]
-            if inter % 16 == 0 and hid % 16 == 0:
+            if inter % GROUPED_K_ALIGN[grouped_gemm] == 0 and hid % GROUPED_K_ALIGN[grouped_gemm] == 0:
                 mod.forward = types.MethodType(_fp8_moe_forward, mod)
                 mod.fp8_cache_weights = cache_weights
                 mod.fp8_grouped_gemm = gemm

@@ -105,8 +105,11 @@ class TrainConfig:
             raise ValueError(f"train config: compute_dtype must be auto, bf16 or fp32, got {self.compute_dtype!r}")
         if self.embedding_init_std is not None and not self.embedding_init_std > 0:
             raise ValueError(f"train config: embedding_init_std must be > 0, got {self.embedding_init_std!r}")
-        if self.fp8_grouped_gemm not in ("torch", "triton"):
-            raise ValueError(f"train config: fp8_grouped_gemm must be 'torch' or 'triton', got {self.fp8_grouped_gemm!r}")
+        from ringlinear.train.fp8_recipe import GROUPED_GEMMS
+
+        if self.fp8_grouped_gemm not in GROUPED_GEMMS:
+            raise ValueError(f"train config: fp8_grouped_gemm must be one of {sorted(GROUPED_GEMMS)}, "
+                             f"got {self.fp8_grouped_gemm!r}")
         if (self.save_every or self.resume) and not self.save_dir:
             raise ValueError("train config: save_every / resume need save_dir")
 
@@ -135,7 +138,8 @@ class MasterWeights:
     @torch.no_grad()
     def accumulate_grads(self) -> None:
         """Move this micro-batch's low-precision gradients into fp32 (so accumulation is in fp32): the first
-        micro-batch's are cast, later ones added in place (one fused multi-tensor add, no fp32 temporaries)."""
+        micro-batch's are cast, later ones added in place into the fp32 sums (one multi-tensor call, no fp32
+        copies of the low-precision gradients)."""
         acc_m, acc_p = [], []
         for p, m in self.pairs:
             if m is not p and p.grad is not None:
@@ -165,9 +169,10 @@ def make_adamw(master: MasterWeights, lr: float, betas, weight_decay: float, dev
     decay = [m for p, m in master.pairs if p.dim() >= 2]
     no_decay = [m for p, m in master.pairs if p.dim() < 2]
     gpu = device.type == "cuda"
+    kind = {"fused": True} if gpu and not distributed else {"foreach": gpu}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, eps=1e-8, foreach=gpu and distributed, fused=gpu and not distributed or None)
+        lr=lr, betas=betas, eps=1e-8, **kind)
 
 
 def apply_activation_checkpointing(model: RingLinearForCausalLM) -> None:

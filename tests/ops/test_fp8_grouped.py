@@ -38,6 +38,16 @@ def test_triton_grouped_gemm_matches_reference(counts, N, K, extra):
     _check(counts, N, K, "cpu", extra)
 
 
+def test_triton_grouped_gemm_never_writes_past_its_output():
+    # offs[-1] > T breaks the contract; the kernel still stays inside `out` (rows < T computed, nothing past them)
+    a8, sa, b8, sb, _ = _case([5, 7], 16, 32, "cpu")
+    offs = torch.tensor([5, 20], dtype=torch.int32)
+    out = fp8_grouped_gemm_triton(a8, sa, b8, sb, offs)
+    ref = fp8_grouped_gemm_ref(a8, sa, b8, sb, offs)
+    assert out.shape == (12, 16)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2 * ref.float().abs().max().item())
+
+
 def test_triton_grouped_gemm_rejects_bad_shapes():
     a8, sa, b8, sb, offs = _case([4, 4], 16, 32, "cpu")
     with pytest.raises(ValueError, match="do not agree"):

@@ -34,7 +34,7 @@ def fp8_grouped_gemm_ref(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, s
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, N, K: tl.constexpr,
+def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N, K: tl.constexpr,
                     E: tl.constexpr, LOG_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -55,7 +55,7 @@ def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, N,
     row_end = tl.load(offs_ptr + e)
     rows = row_start + (pid_m - tiles_before) * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < row_end
+    rmask = (rows < row_end) & (rows < T)  # offs[-1] > T (a caller's bug) must not write past `out`
     cmask = cols < N
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
@@ -97,5 +97,5 @@ def fp8_grouped_gemm_triton(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor
     grid = (triton.cdiv(T, BM) + E, triton.cdiv(N, BN))
     kw = {} if interp else {"num_warps": 8, "num_stages": 4}
     _grouped_kernel[grid](a8, sa.float().contiguous(), b8, sb.float().contiguous(), offs.to(torch.int32).contiguous(),
-                          cum, out, N, K, E=E, LOG_E=max(1, (E - 1).bit_length()), BM=BM, BN=BN, BK=BK, **kw)
+                          cum, out, T, N, K, E=E, LOG_E=max(1, (E - 1).bit_length()), BM=BM, BN=BN, BK=BK, **kw)
     return out

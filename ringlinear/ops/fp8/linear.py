@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ringlinear.ops.fp8.gemm import blockwise_scale_b, fp8_gemm_blockwise, fp8_grouped_gemm_rowwise
+from ringlinear.ops.fp8.gemm import blockwise_scale_b, fp8_gemm_blockwise
 from ringlinear.ops.fp8.kernels import (
     quantize_blocks,
     quantize_rows,
@@ -136,8 +136,8 @@ class Fp8ExpertsFn(torch.autograd.Function):
     int32 cumulative counts; wq: `quantize_expert_weights(...)` -> [Tk, H] bf16. Forward FP8, backward BF16."""
 
     @staticmethod
-    def forward(ctx, xs, xs8, sxs, w_gate, w_up, w_down, offs, w13_8, s13, w2_8, s2, gemm=None):
-        gemm = gemm or fp8_grouped_gemm_rowwise  # or the Triton kernel (`ringlinear.ops.fp8.grouped`)
+    def forward(ctx, xs, xs8, sxs, w_gate, w_up, w_down, offs, w13_8, s13, w2_8, s2, gemm):
+        # gemm: the FP8 grouped GEMM, `fp8_grouped_gemm_rowwise` (torch's) or `fp8_grouped_gemm_triton` (ours)
         gu = gemm(xs8, sxs, w13_8, s13, offs)  # [Tk, 2I]
         h8, sh = swiglu_quantize_rows(gu)
         y = gemm(h8, sh, w2_8, s2, offs)
