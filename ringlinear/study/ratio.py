@@ -39,7 +39,7 @@ class StudyConfig:
     micro_batch: int = 8
     lr: float = 3e-3
     # 32 keys: learned by 4-layer all-softmax within 800 steps on the H100; more are learned far more slowly (CPU
-    # probes: a 2-layer softmax model needed ~2000 steps for 64 keys and did not learn 128 in 3000)
+    # probes, benchmarks/probe_recall.py: a 2-layer softmax model needed ~2000 steps for 64 keys, 128 not in 3000)
     recall_keys: int = 32
     # distinct values (0: as many as keys). Keys beyond a linear layer's state width (heads x head_dim) cannot
     # all be stored without interference: that is the capacity a many-key, many-pair task stresses.
