@@ -29,6 +29,7 @@ from ringlinear.ops.fp8.linear import (
     quantize_weight_blocks,
 )
 from ringlinear.ops.moe import expert_counts
+from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
 
 
 def _weight_fp8(mod: nn.Module, name: str, weights: tuple[torch.Tensor, ...], quantize):
@@ -66,9 +67,9 @@ class Fp8Linear(nn.Linear):
 def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
     # Same routing and combine as ringlinear.ops.moe.routed_experts; the expert GEMMs in FP8.
     idx, w = self.gate(x)
-    T, k = idx.shape
+    k = idx.shape[1]
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order, inv = sort_by_expert(idx)
     src = order // k
     xb = x.to(torch.bfloat16)
     with torch.no_grad():  # quantize each token once, then copy its bytes to its k expert slots
@@ -76,11 +77,9 @@ def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
         xs8 = x8.view(torch.uint8)[src].view(x8.dtype)
     offs = expert_counts(flat, self.gate_proj.shape[0]).cumsum(0).to(torch.int32)
     wq = _weight_fp8(self, "experts", (self.gate_proj, self.up_proj, self.down_proj), quantize_expert_weights)
-    ys = Fp8ExpertsFn.apply(xb[src], xs8, sx[src], self.gate_proj, self.up_proj, self.down_proj, offs, *wq,
-                            self.fp8_grouped_gemm)
-    out = torch.empty_like(ys)
-    out[order] = ys
-    out = (out.view(T, k, -1).float() * w.float()[..., None]).sum(1).to(x.dtype)
+    ys = Fp8ExpertsFn.apply(moe_dispatch(xb, order, inv, k), xs8, sx[src], self.gate_proj, self.up_proj,
+                            self.down_proj, offs, *wq, self.fp8_grouped_gemm)
+    out = moe_combine(ys, order, inv, w, x.dtype)
     if self.shared_experts is not None:
         out = out + self.shared_experts(x)
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
+
 
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert, [E] int64. A scatter-add rather than `torch.bincount`, which reads the largest index
@@ -49,8 +51,8 @@ def routed_experts(
     T, k = topk_idx.shape
     E = w_gate.shape[0]
     flat = topk_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    xs = x[order // k]
+    order, inv = sort_by_expert(topk_idx)
+    xs = moe_dispatch(x, order, inv, k)
     counts_t = expert_counts(flat, E)
     if use_grouped_mm is None:
         use_grouped_mm = x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
@@ -58,7 +60,4 @@ def routed_experts(
         ys = _grouped(xs, counts_t, w_gate, w_up, w_down)
     else:
         ys = _expert_loop(xs, counts_t.tolist(), w_gate, w_up, w_down)
-    out = torch.empty_like(ys)
-    out[order] = ys
-    out = out.view(T, k, -1).float() * topk_weight.float()[..., None]
-    return out.sum(1).to(x.dtype)
+    return moe_combine(ys, order, inv, topk_weight, x.dtype)

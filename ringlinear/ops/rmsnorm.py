@@ -1,0 +1,148 @@
+"""RMSNorm (and group RMSNorm) forward + backward as two Triton kernels.
+
+`y = x / sqrt(mean(x^2) + eps) * w`, the mean taken over each of `groups` equal slices of the last dim, in fp32,
+rounded once to x's dtype (SPEC: input norms, QK-norm, the linear layers' group norm). PyTorch's sequence
+(`float`, `pow`, `mean`, `rsqrt`, two `mul`s, `to`) makes ~6 passes forward and ~10 backward over fp32
+copies; here the forward reads x once and writes y (and one fp32 rstd per row and group), the backward reads
+x and dy once and writes dx, with the weight gradient summed per program and then over programs (fixed
+order: deterministic).
+
+Reference: `rmsnorm_ref` (the module's math, autograd through PyTorch). `rmsnorm` takes the Triton path on
+CUDA (or with `RINGLINEAR_BACKEND=triton`: Triton's interpreter on the CPU), the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_DIM = 16384  # one row (all its groups) is held in registers
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    if groups > 1:
+        h = h.unflatten(-1, (groups, -1))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if groups > 1:
+        h = h.flatten(-2)
+    return (h * weight.float()).to(dtype)
+
+
+def _tiles(G: int, N: int) -> tuple[int, int, int]:
+    BG, BN = triton.next_power_of_2(G), triton.next_power_of_2(N)
+    BM = max(1, min(64, 4096 // (BG * BN)))  # rows per tile: ~4K elements
+    return BM, BG, BN
+
+
+@triton.jit
+def _tile(M, G: tl.constexpr, N: tl.constexpr, row0, BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+    rm = row0 + tl.arange(0, BM)
+    rg = tl.arange(0, BG)
+    rn = tl.arange(0, BN)
+    col = rg[None, :, None] * N + rn[None, None, :]  # [1, BG, BN]
+    offs = rm[:, None, None].to(tl.int64) * (G * N) + col
+    cmask = (rg[None, :, None] < G) & (rn[None, None, :] < N)
+    return rm, rg, col, offs, cmask, (rm[:, None, None] < M) & cmask
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, eps, G: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
+                BG: tl.constexpr, BN: tl.constexpr):
+    rm, rg, col, offs, cmask, mask = _tile(M, G, N, tl.program_id(0) * BM, BM, BG, BN)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=2) / N + eps)  # [BM, BG]
+    tl.store(y_ptr + offs, (x * rstd[:, :, None] * w).to(y_ptr.dtype.element_ty), mask=mask)
+    rmask = (rm[:, None] < M) & (rg[None, :] < G)
+    tl.store(rstd_ptr + rm[:, None] * G + rg[None, :], rstd, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, tiles_per_prog, G: tl.constexpr,
+                N: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+    # dx = rstd * (w*dy - xhat * mean(w*dy * xhat)) per row and group; dw partial = sum over rows of dy * xhat
+    pid = tl.program_id(0)
+    rg = tl.arange(0, BG)
+    rn = tl.arange(0, BN)
+    col = rg[:, None] * N + rn[None, :]
+    cmask = (rg[:, None] < G) & (rn[None, :] < N)
+    w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BG, BN], dtype=tl.float32)
+    i = 0
+    while i < tiles_per_prog:  # a while loop: the interpreter cannot take a runtime bound in range()
+        rm, rg3, col3, offs, cmask3, mask = _tile(M, G, N, (pid * tiles_per_prog + i) * BM, BM, BG, BN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rm[:, None] * G + rg3[None, :], mask=(rm[:, None] < M) & (rg3[None, :] < G),
+                       other=0.0)
+        xhat = x * rstd[:, :, None]
+        wdy = dy * w[None, :, :]
+        c = tl.sum(wdy * xhat, axis=2) / N  # [BM, BG]
+        dx = rstd[:, :, None] * (wdy - xhat * c[:, :, None])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        i += 1
+    tl.store(dw_ptr + pid * (G * N) + col, dw, mask=cmask)
+
+
+def _as_rows(x: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rmsnorm: weight must be [{D}] (x's last dim), got {tuple(weight.shape)}")
+    if groups < 1 or D % groups:
+        raise ValueError(f"rmsnorm: groups={groups} must be >= 1 and divide the last dim {D}")
+    if D > MAX_DIM:
+        raise ValueError(f"rmsnorm: last dim {D} > {MAX_DIM} is not supported by the fused kernel")
+    return x.reshape(-1, D).contiguous(), groups, D // groups
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, groups):
+        x2, G, N = _as_rows(x, weight, groups)
+        M = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(M, G, dtype=torch.float32, device=x.device)
+        BM, BG, BN = _tiles(G, N)
+        if M:
+            _fwd_kernel[(triton.cdiv(M, BM),)](x2, weight, y, rstd, M, eps, G=G, N=N, BM=BM, BG=BG, BN=BN,
+                                               num_warps=4)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape, ctx.G, ctx.N = x.shape, G, N
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        G, N = ctx.G, ctx.N
+        M = x2.shape[0]
+        dy2 = dy.reshape(M, G * N).contiguous()
+        dx = torch.empty_like(x2)
+        if not M:
+            return dx.view(ctx.shape), torch.zeros_like(weight), None, None
+        BM, BG, BN = _tiles(G, N)
+        tiles = triton.cdiv(M, BM)
+        per_prog = triton.cdiv(tiles, min(tiles, 4 * _sm_count(x2.device)))
+        programs = triton.cdiv(tiles, per_prog)
+        dw = torch.empty(programs, G * N, dtype=torch.float32, device=x2.device)  # every program writes its row
+        _bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw, M, per_prog, G=G, N=N, BM=BM, BG=BG, BN=BN,
+                                 num_warps=4)
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None, None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs, each over several tiles (exercises the loop)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    """RMSNorm over the last dim of x (in `groups` equal slices), weight [D]; output in x's dtype."""
+    from ringlinear.ops.lightning import backend_for
+
+    if backend_for(x) != "triton" or x.shape[-1] > MAX_DIM:
+        return rmsnorm_ref(x, weight, eps, groups)
+    return _RMSNorm.apply(x, weight, eps, groups)
