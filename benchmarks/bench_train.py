@@ -56,12 +56,93 @@ def bench_kernels() -> list[dict]:
         ("128x128 quantize+transpose [5120,2048]", lambda: quantize_blocks(wd, True),
          lambda: (lambda q: (q, q[0].t().contiguous()))(quantize_128x128(wd)), wd.numel() * 4),
     ]
+    cases += _shared_cases()
     rows = []
     for name, fused, ref, nbytes in cases:
         tf = do_bench(fused, warmup=25, rep=100, return_mode="median")
         tr = do_bench(ref, warmup=25, rep=100, return_mode="median")
         rows.append({"kernel": name, "fused_ms": tf, "unfused_ms": tr, "speedup": tr / tf, "fused_GBps": nbytes / tf / 1e6})
     return rows
+
+
+def _shared_cases() -> list[tuple]:
+    """Fused kernels both recipes run (forward + backward, at the step's shapes: 8192 tokens, hidden 2048, top-8)
+    vs the PyTorch sequences they replace."""
+    from ringlinear.ops.moe.combine import moe_combine, moe_combine_ref, moe_dispatch, moe_dispatch_ref, sort_by_expert
+    from ringlinear.ops.rmsnorm import rmsnorm, rmsnorm_ref
+    from ringlinear.ops.swiglu import swiglu, swiglu_ref
+
+    def fwd_bwd(fn, *inputs):
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves)
+        dy = torch.randn_like(out)
+        return lambda: torch.autograd.grad(fn(*leaves), [t for t in leaves if t.requires_grad], dy)
+
+    T, k, H, E = 8192, 8, 2048, 256
+    cases = []
+    for name, shape, dtype, groups in (("rmsnorm fwd+bwd [8192,2048]", (T, H), torch.bfloat16, 1),
+                                       ("qk-norm fwd+bwd [8192x16,128] fp32", (T * 16, 128), torch.float32, 1),
+                                       ("group rmsnorm fwd+bwd [8192,2048]/4", (T, H), torch.bfloat16, 4)):
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        w = torch.rand(shape[-1], device="cuda", dtype=dtype)
+        cases.append((name, fwd_bwd(lambda a, b, g=groups: rmsnorm(a, b, 1e-6, g), x, w),
+                      fwd_bwd(lambda a, b, g=groups: rmsnorm_ref(a, b, 1e-6, g), x, w), x.numel() * x.element_size() * 5))
+    idx = torch.rand(T, E, device="cuda").topk(k, dim=1).indices
+    order, inv = sort_by_expert(idx)
+    ys = torch.randn(T * k, H, device="cuda", dtype=torch.bfloat16)
+    wt = torch.rand(T, k, device="cuda")
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    cases.append(("moe combine fwd+bwd [8192x8,2048]", fwd_bwd(lambda a, b: moe_combine(a, order, inv, b), ys, wt),
+                  fwd_bwd(lambda a, b: moe_combine_ref(a, order, b), ys, wt), ys.numel() * 2 * 3 + x.numel() * 2 * 9))
+    for name, M, n_i in (("swiglu fwd+bwd [8192,5120] (dense MLP)", T, 5120), ("swiglu fwd+bwd [65536,512] (experts)", T * k, 512)):
+        g, u = torch.randn(2, M, n_i, device="cuda", dtype=torch.bfloat16)
+        cases.append((name, fwd_bwd(swiglu, g, u), fwd_bwd(swiglu_ref, g, u), g.numel() * 2 * 7))
+    cases.append(("moe dispatch fwd+bwd [8192,2048] x8", fwd_bwd(lambda a: moe_dispatch(a, order, inv, k), x),
+                  fwd_bwd(lambda a: moe_dispatch_ref(a, order, k), x), ys.numel() * 2 * 2 + x.numel() * 2 * 2))
+    return cases
+
+
+class _unfused:
+    """Within: norms, SwiGLU and the MoE dispatch/combine run the PyTorch references instead of our fused
+    kernels, the lm_head's weight gradient is summed over chunks by separate adds instead of in the GEMM, and
+    gradient clipping is its own pass instead of the fused AdamW's grad_scale (the `-unfused` recipes: the same
+    run's baseline for what these save per step)."""
+
+    def __enter__(self):
+        import ringlinear.layers.moe as moe
+        import ringlinear.layers.norms as norms
+        import ringlinear.ops.cross_entropy.chunked as chunked
+        import ringlinear.ops.fp8.linear as fp8_linear
+        import ringlinear.ops.moe.experts as experts
+        import ringlinear.train.fp8_recipe as recipe
+        import ringlinear.train.trainer as trainer
+        from ringlinear.ops.moe import combine
+        from ringlinear.ops.rmsnorm import rmsnorm_ref
+        from ringlinear.ops.swiglu import swiglu_backward_ref, swiglu_ref
+
+        def swiglu_backward_unfused(g, u, dh, dg, du, h=None):
+            for out, val in zip((h, dg, du), swiglu_backward_ref(g, u, dh)):
+                if out is not None:
+                    out.copy_(val)
+
+        def clip_then_step(opt, params, max_norm):
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            opt.step()
+            return gnorm
+
+        self.saved = [(norms, "rmsnorm", rmsnorm_ref), (moe, "swiglu", swiglu_ref), (experts, "swiglu", swiglu_ref),
+                      (fp8_linear, "swiglu_backward", swiglu_backward_unfused), (chunked, "_addmm_f32_ok", lambda d: False),
+                      (trainer, "clip_and_step", clip_then_step)]
+        for mod in (experts, recipe):
+            self.saved += [(mod, "moe_dispatch", lambda x, order, inv, k: combine.moe_dispatch_ref(x, order, k)),
+                           (mod, "moe_combine", lambda ys, order, inv, w, dt=None: combine.moe_combine_ref(ys, order, w, dt))]
+        self.saved = [(m, n, getattr(m, n), new) for m, n, new in self.saved]
+        for m, n, _, new in self.saved:
+            setattr(m, n, new)
+
+    def __exit__(self, *exc):
+        for m, n, old, _ in self.saved:
+            setattr(m, n, old)
 
 
 def bench_grouped() -> list[dict]:
@@ -101,10 +182,14 @@ def _synthetic(rows: int, seq_len: int, vocab: int, seed: int = 0):
 
 
 def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: int, accums: list[int],
-               profile_dir: str | None = None) -> list[dict]:
+               profile_dir: str | None = None, label: str | None = None) -> list[dict]:
     """Step time of one trainer (built once per recipe) at each gradient-accumulation count in `accums`: a
     step = `accum` forward+backward micro-batches + one optimizer step, so larger counts weigh the optimizer
     (an fp32 AdamW over every weight of the slice, which data parallelism would shard) as real runs do."""
+    if recipe.endswith("-unfused"):
+        with _unfused():
+            return bench_step(recipe.removesuffix("-unfused"), layers, seq_len, micro_batch, steps, accums,
+                              profile_dir, label=recipe)
     from ringlinear.train.trainer import TrainConfig, Trainer
 
     dense = min(layers - 1, 3)  # the slice: `dense` dense-MLP layers, the rest MoE (256 experts)
@@ -127,7 +212,7 @@ def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: 
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
         tokens = seq_len * micro_batch * accum
-        out.append({"recipe": recipe, "layers": layers, "moe_layers": layers - dense,
+        out.append({"recipe": label or recipe, "layers": layers, "moe_layers": layers - dense,
                     "grad_accum": accum, "tokens_per_step": tokens, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
                     "mfu_vs_989T": tr.flops_per_token * tokens / dt / 989e12, "loss": rec["loss"],
                     "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30})
@@ -145,7 +230,7 @@ def bench_step(recipe: str, layers: int, seq_len: int, micro_batch: int, steps: 
         # kernels only (ops and annotations would count them again); CUPTI's "Command Buffer Full" is no kernel
         kernel_ms = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA
                         and "Command Buffer Full" not in e.key) / 1e3
-        with open(os.path.join(profile_dir, f"profile_{recipe}.txt"), "w") as f:
+        with open(os.path.join(profile_dir, f"profile_{label or recipe}.txt"), "w") as f:
             f.write(f"one step, accum 1: wall {wall:.1f} ms (profiled), GPU kernel time {kernel_ms:.1f} ms\n\n")
             f.write(ka.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=80))
             f.write("\n\nops by total device time (children included)\n")
@@ -193,7 +278,9 @@ def main() -> None:
     ap.add_argument("--grad-accum", default="1,4", help="comma-separated gradient-accumulation counts to time")
     ap.add_argument("--recipes", default="bf16,fp8,fp8-dense",
                     help="bf16; fp8 (dense projections + experts, torch's FP8 grouped GEMM); fp8-dense (experts stay "
-                         "BF16); fp8-tg (fp8 with our Triton FP8 grouped GEMM for the experts, the trainer's default)")
+                         "BF16); fp8-tg (fp8 with our Triton FP8 grouped GEMM for the experts, the trainer's default); "
+                         "RECIPE-unfused: RECIPE without this project's step fusions (PyTorch norms, SwiGLU, MoE dispatch/combine; "
+                         "separate lm_head-gradient adds and clip pass)")
     ap.add_argument("--profile", action="store_true", help="write a kernel profile of one step per recipe to --out")
     ap.add_argument("--curve-steps", type=int, default=0, help="also run the FP8-vs-BF16 loss curves")
     ap.add_argument("--parts", default="steps,kernels,grouped,curve", help="which parts to run, in this order")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringlinear.ops.moe import expert_counts, grouped_topk, routed_experts
+from ringlinear.ops.swiglu import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -19,7 +20,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA (ringlinear.ops.swiglu)
 
 
 class Router(nn.Module):

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 MAX_DIM = 16384  # one row (all its groups) is held in registers
+# tile size in elements (rows per tile = TILE // padded row), warps, backward programs per SM (fixed: interpreter-safe)
+CONFIG = {"TILE": 4096, "num_warps": 8, "bwd_programs_per_sm": 8}
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
@@ -33,7 +35,7 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int =
 
 def _tiles(G: int, N: int) -> tuple[int, int, int]:
     BG, BN = triton.next_power_of_2(G), triton.next_power_of_2(N)
-    BM = max(1, min(64, 4096 // (BG * BN)))  # rows per tile: ~4K elements
+    BM = max(1, min(64, CONFIG["TILE"] // (BG * BN)))
     return BM, BG, BN
 
 
@@ -70,7 +72,7 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, tiles_per_pro
     col = rg[:, None] * N + rn[None, :]
     cmask = (rg[:, None] < G) & (rn[None, :] < N)
     w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BG, BN], dtype=tl.float32)
+    dw = tl.zeros([BM, BG, BN], dtype=tl.float32)  # reduced over rows once, after the loop
     i = 0
     while i < tiles_per_prog:  # a while loop: the interpreter cannot take a runtime bound in range()
         rm, rg3, col3, offs, cmask3, mask = _tile(M, G, N, (pid * tiles_per_prog + i) * BM, BM, BG, BN)
@@ -83,9 +85,9 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, tiles_per_pro
         c = tl.sum(wdy * xhat, axis=2) / N  # [BM, BG]
         dx = rstd[:, :, None] * (wdy - xhat * c[:, :, None])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * xhat, axis=0)
+        dw += dy * xhat
         i += 1
-    tl.store(dw_ptr + pid * (G * N) + col, dw, mask=cmask)
+    tl.store(dw_ptr + pid * (G * N) + col, tl.sum(dw, axis=0), mask=cmask)
 
 
 def _as_rows(x: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
@@ -109,7 +111,7 @@ class _RMSNorm(torch.autograd.Function):
         BM, BG, BN = _tiles(G, N)
         if M:
             _fwd_kernel[(triton.cdiv(M, BM),)](x2, weight, y, rstd, M, eps, G=G, N=N, BM=BM, BG=BG, BN=BN,
-                                               num_warps=4)
+                                               num_warps=CONFIG["num_warps"])
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape, ctx.G, ctx.N = x.shape, G, N
         return y.view(x.shape)
@@ -125,11 +127,11 @@ class _RMSNorm(torch.autograd.Function):
             return dx.view(ctx.shape), torch.zeros_like(weight), None, None
         BM, BG, BN = _tiles(G, N)
         tiles = triton.cdiv(M, BM)
-        per_prog = triton.cdiv(tiles, min(tiles, 4 * _sm_count(x2.device)))
+        per_prog = triton.cdiv(tiles, min(tiles, CONFIG["bwd_programs_per_sm"] * _sm_count(x2.device)))
         programs = triton.cdiv(tiles, per_prog)
         dw = torch.empty(programs, G * N, dtype=torch.float32, device=x2.device)  # every program writes its row
         _bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw, M, per_prog, G=G, N=N, BM=BM, BG=BG, BN=BN,
-                                 num_warps=4)
+                                 num_warps=CONFIG["num_warps"])
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None, None
 
 

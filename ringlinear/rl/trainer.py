@@ -29,7 +29,7 @@ from ringlinear.rl.losses import PolicyLossConfig, group_advantages, mismatch_me
 from ringlinear.rl.rollout import RolloutBatch
 from ringlinear.rl.scoring import completion_logprobs, lightning_backend, pack_completions
 from ringlinear.train.balancing import update_expert_bias
-from ringlinear.train.trainer import MasterWeights, lr_lambda, make_adamw
+from ringlinear.train.trainer import MasterWeights, clip_and_step, lr_lambda, make_adamw
 
 
 def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> None:
@@ -125,9 +125,7 @@ class PolicyTrainer:
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tok
                     sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
-                gnorm = torch.nn.utils.clip_grad_norm_(self.master.params,
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                self.optimizer.step()
+                gnorm = clip_and_step(self.optimizer, self.master.params, cfg.grad_clip)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.master.copy_to_model()
                 n_opt += 1

@@ -7,7 +7,8 @@ import torch
 from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
 from ringlinear.ops.rmsnorm import rmsnorm, rmsnorm_ref
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the compiled kernels on a GPU machine, the interpreter (conftest) elsewhere
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def _run(fn, x, w, dy):
@@ -42,6 +43,7 @@ def test_modules_use_the_kernel_and_agree(monkeypatch):
     """RMSNorm / GroupRMSNorm take the fused path under the Triton backend, with the same values."""
     torch.manual_seed(0)
     for mod, x in ((RMSNorm(64), torch.randn(5, 64)), (GroupRMSNorm(64, 4), torch.randn(2, 3, 64))):
+        mod, x = mod.to(DEVICES[0]), x.to(DEVICES[0])
         with torch.no_grad():
             mod.weight.uniform_(0.5, 1.5)
         monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
@@ -63,8 +65,8 @@ def test_modules_use_the_kernel_and_agree(monkeypatch):
 
 def test_rmsnorm_bad_shapes(monkeypatch):
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
-    x = torch.randn(4, 48)
+    x = torch.randn(4, 48, device=DEVICES[0])
     with pytest.raises(ValueError, match=r"weight must be \[48\]"):
-        rmsnorm(x, torch.ones(32), 1e-6)
+        rmsnorm(x, torch.ones(32, device=x.device), 1e-6)
     with pytest.raises(ValueError, match="groups=5 must be >= 1 and divide the last dim 48"):
-        rmsnorm(x, torch.ones(48), 1e-6, groups=5)
+        rmsnorm(x, torch.ones(48, device=x.device), 1e-6, groups=5)

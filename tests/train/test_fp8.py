@@ -278,6 +278,7 @@ def _experts_vs_reference(device, backend, E, H, n_i, counts):
     assert all(wg.grad[e].abs().sum() == 0 for e in empty)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test on CPU tensors; test_fp8_experts_gpu covers the compiled kernel")
 def test_fp8_experts_triton_gemm_cpu():
     # the Triton grouped GEMM in the interpreter (the backward's BF16 grouped GEMMs need CUDA strides: forward only)
     from ringlinear.ops.fp8.linear import Fp8ExpertsFn, quantize_expert_weights

@@ -86,6 +86,7 @@ def test_corrupt_and_mismatched_checkpoint_refused(corpus, tmp_path):
         Trainer(_cfg(corpus, steps=4, save_dir=save, resume=True))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test: feeds CPU tensors to the trainer's model (on a GPU machine: CUDA, bf16)")
 def test_export_loads_in_hf_layout(corpus, tmp_path):
     save = str(tmp_path / "run")
     tr = Trainer(_cfg(corpus, steps=2, save_dir=save, export_dtype="float32", plot=True))
@@ -100,6 +101,7 @@ def test_export_loads_in_hf_layout(corpus, tmp_path):
     assert len(json.load(open(os.path.join(save, "history.json")))) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test: feeds CPU tensors to the trainer's model (on a GPU machine: CUDA, bf16)")
 def test_activation_checkpointing_same_grads(corpus):
     a = Trainer(_cfg(corpus, steps=2))
     b = Trainer(_cfg(corpus, steps=2, activation_checkpointing=True))
@@ -132,6 +134,7 @@ def test_pack_rows_respects_boundaries():
         PackedDataset(tokens, segs, seed=4).load_state_dict(state)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test: feeds CPU tensors to the trainer's model (on a GPU machine: CUDA, bf16)")
 def test_loss_mask_packs_with_documents_and_reaches_the_loss(corpus):
     docs = [[1, 2, 3, 9], [4, 5, 9], [6, 7, 8, 10, 11, 9], [12, 9]]
     masks = [[True] * 4, [False, True, False], [False] * 6, [True, True]]
@@ -197,3 +200,29 @@ def test_bad_config_rejected(corpus):
         TrainConfig.from_dict({"model": "tiny", "data": [corpus], "stepz": 3})
     with pytest.raises(ValueError, match="data"):
         TrainConfig.from_dict({"model": "tiny"})
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, 0.0])
+def test_clip_and_step_fused_matches_clip_then_step(max_norm):
+    """The fused AdamW clips through its grad_scale (no separate pass over the gradients): same parameters as
+    clip_grad_norm_ followed by the step, same norm reported, the optimizer left without a grad_scale."""
+    from ringlinear.train.trainer import clip_and_step
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    grads = [torch.randn(s, generator=g) * 3 for s in shapes]
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(1))) for s in shapes]
+        opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, **({"fused": True} if fused else {}))
+        for scale in (1.0, 0.01):  # one step clipped, the next not: clipping changes Adam's moments' ratio
+            for p, gr in zip(params, grads):
+                p.grad = gr * scale
+            norm = clip_and_step(opt, params, max_norm)
+        assert getattr(opt, "grad_scale", None) is None
+        runs.append((norm, [p.detach().clone() for p in params]))
+    (n_f, p_f), (n_r, p_r) = runs
+    torch.testing.assert_close(n_f, n_r)
+    torch.testing.assert_close(n_f, 0.01 * torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads])))
+    for a, b in zip(p_f, p_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@ twice over with their gradient) and, computed as an fp32 GEMM, its slowest GEMMs
 gets its logits from a bf16 tensor-core GEMM with fp32 accumulation and fp32 output (bf16 inputs are exact in
 fp32, so the logits equal the fp32 reference's up to summation order), its loss, and at once its gradients
 dL/dlogits = (softmax - onehot) / n, which feed dL/dhidden and dL/dweight (bf16 GEMMs, fp32 accumulation of
-dW over chunks). Backward only scales the stored gradients by the incoming scalar. Peak extra memory: one
+dW over chunks inside the GEMM). Backward only scales the stored gradients by the incoming scalar. Peak extra memory: one
 chunk of fp32 logits (`chunk_rows x V`) plus dW in fp32.
 """
 
@@ -27,6 +27,28 @@ def _mm_f32_ok(device: torch.device) -> bool:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def _addmm_f32_ok(device: torch.device) -> bool:
+    """Whether this build accumulates a bf16 x bf16 product into an fp32 tensor in place (`addmm(out_dtype=)`)."""
+    try:
+        c = torch.zeros(16, 16, device=device)
+        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool(c[0, 0] == 16)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _acc_mm_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (acc None: a @ b). On CUDA the sum is the GEMM's epilogue (beta = 1, in place): no
+    separate read-add-write of `acc`, which for the lm_head's [157K, 2048] fp32 gradient is 3.9 GB a chunk."""
+    if acc is None:
+        return _mm_f32(a, b)
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _addmm_f32_ok(a.device):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.add_(_mm_f32(a, b))
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         dh = torch.empty_like(hidden) if need_grad else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+        dw = None  # fp32 sum over chunks, started by the first chunk's GEMM
         wt = weight.t()
         for s in range(0, T, chunk_rows):
             e = min(T, s + chunk_rows)
@@ -73,8 +95,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += rl.sum()
             if need_grad:
                 dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
-                dw += _mm_f32(g.t(), h)
+                dw = _acc_mm_f32(dw, g.t(), h)
         if need_grad:
+            if dw is None:  # no tokens
+                dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
             ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         # mean over labelled tokens; NaN when there are none, as F.cross_entropy

@@ -21,6 +21,7 @@ from ringlinear.ops.fp8.kernels import (
     swiglu_quantize,
     swiglu_quantize_rows,
 )
+from ringlinear.ops.swiglu import swiglu_backward
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 128) -> torch.Tensor:
@@ -66,15 +67,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y + bias if bias is not None else y
 
 
-def _swiglu_backward(gu: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From the gate+up GEMM output gu = [g | u] ([M, 2I]) and dL/dh ([M, I]) of h = silu(g) * u: (h, dL/dg,
-    dL/du), in fp32."""
-    n_i = gu.shape[1] // 2
-    g, u = gu[:, :n_i].float(), gu[:, n_i:].float()
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    dh = dh.float()
-    return silu * u, dh * u * sig * (1 + g * (1 - sig)), dh * silu
+def _swiglu_grads(gu: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the gate+up GEMM output gu = [g | u] ([M, 2I]) and dL/dh ([M, I]) of h = silu(g) * u, one fused pass:
+    (h [M, I], [dL/dg | dL/du] [M, 2I]), bf16."""
+    M, n_i = dh.shape
+    h = torch.empty(M, n_i, dtype=torch.bfloat16, device=dh.device)
+    dgu = torch.empty(M, 2 * n_i, dtype=torch.bfloat16, device=dh.device)
+    swiglu_backward(gu[:, :n_i], gu[:, n_i:], dh, dgu[:, :n_i], dgu[:, n_i:], h)
+    return h, dgu
 
 
 def quantize_swiglu_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -110,9 +110,8 @@ class Fp8SwiGLUFn(torch.autograd.Function):
         dy = dy.to(bf).contiguous()
         dy8, sdy = quantize_transpose(_pad_rows(dy), transpose=False)
         dh = fp8_gemm_blockwise(dy8, sdy, w2_8t, s2t, sb_prepared=True)  # [Mp, I]
-        h, dg, du = _swiglu_backward(gu, dh)
-        dw_down = dy.t() @ h[:M].to(bf)  # [H, I]
-        dgu = torch.cat([dg, du], 1).to(bf)  # [Mp, 2I]
+        h, dgu = _swiglu_grads(gu, dh)  # dgu: [Mp, 2I]
+        dw_down = dy.t() @ h[:M]  # [H, I]
         dgu8, sdgu = quantize_transpose(dgu, transpose=False)
         dx = fp8_gemm_blockwise(dgu8, sdgu, w13_8t, s13t, sb_prepared=True)[:M]
         dw13 = dgu[:M].t() @ xb  # [2I, H]
@@ -150,9 +149,10 @@ class Fp8ExpertsFn(torch.autograd.Function):
         bf = torch.bfloat16
         dy = dy.to(bf).contiguous()
         dh = torch._grouped_mm(dy, wd.to(bf), offs=offs)  # [Tk, H] x [E, H, I] -> [Tk, I]
-        h, dg, du = _swiglu_backward(gu, dh)
-        dwd = torch._grouped_mm(dy.t(), h.to(bf), offs=offs)  # [H, Tk] x [Tk, I] -> [E, H, I]
-        dg, du = dg.to(bf), du.to(bf)
+        n_i = dh.shape[1]
+        h, dg, du = (torch.empty_like(dh, dtype=bf) for _ in range(3))
+        swiglu_backward(gu[:, :n_i], gu[:, n_i:], dh, dg, du, h)  # one fused pass, bf16 out
+        dwd = torch._grouped_mm(dy.t(), h, offs=offs)  # [H, Tk] x [Tk, I] -> [E, H, I]
         xsb = xs.to(bf)
         dwg = torch._grouped_mm(dg.t(), xsb, offs=offs)  # [E, I, H]
         dwu = torch._grouped_mm(du.t(), xsb, offs=offs)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
+from ringlinear.ops.swiglu import swiglu
 
 
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -25,16 +26,15 @@ def _expert_loop(xs, counts, w_gate, w_up, w_down):
     for e, n in enumerate(counts):
         if n:
             xe = xs[start : start + n]
-            outs.append(F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e]))
+            outs.append(F.linear(swiglu(F.linear(xe, w_gate[e]), F.linear(xe, w_up[e])), w_down[e]))
         start += n
     return torch.cat(outs, 0) if outs else xs.new_zeros(0, w_down.shape[1])
 
 
 def _grouped(xs, counts_t, w_gate, w_up, w_down):
     offs = counts_t.cumsum(0).to(torch.int32)
-    h = F.silu(torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-        xs, w_up.transpose(1, 2), offs=offs
-    )
+    h = swiglu(torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs),
+               torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs))
     return torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)
 
 
