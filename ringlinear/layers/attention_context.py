@@ -108,7 +108,8 @@ class PackedContext(AttentionContext):
         return torch.cat(outs, 0)
 
     def linear_attention(self, layer_idx, q, k, v, g, scale):
-        o, _ = lightning_attn(q[None], k[None], v[None], g, scale=scale, cu_seqlens=self.cu_seqlens)
+        o, _ = lightning_attn(q[None], k[None], v[None], g, scale=scale, cu_seqlens=self.cu_seqlens,
+                              cu_seqlens_host=self._bounds)
         return o[0]
 
 

@@ -336,19 +336,21 @@ class Trainer:
                                   labels=None if labels is None else labels.to(self.device))
             (out["loss"] / cfg.grad_accum).backward()
             self.master.accumulate_grads()
-            for k in sums:
+            for k in sums:  # summed on the device: no wait for the GPU between micro-batches
                 if k in out:
-                    sums[k] += out[k].detach().float().item() / cfg.grad_accum
+                    sums[k] = sums[k] + out[k].detach().float() / cfg.grad_accum
         gnorm = clip_and_step(self.optimizer, self.master.params, cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.master.copy_to_model()
         moe = update_expert_bias(self.model, self.model_config.moe_router_bias_update_rate)
+        t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device)
+                         for k in ("loss", "lm_loss", "mtp_loss")])
         if self.world > 1:
-            t = torch.tensor([sums["loss"], sums["lm_loss"], sums["mtp_loss"]], device=self.device)
             dist.all_reduce(t)
-            sums = dict(zip(("loss", "lm_loss", "mtp_loss"), (t / self.world).tolist()))
+            t = t / self.world
+        sums = dict(zip(("loss", "lm_loss", "mtp_loss"), t.tolist()))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -253,3 +253,26 @@ def test_gpu_decode_realistic():
     ro = lightning_decode_torch(q, k, v, g, ref_pool, slots)
     assert rel(o, ro) < 1e-2 and rel(pool, ref_pool) < 1e-6
     assert (o[::17] == 0).all()
+
+
+def test_host_bounds_and_cached_segment_plan():
+    """cu_seqlens given also as a host list: same outputs and gradients, no read-back; the segment plan is reused
+    across calls (one copy per batch) and equals the plain construction; a host list that disagrees in length fails."""
+    from ringlinear.ops.lightning import chunk
+
+    q, k, v, _ = _inputs(1, 150, 2, 16, 16, torch.float32, False)
+    g = decay_slopes(2, 0, 4).to(DEV)
+    bounds = [0, 7, 7, 90, 150]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+    ref = _fwd_bwd(chunk_lightning_attn, q, k, v, g, None, cu)
+    chunk._PLANS.clear()
+    out = _fwd_bwd(lambda *a, **kw: chunk_lightning_attn(*a, cu_seqlens_host=bounds, **kw), q, k, v, g, None, cu)
+    for a, b in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]]):
+        assert torch.equal(a, b)
+    assert len(chunk._PLANS) == 1  # forward and backward shared one plan
+    first, seq, n = chunk._segment_plan(tuple(bounds), 64, torch.device(DEV))
+    counts = [-(-(b - a) // 64) for a, b in zip(bounds, bounds[1:])]
+    assert first.tolist() == [0, *torch.tensor(counts).cumsum(0).tolist()] and n == sum(counts)
+    assert seq.tolist() == [i for i, c in enumerate(counts) for _ in range(c)]
+    with pytest.raises(ValueError, match="cu_seqlens_host has 3 bounds"):
+        chunk_lightning_attn(q, k, v, g, cu_seqlens=cu, cu_seqlens_host=[0, 7, 150])

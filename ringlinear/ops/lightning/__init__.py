@@ -52,13 +52,16 @@ def backend_for(x: torch.Tensor) -> str:
     return "triton" if x.is_cuda and _triton_available() else "torch"
 
 
-def lightning_attn(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def lightning_attn(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                   cu_seqlens_host=None):
     """Chunked-prefill Lightning attention. q, k: [B, T, H, D]; v: [B, T, H, Dv]; g: [H] fp32 log decay;
-    initial_state: [B or N, H, D, Dv] fp32; cu_seqlens: [N+1] int32 (B == 1). Returns (o, final_state)."""
+    initial_state: [B or N, H, D, Dv] fp32; cu_seqlens: [N+1] int32 (B == 1), optionally also as a host list
+    `cu_seqlens_host` (the Triton path then reads nothing back from the device). Returns (o, final_state)."""
     if backend_for(q) == "triton":
         from ringlinear.ops.lightning.chunk import chunk_lightning_attn
 
-        return chunk_lightning_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return chunk_lightning_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                                    cu_seqlens_host=cu_seqlens_host)
     return lightning_attn_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 

@@ -11,6 +11,7 @@ dk, dv backward in time), so one set of kernels serves both directions.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -246,6 +247,34 @@ def _default_seg_chunks(n_tokens: int, H: int, on_gpu: bool) -> int:
     return min(_MAX_SEG_CHUNKS, 1 << (want.bit_length() - 1))
 
 
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _segment_plan(cu: tuple[int, ...], L_SEG: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(seg_first [N+1], seg_seq [n_segs]) int32 on `dev`: where each sequence's segments start, and each segment's
+    sequence. Cached by (bounds, L_SEG, device): every linear layer of a batch, forward and backward, reuses one
+    copy, and the copy is asynchronous from pinned memory, so no pass waits for the GPU to drain."""
+    key = (cu, L_SEG, dev)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
+    counts = [triton.cdiv(b - a, L_SEG) for a, b in zip(cu, cu[1:])]
+    first = [0]
+    for c in counts:
+        first.append(first[-1] + c)
+    seq = [i for i, c in enumerate(counts) for _ in range(c)]
+    host = torch.tensor(first + seq, dtype=torch.int32)
+    if dev.type == "cuda":
+        host = host.pin_memory()
+    both = host.to(dev, non_blocking=True)
+    plan = (both[: len(first)], both[len(first):], first[-1])
+    _PLANS[key] = plan
+    if len(_PLANS) > 64:
+        _PLANS.popitem(last=False)
+    return plan
+
+
 def _pass(q, k, v, g, scale, h0, N, T, cu_list, cu, reverse, seg_chunks, want_output=True):
     """One direction of the chunked recurrence over flattened tokens.
 
@@ -265,13 +294,7 @@ def _pass(q, k, v, g, scale, h0, N, T, cu_list, cu, reverse, seg_chunks, want_ou
         cu_t = seg_seq = seg_first = q.new_empty(1, dtype=torch.int32)  # unread placeholders
     else:
         NS = 0
-        counts = [triton.cdiv(cu_list[i + 1] - cu_list[i], L_SEG) for i in range(N)]
-        first = [0]
-        for c in counts:
-            first.append(first[-1] + c)
-        n_segs = first[-1]
-        seg_first = torch.tensor(first, dtype=torch.int32, device=dev)
-        seg_seq = torch.repeat_interleave(torch.arange(N, dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)).to(dev)
+        seg_first, seg_seq, n_segs = _segment_plan(tuple(cu_list), L_SEG, dev)
         cu_t = cu
     is_varlen = cu_list is not None
     BK = max(16, triton.next_power_of_2(K))
@@ -363,11 +386,13 @@ def chunk_lightning_attn(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     seg_chunks: int | None = None,
+    cu_seqlens_host: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lightning attention prefill (Triton). q, k: [B, T, H, D]; v: [B, T, H, Dv] (bf16, fp16 or fp32);
     g: [H] log decay (< 0); initial_state: [B or N, H, D, Dv]; cu_seqlens: [N+1] int32 with B == 1.
     Returns (o [B, T, H, Dv] in q's dtype, final_state [B or N, H, D, Dv] fp32 or None). Differentiable
-    in q, k, v and initial_state. `seg_chunks` (64-token chunks per parallel segment) is a tuning knob."""
+    in q, k, v and initial_state. `seg_chunks` (64-token chunks per parallel segment) is a tuning knob.
+    `cu_seqlens_host`: cu_seqlens as a host list when the caller has it (saves a device-to-host read)."""
     check_prefill_inputs(q, k, v, g, initial_state, cu_seqlens)
     if q.dtype == torch.float64:
         raise ValueError("lightning_attn: float64 is for the PyTorch references only; the Triton path takes bf16/fp16/fp32")
@@ -386,7 +411,9 @@ def chunk_lightning_attn(
     cu_list = None
     cu = None
     if cu_seqlens is not None:
-        cu_list = [int(x) for x in cu_seqlens.tolist()]
+        cu_list = [int(x) for x in (cu_seqlens.tolist() if cu_seqlens_host is None else cu_seqlens_host)]
+        if len(cu_list) != cu_seqlens.numel():
+            raise ValueError(f"lightning_attn: cu_seqlens_host has {len(cu_list)} bounds, cu_seqlens {cu_seqlens.numel()}")
         if cu_list[0] != 0 or cu_list[-1] != T or any(b < a for a, b in zip(cu_list, cu_list[1:])):
             raise ValueError(f"lightning_attn: cu_seqlens must rise from 0 to T={T}, got {cu_list}")
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
