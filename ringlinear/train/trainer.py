@@ -175,6 +175,15 @@ def make_adamw(master: MasterWeights, lr: float, betas, weight_decay: float, dev
         lr=lr, betas=betas, eps=1e-8, **kind)
 
 
+def invalidate_fp8_weights(model: nn.Module) -> None:
+    """Drop the FP8 recipe's cached weight quantizations (they are reused across the micro-batches of one step):
+    after an optimizer step they are stale. Explicit, so no optimizer's in-place update can be missed."""
+    for mod in model.modules():
+        cache = mod.__dict__.get("_fp8_cache")
+        if cache:
+            cache.clear()
+
+
 def clip_and_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the gradients of `params` to global norm `max_norm` (<= 0: no clipping), step `opt`, return the norm
     before clipping. A fused AdamW divides every gradient by its `grad_scale` inside its one pass (the hook of
@@ -253,9 +262,10 @@ class Trainer:
             model = apply_fsdp(model, self.compute_dtype)
             self.master = MasterWeights(list(model.parameters()))  # fp32 shards are the masters
         else:
-            self.master = MasterWeights(list(model.parameters()))
             if self.compute_dtype != torch.float32:
                 self._cast_params(model)
+            # after the cast: low-precision parameters get fp32 masters, fp32 ones (routers) are their own
+            self.master = MasterWeights(list(model.parameters()))
         self.model = model
         self.optimizer = make_adamw(self.master, cfg.lr, cfg.betas, cfg.weight_decay, self.device, self.world > 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -344,6 +354,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.master.copy_to_model()
+        invalidate_fp8_weights(self.model)
         moe = update_expert_bias(self.model, self.model_config.moe_router_bias_update_rate)
         t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device)
                          for k in ("loss", "lm_loss", "mtp_loss")])

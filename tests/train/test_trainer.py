@@ -226,3 +226,26 @@ def test_clip_and_step_fused_matches_clip_then_step(max_norm):
     torch.testing.assert_close(n_f, 0.01 * torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads])))
     for a, b in zip(p_f, p_r):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_params_step_through_fp32_masters(corpus):
+    """compute_dtype bf16: every bf16 parameter has its own fp32 master (the optimizer never steps bf16 weights),
+    the routers stay fp32 (their own masters), and after a step each bf16 weight is its master rounded; the FP8
+    recipe's cached weight quantizations are dropped after every step."""
+    from ringlinear.train.trainer import invalidate_fp8_weights
+
+    tr = Trainer(_cfg(corpus, steps=2, compute_dtype="bf16"))
+    low = [(p, m) for p, m in tr.master.pairs if p.dtype == torch.bfloat16]
+    assert low and all(m is not p and m.dtype == torch.float32 for p, m in low)
+    assert all(m is p for p, m in tr.master.pairs if p.dtype == torch.float32)
+    opt_params = {id(q) for g in tr.optimizer.param_groups for q in g["params"]}
+    assert all(id(m) in opt_params and id(p) not in opt_params for p, m in low)
+    before = [m.detach().clone() for _, m in low]
+    mod = next(iter(tr.model.modules()))
+    mod.__dict__["_fp8_cache"] = {"w": ("key", "val")}
+    tr.train_step()
+    assert not mod.__dict__["_fp8_cache"]
+    assert any(not torch.equal(b, m) for b, (_, m) in zip(before, low))
+    for p, m in low:
+        assert torch.equal(p, m.to(torch.bfloat16))
+    invalidate_fp8_weights(tr.model)  # no caches left: a no-op
