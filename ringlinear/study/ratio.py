@@ -329,6 +329,7 @@ def plot_study(results: list[dict], out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ratios = sorted({r["ratio"] for r in results}, key=lambda x: [r["group_size"] for r in results if r["ratio"] == x][0])
@@ -338,10 +339,17 @@ def plot_study(results: list[dict], out: str) -> None:
         axes[0].plot([r["params"] for r in rs], [r["text_loss"] for r in rs], "o-", label=ratio)
         big = [r for r in rs if r["width"] == widest][0]
         axes[1].plot([int(c) for c in big["recall"]], list(big["recall"].values()), "o-", label=ratio)
-        axes[2].scatter([big["cost_bytes_per_token"] / 1024], [sum(big["recall"].values()) / len(big["recall"])], label=ratio)
-    axes[0].set(xscale="log", xlabel="parameters", ylabel="held-out text loss (nats)", title="loss vs size")
+        axes[2].scatter([big["cost_bytes_per_token"] / 2**20], [sum(big["recall"].values()) / len(big["recall"])], label=ratio)
+    sizes = [r["params"] for r in results]
+    wide = bool(sizes) and max(sizes) >= 10 * min(sizes)  # a log axis only when the sizes span a decade
+    axes[0].set(xscale="log" if wide else "linear", xlabel="parameters", ylabel="held-out text loss (nats)",
+                title="loss vs size")
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set(xlabel="context (tokens)", ylabel="recall accuracy", title=f"recall vs context (width {widest})")
-    axes[2].set(xlabel="decode bytes read per token (KiB)", ylabel="mean recall", title="cost vs quality")
+    ctx = results[0].get("setup", {}).get("cost_context", 32768) if results else 32768
+    axes[2].set(xlabel=f"decode bytes read per token at {ctx} tokens of context (MiB)", ylabel="mean recall",
+                title="cost vs quality")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
