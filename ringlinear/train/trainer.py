@@ -418,9 +418,20 @@ class Trainer:
         else:
             self.model.load_state_dict(state["model"])
             with torch.no_grad():
+                missing = 0
                 for (p, m), saved in zip(self.master.pairs, state["master"]):
                     if m is not p:
-                        m.copy_(saved)
+                        if saved is None:  # written before 2026-11-24, when bf16 weights were their own masters
+                            missing += 1
+                            m.copy_(p.detach().float())
+                        else:
+                            m.copy_(saved)
+                if missing:
+                    import warnings
+
+                    warnings.warn(f"resume: the checkpoint has no fp32 masters for {missing} bf16 parameters (saved by "
+                                  "a trainer that stepped bf16 weights); their masters start from the bf16 weights",
+                                  stacklevel=2)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
