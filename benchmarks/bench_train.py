@@ -142,12 +142,7 @@ class _unfused:
         import ringlinear.train.trainer as trainer
         from ringlinear.ops.moe import combine
         from ringlinear.ops.rmsnorm import rmsnorm_ref
-        from ringlinear.ops.swiglu import swiglu_backward_ref, swiglu_ref
-
-        def swiglu_backward_unfused(g, u, dh, dg, du, h=None):
-            for out, val in zip((h, dg, du), swiglu_backward_ref(g, u, dh)):
-                if out is not None:
-                    out.copy_(val)
+        from ringlinear.ops.swiglu import swiglu_backward_torch, swiglu_ref
 
         def clip_then_step(opt, params, max_norm):
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -155,7 +150,7 @@ class _unfused:
             return gnorm
 
         self.saved = [(norms, "rmsnorm", rmsnorm_ref), (moe, "swiglu", swiglu_ref), (experts, "swiglu", swiglu_ref),
-                      (fp8_linear, "swiglu_backward", swiglu_backward_unfused), (chunked, "_addmm_f32_ok", lambda d: False),
+                      (fp8_linear, "swiglu_backward", swiglu_backward_torch), (chunked, "_addmm_f32_ok", lambda d: False),
                       (trainer, "clip_and_step", clip_then_step)]
         for mod in (experts, recipe):
             self.saved += [(mod, "moe_dispatch", lambda x, order, inv, k: combine.moe_dispatch_ref(x, order, k)),

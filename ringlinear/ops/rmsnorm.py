@@ -92,12 +92,17 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, tiles_per_pro
     tl.store(dw_ptr + pid * (G * N) + col, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _as_rows(x: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
+def _check(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"rmsnorm: weight must be [{D}] (x's last dim), got {tuple(weight.shape)}")
     if groups < 1 or D % groups:
         raise ValueError(f"rmsnorm: groups={groups} must be >= 1 and divide the last dim {D}")
+
+
+def _as_rows(x: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
+    _check(x, weight, groups)
+    D = x.shape[-1]
     if D > MAX_DIM:
         raise ValueError(f"rmsnorm: last dim {D} > {MAX_DIM} is not supported by the fused kernel")
     return x.reshape(-1, D).contiguous(), groups, D // groups
@@ -147,6 +152,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) 
     """RMSNorm over the last dim of x (in `groups` equal slices), weight [D]; output in x's dtype."""
     from ringlinear.ops.lightning import backend_for
 
+    _check(x, weight, groups)  # on both paths: the reference would broadcast a wrong-sized weight
     if backend_for(x) != "triton" or x.shape[-1] > MAX_DIM:
         return rmsnorm_ref(x, weight, eps, groups)
     return _RMSNorm.apply(x, weight, eps, groups)

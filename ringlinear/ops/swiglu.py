@@ -83,6 +83,14 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, out_dtype: torch.dtype | No
     return h
 
 
+def swiglu_backward_torch(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, dg: torch.Tensor, du: torch.Tensor,
+                          h: torch.Tensor | None = None) -> None:
+    """`swiglu_backward`'s outputs from the PyTorch reference (fp32, copied into dg, du and h)."""
+    for out, val in zip((h, dg, du), swiglu_backward_ref(g, u, dh)):
+        if out is not None:
+            out.copy_(val)
+
+
 def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, dg: torch.Tensor, du: torch.Tensor,
                     h: torch.Tensor | None = None) -> None:
     """Writes dg, du (and h, when given) for [M, I] g, u, dh; every tensor may be a row view. Fused on CUDA,
@@ -92,9 +100,7 @@ def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, dg: torc
     _rows(*(t for t in (g, u, dh, dg, du, h) if t is not None))
     M, n_i = g.shape
     if backend_for(g) != "triton":
-        for out, val in zip((h, dg, du), swiglu_backward_ref(g, u, dh)):
-            if out is not None:
-                out.copy_(val)
+        swiglu_backward_torch(g, u, dh, dg, du, h)
         return
     if M and n_i:
         hh = h if h is not None else dg
@@ -129,8 +135,8 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u (same shapes and dtype), differentiable; fused on CUDA, `swiglu_ref` elsewhere."""
     from ringlinear.ops.lightning import backend_for
 
+    if g.shape != u.shape or g.dtype != u.dtype:  # checked on both paths (the reference would broadcast)
+        raise ValueError(f"swiglu: g and u must match, got {tuple(g.shape)} {g.dtype} and {tuple(u.shape)} {u.dtype}")
     if backend_for(g) != "triton":
         return swiglu_ref(g, u)
-    if g.shape != u.shape or g.dtype != u.dtype:
-        raise ValueError(f"swiglu: g and u must match, got {tuple(g.shape)} {g.dtype} and {tuple(u.shape)} {u.dtype}")
     return _SwiGLU.apply(g, u)

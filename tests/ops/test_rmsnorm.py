@@ -39,7 +39,7 @@ def test_rmsnorm_matches_reference(monkeypatch, device, shape, groups, dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
 
 
-def test_modules_use_the_kernel_and_agree(monkeypatch):
+def test_modules_use_the_kernel_and_agree(monkeypatch, spy_calls):
     """RMSNorm / GroupRMSNorm take the fused path under the Triton backend, with the same values."""
     torch.manual_seed(0)
     for mod, x in ((RMSNorm(64), torch.randn(5, 64)), (GroupRMSNorm(64, 4), torch.randn(2, 3, 64))):
@@ -49,22 +49,15 @@ def test_modules_use_the_kernel_and_agree(monkeypatch):
         monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
         ref = mod(x)
         monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
-        calls = []
-
-        def spy(*a, calls=calls):
-            calls.append(1)
-            return rmsnorm_ref(*a)
-
-        monkeypatch.setattr("ringlinear.ops.rmsnorm._RMSNorm.apply", spy)
-        mod(x)
+        with spy_calls("ringlinear.ops.rmsnorm._RMSNorm.apply", rmsnorm_ref) as calls:
+            mod(x)
         assert calls, "the module did not take the fused path"
-        monkeypatch.undo()
-        monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
         torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_rmsnorm_bad_shapes(monkeypatch):
-    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rmsnorm_bad_shapes(monkeypatch, backend):
+    monkeypatch.setenv("RINGLINEAR_BACKEND", backend)
     x = torch.randn(4, 48, device=DEVICES[0])
     with pytest.raises(ValueError, match=r"weight must be \[48\]"):
         rmsnorm(x, torch.ones(32, device=x.device), 1e-6)

@@ -53,29 +53,22 @@ def test_swiglu_backward_into_halves_of_one_buffer(monkeypatch, dtype):
     torch.testing.assert_close(dgu[:, n_i:].float(), rdu, **tol)
 
 
-def test_swiglu_module_takes_the_fused_path(monkeypatch):
+def test_swiglu_module_takes_the_fused_path(monkeypatch, spy_calls):
     torch.manual_seed(0)
     mlp = SwiGLU(32, 48).to(DEV)
     x = torch.randn(9, 32, device=DEV)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
     ref = mlp(x)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
-    calls = []
-
-    def spy(*a, calls=calls):
-        calls.append(1)
-        return swiglu_ref(*a)
-
-    monkeypatch.setattr("ringlinear.ops.swiglu._SwiGLU.apply", spy)
-    mlp(x)
-    assert calls
-    monkeypatch.undo()
-    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+    with spy_calls("ringlinear.ops.swiglu._SwiGLU.apply", swiglu_ref) as calls:
+        mlp(x)
+    assert calls, "the module did not take the fused path"
     torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_bad_shapes(monkeypatch):
-    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_swiglu_bad_shapes(monkeypatch, backend):
+    monkeypatch.setenv("RINGLINEAR_BACKEND", backend)
     g = torch.randn(4, 8, device=DEV)
     with pytest.raises(ValueError, match="swiglu: g and u must match"):
         swiglu(g, torch.randn(4, 9, device=DEV))
