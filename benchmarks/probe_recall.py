@@ -28,30 +28,36 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=0, help="0: width // 32, at least 2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--pairs", default="4,8,16,32", help="pair counts, cycled over the steps and evaluated")
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--tokens", type=int, default=0,
+                    help="tokens per step (0: 4 x max(4, 256 // sequence length) rows, ~1-2.5K tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the accuracy history here")
     a = ap.parse_args()
     pairs = [int(p) for p in a.pairs.split(",")]
-    sc = StudyConfig(corpus="-", num_layers=a.layers, recall_keys=a.keys, recall_values=a.values, head_dim=a.head_dim,
+    sc = StudyConfig(corpus="-", num_layers=a.layers, recall_keys=a.keys, recall_values=a.values, head_dim=a.head_dim, heads=a.heads,
                      group_sizes=[a.group_size], widths=[a.width], recall_pairs=pairs, recall_queries=a.queries,
                      seq_len=max(2 * p + 2 * a.queries for p in pairs))
     sc.validate()
     torch.set_num_threads(a.threads)
     cfg = model_config(sc, a.width, a.group_size)
-    torch.manual_seed(0)
-    model = init_model(cfg, seed=0, embedding_std=sc.embedding_init_std)
+    torch.manual_seed(a.seed)
+    model = init_model(cfg, seed=a.seed, embedding_std=sc.embedding_init_std).to(a.device)
     task = RecallTask(cfg.vocab_size, sc.recall_keys, sc.num_values, RECALL_FIRST_TOKEN)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     hist, t0 = [], time.time()
     for step in range(a.steps):
         p = pairs[step % len(pairs)]
-        rows = max(4, 256 // (2 * p + 2 * a.queries)) * 4  # ~1-2.5K tokens per step
-        ids, labels, cu = task.batch(rows, p, a.queries, seed=step)
-        loss = model.loss(ids, cu, labels=labels)["loss"]
+        n = 2 * p + 2 * a.queries
+        rows = max(1, a.tokens // n) if a.tokens else max(4, 256 // n) * 4
+        ids, labels, cu = task.batch(rows, p, a.queries, seed=step + 1_000_003 * a.seed)
+        loss = model.loss(ids.to(a.device), cu.to(a.device), labels=labels.to(a.device))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

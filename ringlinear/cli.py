@@ -142,9 +142,9 @@ def cmd_study_ratio(args) -> int:
     sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                      recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim,
-                     recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
+                     heads=args.heads, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
-                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
+                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss, eval_every=args.eval_every,
                      compute_dtype=args.compute_dtype)
     try:
         run_study(sc)
@@ -250,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--lr", type=float, default=3e-3)
     sr.add_argument("--recall-keys", type=int, default=32, help="distinct keys of the recall task")
     sr.add_argument("--head-dim", type=int, default=32,
-                    help="per-head q/k/v width (heads stay width/32): smaller leaves linear layers less state")
+                    help="per-head q/k/v width: smaller leaves linear layers less state")
+    sr.add_argument("--eval-every", type=int, default=0,
+                    help="measure recall every N steps (the recall-vs-step curve in the JSON and plot); 0: at the end")
+    sr.add_argument("--heads", type=int, default=0,
+                    help="query heads per layer (0: width/32, at least 2; KV heads are half); more heads give the "
+                         "linear layers faster-decaying heads")
     sr.add_argument("--recall-values", type=int, default=0, help="distinct values (0: as many as keys)")
     sr.add_argument("--recall-pairs", type=ints, default=[4, 8, 16, 32],
                     help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")

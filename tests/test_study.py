@@ -48,6 +48,10 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert "recall_values must be >= 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--head-dim", "24")) == 2
     assert "head_dim must be a multiple of 16" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--heads", "3")) == 2
+    assert "heads must be 0 (width // 32) or an even count" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--eval-every", "-2")) == 2
+    assert "eval_every must be >= 0" in capsys.readouterr().err
 
 
 def test_recall_values_set_the_value_vocabulary():
@@ -69,9 +73,42 @@ def test_recall_values_set_the_value_vocabulary():
     assert vals.min() >= RECALL_FIRST_TOKEN + 64 and vals.max() < sc.vocab_size
 
 
-def test_ratio_study_parallel_jobs(tmp_path):
+def test_ratio_study_parallel_jobs(tmp_path, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
     assert main(_args(tmp_path, "--jobs", "2")) == 0
     assert len(list((tmp_path / "s").glob("run-*.json"))) == 2
+    assert torch.get_num_threads() == threads  # the parent keeps its threads; workers take cores // jobs
+    from ringlinear.study import ratio
+
+    seen = []
+    monkeypatch.setattr(ratio, "run_one", lambda *a: seen.append(torch.get_num_threads()) or {"ok": 1})
+    monkeypatch.setattr(ratio, "build_dataset", lambda sc: ())
+    monkeypatch.setattr(ratio.os, "cpu_count", lambda: 16)
+    sc = ratio.StudyConfig(corpus="x", out=str(tmp_path / "j"), jobs=4)
+    (tmp_path / "j").mkdir()
+    try:
+        ratio._job(sc, 64, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [4]
+
+
+def test_ratio_study_heads_and_recall_curve(tmp_path):
+    """--heads sets every layer's heads (KV heads half); --eval-every records recall during training in the run's
+    JSON, its progress log and a fourth plot panel."""
+    from ringlinear.study.ratio import StudyConfig, model_config
+
+    cfg = model_config(StudyConfig(corpus="x", heads=8, head_dim=16), 64, 4)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 4, 16)
+    assert main(_args(tmp_path, "--steps", "4", "--eval-every", "2", "--heads", "4", "--head-dim", "16",
+                      "--group-sizes", "2", "--layers", "2")) == 0
+    r = json.loads((tmp_path / "s" / "run-w64-g2.json").read_text())
+    assert [h["step"] for h in r["recall_history"]] == [2, 4] and r["recall_history"][-1]["recall"] == r["recall"]
+    assert r["setup"]["heads"] == 4 and "eval_every" not in r["setup"]  # curves do not change a run's result
+    log = (tmp_path / "s" / "run-w64-g2.log").read_text().splitlines()
+    assert log[0].startswith("step 2/4 lm_loss") and "recall" in log[0] and log[-1].startswith("step 4/4")
 
 
 def test_study_init_scales_with_width_and_rejects_bad_values(tmp_path, capsys):

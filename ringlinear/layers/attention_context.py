@@ -35,7 +35,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def _use_varlen(q: torch.Tensor) -> bool:
     """Packed batches of many sequences go through one varlen flash-attention call (CUDA, bf16/fp16, torch's
-    `torch.nn.attention.varlen`) instead of one SDPA call per sequence; `RINGLINEAR_VARLEN_ATTN=0` turns it off."""
+    `torch.nn.attention.varlen`) instead of one SDPA call per sequence; `RINGLINEAR_VARLEN_ATTN=0` turns it (and the
+    padded batch of `padded_causal_attention` for other dtypes) off."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
             and _varlen_attn() is not None)
 
@@ -59,6 +60,32 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     cu = cu_seqlens.to(torch.int32)
     return _varlen_attn()(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scale,
                           window_size=(-1, 0))
+
+
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], max_len: int,
+                            scale: float) -> torch.Tensor:
+    """Causal GQA attention of each packed sequence over itself in one SDPA call, the sequences padded to
+    `max_len` as a batch [N, H, max_len, D] under a plain causal mask (a real query never reaches a padded key: the
+    padding comes after each sequence; padded queries are dropped, so they get no gradient). For dtypes the varlen flash kernel
+    does not take (fp32): one call instead of one per sequence, which on the GPU is launch-bound for batches of
+    many short sequences. q: [T, H, D]; k, v: [T, Hkv, D]; bounds: the host list `cu_seqlens` -> [T, H, D]."""
+    starts, lens = bounds[:-1], [y - x for x, y in zip(bounds, bounds[1:])]
+    keep = [n for n, ln in enumerate(lens) if ln > 0]
+    j = torch.arange(max_len)
+    lens_t = torch.tensor([lens[n] for n in keep])
+    valid = j[None, :] < lens_t[:, None]  # [N, L]
+    idx = torch.tensor([starts[n] for n in keep])[:, None] + torch.minimum(j[None, :], lens_t[:, None] - 1)
+    idx, valid = idx.to(q.device, non_blocking=True), valid.to(q.device, non_blocking=True)
+    qh, kh, vh = (t[idx].transpose(1, 2) for t in (q, k, v))  # [N, H, L, D]
+    if kh.shape[1] != qh.shape[1]:
+        rep = qh.shape[1] // kh.shape[1]
+        kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    return o.transpose(1, 2)[valid]  # sequences are contiguous and in order: the packed layout again
+
+
+# Padding allowed (padded batch tokens / real tokens) before one SDPA call per sequence is the cheaper way.
+_PADDED_MAX_WASTE = 8
 
 
 def positions_from_lens(lens: list[int], starts: list[int], device) -> torch.Tensor:
@@ -103,6 +130,9 @@ class PackedContext(AttentionContext):
         b = self._bounds
         if self.num_seqs > 1 and _use_varlen(q):
             return varlen_causal_attention(q, k, v, self.cu_seqlens, self.max_len, scale)
+        if (self.num_seqs > 1 and q.is_cuda and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
+                and self.num_seqs * self.max_len <= _PADDED_MAX_WASTE * b[-1]):
+            return padded_causal_attention(q, k, v, b, self.max_len, scale)
         outs = [causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale)
                 for n in range(self.num_seqs)]
         return torch.cat(outs, 0)

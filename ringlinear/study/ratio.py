@@ -48,6 +48,11 @@ class StudyConfig:
     # layer can store without interference (heads x head_dim key directions) while a softmax head still picks its
     # best-matching key. Ring-mini's ratio: 16 heads x 128 = 2048 key directions against a 157K-token vocabulary.
     head_dim: int = 32
+    # Query heads of every layer (0: width // 32, at least 2); KV heads are half. Each linear head decays at its own
+    # ALiBi slope (2^(-8/H) ... 2^-8 per token): with 2 heads the fastest keeps e^(-1/16) = 0.94 of a token's weight
+    # per step, far too slow to single out the previous token, which recall needs (a value must be tagged with the
+    # key before it). Ring-mini has 16 heads (fastest 0.49 per step).
+    heads: int = 0
     recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
     recall_queries: int = 8
     recall_fraction: float = 0.4  # share of training tokens in recall sequences
@@ -71,10 +76,13 @@ class StudyConfig:
     compute_dtype: str = "fp32"
     seed: int = 0
     save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
+    # measure recall every N steps during training (recall_history in each run's JSON: when a ratio learns
+    # recall, not only whether); 0: at the end only. Each run's progress goes to run-wW-gG.log either way.
+    eval_every: int = 0
     jobs: int = 1  # models trained at once
 
     # fields that do not change a run's result
-    _NOT_SETUP = ("out", "group_sizes", "widths", "save_every", "jobs")
+    _NOT_SETUP = ("out", "group_sizes", "widths", "save_every", "jobs", "eval_every")
 
     def setup(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
@@ -90,6 +98,8 @@ class StudyConfig:
                 raise ValueError(f"study: {name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ValueError(f"study: save_every must be >= 0 (0: no mid-run checkpoints), got {self.save_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"study: eval_every must be >= 0 (0: recall at the end only), got {self.eval_every}")
         for g in self.group_sizes:
             if g < 0 or g > self.num_layers:
                 raise ValueError(f"study: group size {g} not in 0..num_layers={self.num_layers} "
@@ -97,6 +107,8 @@ class StudyConfig:
         for w in self.widths:
             if w < 32 or w % 32:
                 raise ValueError(f"study: width {w} must be a multiple of 32 and >= 32")
+        if self.heads < 0 or (self.heads and self.heads % 2):
+            raise ValueError(f"study: heads must be 0 (width // 32) or an even count (KV heads are half), got {self.heads}")
         if self.head_dim < 16 or self.head_dim % 16:
             raise ValueError(f"study: head_dim must be a multiple of 16 (the kernels' smallest tile), got {self.head_dim}")
         bad = [p for p in self.recall_pairs if not 1 <= p <= self.recall_keys]
@@ -134,7 +146,7 @@ class StudyConfig:
 
 
 def model_config(sc: StudyConfig, width: int, group_size: int):
-    heads = max(2, width // 32)
+    heads = sc.heads or max(2, width // 32)
     return preset("tiny", vocab_size=sc.vocab_size, hidden_size=width,
                   intermediate_size=3 * width, moe_intermediate_size=width, moe_shared_expert_intermediate_size=width,
                   num_hidden_layers=sc.num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -229,19 +241,37 @@ def run_one(sc: StudyConfig, width: int, g: int, dataset, task, heldout) -> dict
     dataset.epoch, dataset.index = 0, 0
     dataset._order = dataset._make_order()
     trainer = Trainer(tc, dataset=dataset)
-    t0 = time.perf_counter()
-    hist = trainer.fit()
+
+    def measure(model, rows: int) -> dict[str, float]:
+        model.eval()
+        acc = {str(2 * p + 2 * sc.recall_queries): recall_accuracy(model, task, p, sc.recall_queries, rows=rows,
+                                                                   seed=123) for p in sc.recall_pairs}
+        model.train()
+        return acc
+
+    # Train in chunks (fit resumes where it stopped): a progress line per chunk in run-wW-gG.log, and with
+    # eval_every the recall curve over the steps.
+    chunk = sc.eval_every or max(1, sc.steps // 10)
+    t0, history = time.perf_counter(), []
+    with open(_run_path(sc, width, g)[:-5] + ".log", "a") as log:
+        while trainer.step < sc.steps:
+            hist = trainer.fit(stop_after=min(sc.steps, (trainer.step // chunk + 1) * chunk))
+            line = f"step {trainer.step}/{sc.steps} lm_loss {hist[-1]['lm_loss']:.3f} {time.perf_counter() - t0:.0f}s"
+            if sc.eval_every and trainer.step < sc.steps:
+                history.append({"step": trainer.step, "recall": measure(trainer.model, min(16, sc.recall_rows))})
+                line += " recall " + " ".join(f"{v:.2f}" for v in history[-1]["recall"].values())
+            print(line, file=log, flush=True)
     seconds = time.perf_counter() - t0
+    recall = measure(trainer.model, sc.recall_rows)
     model = trainer.model.eval()
-    recall = {str(2 * p + 2 * sc.recall_queries): recall_accuracy(model, task, p, sc.recall_queries,
-                                                                  rows=sc.recall_rows, seed=123)
-              for p in sc.recall_pairs}
+    if sc.eval_every:
+        history.append({"step": trainer.step, "recall": recall})
     tail = hist[-max(1, len(hist) // 10):]
     res = {"width": width, "group_size": g, "ratio": sc.label(g), "params": model_stats(cfg).total_params,
            "lm_loss": sum(h["lm_loss"] for h in tail) / len(tail),
            "text_loss": heldout_text_loss(model, heldout, sc.micro_batch), "recall": recall,
            "cost_bytes_per_token": cost_per_token(cfg, sc.cost_context), "layer_types": cfg.layer_types,
-           "train_seconds": round(seconds, 1), "device": str(trainer.device),
+           "train_seconds": round(seconds, 1), "device": str(trainer.device), "recall_history": history,
            "setup": sc.setup()}
     del trainer, model
     if ckpt_dir:
@@ -276,7 +306,9 @@ def _save_run(sc: StudyConfig, w: int, g: int, res: dict) -> dict:
 
 
 def _job(sc: StudyConfig, w: int, g: int) -> dict:
-    """Train and save one model in a worker process (which builds its own copy of the data)."""
+    """Train and save one model in a worker process (which builds its own copy of the data). The worker takes
+    its share of the CPU threads: each of `jobs` processes defaulting to all cores oversubscribes them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // sc.jobs))
     return _save_run(sc, w, g, run_one(sc, w, g, *build_dataset(sc)))
 
 
@@ -331,7 +363,8 @@ def plot_study(results: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    curves = any(r.get("recall_history") for r in results)
+    fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(20 if curves else 15, 4))
     ratios = sorted({r["ratio"] for r in results}, key=lambda x: [r["group_size"] for r in results if r["ratio"] == x][0])
     widest = max(r["width"] for r in results)
     for ratio in ratios:
@@ -340,6 +373,9 @@ def plot_study(results: list[dict], out: str) -> None:
         big = [r for r in rs if r["width"] == widest][0]
         axes[1].plot([int(c) for c in big["recall"]], list(big["recall"].values()), "o-", label=ratio)
         axes[2].scatter([big["cost_bytes_per_token"] / 2**20], [sum(big["recall"].values()) / len(big["recall"])], label=ratio)
+        if curves and big.get("recall_history"):
+            h = big["recall_history"]
+            axes[3].plot([e["step"] for e in h], [list(e["recall"].values())[-1] for e in h], "o-", ms=3, label=ratio)
     sizes = [r["params"] for r in results]
     wide = bool(sizes) and max(sizes) >= 10 * min(sizes)  # a log axis only when the sizes span a decade
     axes[0].set(xscale="log" if wide else "linear", xlabel="parameters", ylabel="held-out text loss (nats)",
@@ -350,6 +386,9 @@ def plot_study(results: list[dict], out: str) -> None:
     ctx = results[0].get("setup", {}).get("cost_context", 32768) if results else 32768
     axes[2].set(xlabel=f"decode bytes read per token at {ctx} tokens of context (MiB)", ylabel="mean recall",
                 title="cost vs quality")
+    if curves:
+        longest = max((c for r in results for c in r["recall"]), key=int)
+        axes[3].set(xlabel="training step", ylabel=f"recall at {longest} tokens", title=f"learning recall (width {widest})")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()

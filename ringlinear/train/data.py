@@ -7,6 +7,7 @@ count (e.g. only the answers of a synthetic recall sequence, whose keys and valu
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -70,7 +71,8 @@ def pack_rows(docs: list[list[int]], seq_len: int, masks: list[list[bool]] | Non
         lo, hi = r * seq_len, (r + 1) * seq_len
         while j < len(starts) and starts[j] <= lo:
             j += 1
-        cuts = [lo] + [s for s in starts[j:] if s < hi] + [hi]
+        k = bisect.bisect_left(starts, hi, lo=j)  # the starts inside this row: starts[j:k]
+        cuts = [lo, *starts[j:k], hi]
         seg_lens.append([b - a for a, b in zip(cuts[:-1], cuts[1:])])
     tokens = torch.tensor(flat[: R * seq_len], dtype=torch.long).view(R, seq_len)
     if masks is None:

@@ -82,3 +82,21 @@ def test_routed_experts_match_token_loop(T, E, k):
         ref = sum(w[t, j] * (wd[e] @ (torch.nn.functional.silu(wg[e] @ x[t]) * (wu[e] @ x[t])))
                   for j, e in enumerate(idx[t].tolist()))
         assert torch.allclose(out[t], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lens", [[5, 1, 23, 8], [16], [0, 7, 3]])
+def test_padded_causal_attention_matches_per_sequence(lens):
+    """The padded single-call attention (used on the GPU for fp32 packed batches) == one SDPA call per sequence,
+    values and gradients, GQA, a length-1 and an empty sequence."""
+    from ringlinear.layers.attention_context import causal_attention, padded_causal_attention
+
+    torch.manual_seed(0)
+    T, H, Hkv, D = sum(lens), 4, 2, 16
+    q, k, v = (torch.randn(T, h, D, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    do = torch.randn(T, H, D, dtype=torch.float64)
+    b = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    o = padded_causal_attention(q, k, v, b, max(lens), D**-0.5)
+    ref = torch.cat([causal_attention(q[x:y], k[x:y], v[x:y], D**-0.5) for x, y in zip(b, b[1:]) if y > x])
+    torch.testing.assert_close(o, ref)
+    for a, r in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(a, r)

@@ -3,6 +3,7 @@ export loads in the engine's loader, data packing keeps boundaries, bias balanci
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -132,6 +133,22 @@ def test_pack_rows_respects_boundaries():
     assert ds3.next_row_ids(5) == nxt and sorted(seen[:3]) == [0, 1, 2]
     with pytest.raises(ValueError, match="different data"):
         PackedDataset(tokens, segs, seed=4).load_state_dict(state)
+
+
+def test_pack_rows_segments_match_a_per_token_walk():
+    """Random documents (lengths 1..40, some longer than a row): each row's pieces are the runs of one document,
+    found by walking the tokens one by one."""
+    import random
+
+    rng = random.Random(0)
+    docs = [[rng.randrange(100)] * rng.randint(1, 40) for _ in range(300)]
+    for seq_len in (7, 16, 64):
+        _, segs = pack_rows(docs, seq_len)
+        owner = [i for i, d in enumerate(docs) for _ in d]
+        for r, row in enumerate(segs):
+            own = owner[r * seq_len : (r + 1) * seq_len]
+            runs = [len(list(g)) for _, g in itertools.groupby(own)]
+            assert row == runs, (seq_len, r)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test: feeds CPU tensors to the trainer's model (on a GPU machine: CUDA, bf16)")
