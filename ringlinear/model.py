@@ -157,7 +157,8 @@ class RingLinearForCausalLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None,
              ctx: AttentionContext | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross entropy (+ MTP losses weighted by `mtp_loss_scaling_factor`) over packed
-        sequences; `labels` default to the next token within each sequence (IGNORE_INDEX at the ends)."""
+        sequences; `labels` default to the next token within each sequence (IGNORE_INDEX at the ends). MTP depth
+        k is trained on `labels` shifted by k, so a loss mask (IGNORE_INDEX labels) holds for the MTP heads too."""
         if ctx is None:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             ctx = PackedContext.from_lens(lens, input_ids.device)
@@ -173,7 +174,8 @@ class RingLinearForCausalLM(nn.Module):
                 nxt = shifted_within(input_ids, cu_seqlens, k)
                 emb = self.model.word_embeddings(nxt.clamp(min=0))
                 h = mtp(h, emb, ctx)
-                tgt = shifted_within(input_ids, cu_seqlens, k + 1)
+                # depth k predicts the token after t + k: the label at t + k, so masked targets stay masked
+                tgt = shifted_within(labels, cu_seqlens, k)
                 mtp_losses.append(linear_cross_entropy(mtp.final_layernorm(h), self.lm_head_weight, tgt, IGNORE_INDEX))
             mtp_loss = torch.stack(mtp_losses).mean()
             out["mtp_loss"] = mtp_loss

@@ -90,6 +90,34 @@ def test_gradients_reach_every_parameter():
     assert router.tokens_per_expert.sum().item() == 160 * m.config.num_experts_per_tok
 
 
+def test_mtp_loss_follows_the_loss_mask():
+    """MTP depth k is trained on the labels shifted by k: with labels = next token it is the token k+1 ahead
+    (the definition), and a masked target (IGNORE_INDEX) is masked for the MTP heads too."""
+    import torch.nn.functional as F
+
+    m = init_model(preset("tiny"), seed=1, dtype="float32").eval()
+    assert m.config.num_nextn_predict_layers == 1
+    torch.manual_seed(5)
+    ids = torch.randint(0, 320, (40,))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    labels = shifted_within(ids, cu, 1)
+    with torch.no_grad():
+        full = m.loss(ids, cu)
+        assert torch.equal(full["mtp_loss"], m.loss(ids, cu, labels=labels)["mtp_loss"])
+        masked = labels.clone()
+        masked[:10] = IGNORE_INDEX  # e.g. a prompt: no targets from its tokens
+        got = m.loss(ids, cu, labels=masked)["mtp_loss"]
+        # by hand: the MTP head's logits, cross entropy over the targets two ahead whose label is kept
+        ctx = PackedContext.from_lens([17, 23], "cpu")
+        h = m.model.mtp[0](m.model(ids, ctx), m.model.word_embeddings(shifted_within(ids, cu, 1).clamp(min=0)), ctx)
+        logits = m.model.mtp[0].final_layernorm(h) @ m.lm_head_weight.T
+        tgt = shifted_within(ids, cu, 2)
+        keep = (tgt != IGNORE_INDEX) & (torch.arange(40) >= 9)  # the label at t+1 is masked for t < 9
+        want = F.cross_entropy(logits[keep], tgt[keep])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(got, full["mtp_loss"])
+
+
 def test_tied_embeddings_share_weight():
     m = init_model(preset("tiny", tie_word_embeddings=True), seed=0)
     assert m.lm_head is None and "lm_head.weight" not in m.state_dict()
