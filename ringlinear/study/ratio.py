@@ -77,7 +77,8 @@ class StudyConfig:
     seed: int = 0
     save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
     # measure recall every N steps during training (recall_history in each run's JSON: when a ratio learns
-    # recall, not only whether); 0: at the end only. Each run's progress goes to run-wW-gG.log either way.
+    # recall, not only whether); 0: at the end only. Each run's progress goes to run-wW-gG.log either way (a run
+    # resumed mid-way from --save-every keeps its earlier points there only: the JSON's curve starts at the resume).
     eval_every: int = 0
     jobs: int = 1  # models trained at once
 
