@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--json", help="write the accuracy history here")
     a = ap.parse_args()
     pairs = [int(p) for p in a.pairs.split(",")]
-    sc = StudyConfig(corpus="-", num_layers=a.layers, recall_keys=a.keys, recall_values=a.values, head_dim=a.head_dim, heads=a.heads,
+    if a.tokens < 0:
+        ap.error(f"--tokens must be >= 0 (0: the default batch), got {a.tokens}")
+    sc = StudyConfig(corpus="-", num_layers=a.layers, recall_keys=a.keys, recall_values=a.values, head_dim=a.head_dim,
+                     heads=a.heads,
                      group_sizes=[a.group_size], widths=[a.width], recall_pairs=pairs, recall_queries=a.queries,
                      seq_len=max(2 * p + 2 * a.queries for p in pairs))
     sc.validate()

@@ -144,8 +144,8 @@ def cmd_study_ratio(args) -> int:
                      recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim,
                      heads=args.heads, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
-                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss, eval_every=args.eval_every,
-                     compute_dtype=args.compute_dtype)
+                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
+                     eval_every=args.eval_every, compute_dtype=args.compute_dtype)
     try:
         run_study(sc)
     except ValueError as e:

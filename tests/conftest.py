@@ -1,7 +1,6 @@
 """Triton kernels (ringlinear.ops.lightning, ops.fp8) run in the interpreter on the CPU: set before triton is
 imported (only when no GPU is present, so `pytest -m gpu` on the device runs the compiled kernels)."""
 
-import contextlib
 import os
 
 import pytest
@@ -12,20 +11,20 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
-def spy_calls():
-    """`with spy_calls("pkg.mod.fn", replacement) as calls:` replaces `fn` by `replacement` inside the block and
-    records each call in `calls` (tests that a module takes a given path)."""
+def fused_path(monkeypatch):
+    """`fused, ref = fused_path(run, "pkg.mod.Fn.apply", stand_in)`: `run()` under the torch backend (ref), then
+    under the Triton backend once with `Fn.apply` replaced by `stand_in` (asserting that `run` reaches it: the
+    module takes the fused path) and once as is (fused)."""
 
-    @contextlib.contextmanager
-    def spy(target, replacement):
+    def check(run, target, stand_in):
+        monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
+        ref = run()
+        monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
         calls = []
-
-        def counted(*args, **kwargs):
-            calls.append(1)
-            return replacement(*args, **kwargs)
-
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(target, counted)
-            yield calls
+            mp.setattr(target, lambda *a, **kw: calls.append(1) or stand_in(*a, **kw))
+            run()
+        assert calls, f"{target} was not called: the module did not take the fused path"
+        return run(), ref
 
-    return spy
+    return check

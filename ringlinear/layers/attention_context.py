@@ -33,12 +33,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o[0].transpose(0, 1)
 
 
+def _one_call_per_batch(q: torch.Tensor) -> bool:
+    """Whether a packed CUDA batch's softmax attention is one call (varlen flash for bf16/fp16, the padded SDPA
+    of `padded_causal_attention` otherwise) rather than one SDPA call per sequence; `RINGLINEAR_VARLEN_ATTN=0`
+    turns both off."""
+    return q.is_cuda and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
+
+
 def _use_varlen(q: torch.Tensor) -> bool:
     """Packed batches of many sequences go through one varlen flash-attention call (CUDA, bf16/fp16, torch's
-    `torch.nn.attention.varlen`) instead of one SDPA call per sequence; `RINGLINEAR_VARLEN_ATTN=0` turns it (and the
-    padded batch of `padded_causal_attention` for other dtypes) off."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
-            and _varlen_attn() is not None)
+    `torch.nn.attention.varlen`) instead of one SDPA call per sequence."""
+    return _one_call_per_batch(q) and q.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
 
 
 @functools.cache
@@ -65,10 +70,11 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], max_len: int,
                             scale: float) -> torch.Tensor:
     """Causal GQA attention of each packed sequence over itself in one SDPA call, the sequences padded to
-    `max_len` as a batch [N, H, max_len, D] under a plain causal mask (a real query never reaches a padded key: the
-    padding comes after each sequence; padded queries are dropped, so they get no gradient). For dtypes the varlen flash kernel
-    does not take (fp32): one call instead of one per sequence, which on the GPU is launch-bound for batches of
-    many short sequences. q: [T, H, D]; k, v: [T, Hkv, D]; bounds: the host list `cu_seqlens` -> [T, H, D]."""
+    `max_len` as a batch [N, H, max_len, D] under a plain causal mask (a real query never reaches a padded key:
+    the padding comes after each sequence; padded queries are dropped, so they get no gradient). For dtypes the
+    varlen flash kernel does not take (fp32): one call instead of one per sequence, which on the GPU is
+    launch-bound for batches of many short sequences. q: [T, H, D]; k, v: [T, Hkv, D]; bounds: the host list
+    `cu_seqlens` -> [T, H, D]."""
     starts, lens = bounds[:-1], [y - x for x, y in zip(bounds, bounds[1:])]
     keep = [n for n, ln in enumerate(lens) if ln > 0]
     j = torch.arange(max_len)
@@ -130,8 +136,7 @@ class PackedContext(AttentionContext):
         b = self._bounds
         if self.num_seqs > 1 and _use_varlen(q):
             return varlen_causal_attention(q, k, v, self.cu_seqlens, self.max_len, scale)
-        if (self.num_seqs > 1 and q.is_cuda and os.environ.get("RINGLINEAR_VARLEN_ATTN", "1") != "0"
-                and self.num_seqs * self.max_len <= _PADDED_MAX_WASTE * b[-1]):
+        if self.num_seqs > 1 and _one_call_per_batch(q) and self.num_seqs * self.max_len <= _PADDED_MAX_WASTE * b[-1]:
             return padded_causal_attention(q, k, v, b, self.max_len, scale)
         outs = [causal_attention(q[b[n] : b[n + 1]], k[b[n] : b[n + 1]], v[b[n] : b[n + 1]], scale)
                 for n in range(self.num_seqs)]

@@ -53,17 +53,12 @@ def test_swiglu_backward_into_halves_of_one_buffer(monkeypatch, dtype):
     torch.testing.assert_close(dgu[:, n_i:].float(), rdu, **tol)
 
 
-def test_swiglu_module_takes_the_fused_path(monkeypatch, spy_calls):
+def test_swiglu_module_takes_the_fused_path(fused_path):
     torch.manual_seed(0)
     mlp = SwiGLU(32, 48).to(DEV)
     x = torch.randn(9, 32, device=DEV)
-    monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
-    ref = mlp(x)
-    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
-    with spy_calls("ringlinear.ops.swiglu._SwiGLU.apply", swiglu_ref) as calls:
-        mlp(x)
-    assert calls, "the module did not take the fused path"
-    torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
+    fused, ref = fused_path(lambda: mlp(x), "ringlinear.ops.swiglu._SwiGLU.apply", swiglu_ref)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
