@@ -143,6 +143,7 @@ def cmd_study_ratio(args) -> int:
                      num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                      recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim,
                      heads=args.heads, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
+                     recall_eval_pairs=args.recall_eval_pairs,
                      recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
                      init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
                      eval_every=args.eval_every, compute_dtype=args.compute_dtype)
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--recall-values", type=int, default=0, help="distinct values (0: as many as keys)")
     sr.add_argument("--recall-pairs", type=ints, default=[4, 8, 16, 32],
                     help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")
+    sr.add_argument("--recall-eval-pairs", type=ints, default=[],
+                    help="pair counts only evaluated, never trained on (more pairs than training showed)")
     sr.add_argument("--recall-queries", type=int, default=8, help="queries Q per recall sequence")
     sr.add_argument("--recall-fraction", type=float, default=0.4, help="share of training tokens in recall sequences")
     sr.add_argument("--recall-loss", choices=["answers", "all"], default="answers",

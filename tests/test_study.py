@@ -33,6 +33,28 @@ def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
     assert "differing: ['lr']" in capsys.readouterr().err
 
 
+def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkeypatch):
+    from ringlinear.study.ratio import StudyConfig, build_dataset
+    from ringlinear.study.recall import RecallTask
+
+    assert main(_args(tmp_path, "--group-sizes", "0", "--recall-eval-pairs", "12,8")) == 0
+    r = json.loads((tmp_path / "s" / "run-w64-g0.json").read_text())
+    assert list(r["recall"]) == ["16", "24", "32"]  # 2P + 2Q for P = 4, 8 (trained) and 12 (eval only)
+    out = capsys.readouterr().out
+    assert "rec@  32*" in out and "rec@  24 " in out and "longer than any trained" in out
+    # the training data holds only the trained pair counts
+    seen = []
+    sample = RecallTask.sample
+    monkeypatch.setattr(RecallTask, "sample", lambda self, p, q, gen: seen.append(p) or sample(self, p, q, gen))
+    build_dataset(StudyConfig(corpus=str(tmp_path / "c.txt"), recall_pairs=[4, 8], recall_eval_pairs=[12],
+                              recall_queries=4, seq_len=64, steps=4, micro_batch=2))
+    assert seen and set(seen) == {4, 8}
+    assert main(_args(tmp_path, "--recall-eval-pairs", "40")) == 2  # more pairs than distinct keys (32)
+    assert "recall_eval_pairs [40] must lie in 1..recall_keys=32" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--recall-eval-pairs", "30")) == 2  # 2*30 + 8 > seq_len 64
+    assert "exceeds seq_len=64" in capsys.readouterr().err
+
+
 def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # more pairs than distinct keys (32)
     assert "must lie in 1..recall_keys=32" in capsys.readouterr().err

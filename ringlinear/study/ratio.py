@@ -54,6 +54,9 @@ class StudyConfig:
     # change how 1:3 compared with all linear.
     heads: int = 0
     recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
+    # pair counts only evaluated, never trained on: does recall hold with more pairs than training showed? A
+    # lookup (softmax) does not care how many pairs precede the query; a fixed-size state fills up.
+    recall_eval_pairs: list[int] = field(default_factory=list)
     recall_queries: int = 8
     recall_fraction: float = 0.4  # share of training tokens in recall sequences
     # which targets of a recall sequence are trained: "answers" (the value after each query, as MQAR is
@@ -112,11 +115,13 @@ class StudyConfig:
             raise ValueError(f"study: heads must be 0 (width // 32) or an even count (KV heads are half), got {self.heads}")
         if self.head_dim < 16 or self.head_dim % 16:
             raise ValueError(f"study: head_dim must be a multiple of 16 (the kernels' smallest tile), got {self.head_dim}")
-        bad = [p for p in self.recall_pairs if not 1 <= p <= self.recall_keys]
-        if bad:
-            raise ValueError(f"study: recall_pairs {bad} must lie in 1..recall_keys={self.recall_keys}")
-        longest = 2 * max(self.recall_pairs) + 2 * self.recall_queries
+        for name in ("recall_pairs", "recall_eval_pairs"):
+            bad = [p for p in getattr(self, name) if not 1 <= p <= self.recall_keys]
+            if bad:
+                raise ValueError(f"study: {name} {bad} must lie in 1..recall_keys={self.recall_keys}")
+        longest = 2 * max(self.eval_pairs) + 2 * self.recall_queries
         if longest > self.seq_len:
+            # positions past seq_len are never trained (RoPE): recall there would measure that, not the state
             raise ValueError(f"study: the longest recall sequence ({longest} tokens) exceeds seq_len={self.seq_len}")
         if not 0 < self.recall_fraction < 1:
             raise ValueError(f"study: recall_fraction must be in (0, 1), got {self.recall_fraction}")
@@ -129,6 +134,11 @@ class StudyConfig:
             raise ValueError(f"study: recall_loss must be 'answers' or 'all', got {self.recall_loss!r}")
         if not 0 < self.eval_fraction < 0.5:
             raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+
+    @property
+    def eval_pairs(self) -> list[int]:
+        """Pair counts recall is measured at: the trained ones and the eval-only ones, ascending."""
+        return sorted(set(self.recall_pairs) | set(self.recall_eval_pairs))
 
     @property
     def num_values(self) -> int:
@@ -246,7 +256,7 @@ def run_one(sc: StudyConfig, width: int, g: int, dataset, task, heldout) -> dict
     def measure(model, rows: int) -> dict[str, float]:
         model.eval()
         acc = {str(2 * p + 2 * sc.recall_queries): recall_accuracy(model, task, p, sc.recall_queries, rows=rows,
-                                                                   seed=123) for p in sc.recall_pairs}
+                                                                   seed=123) for p in sc.eval_pairs}
         model.train()
         return acc
 
@@ -348,13 +358,26 @@ def run_study(sc: StudyConfig) -> list[dict]:
     return results
 
 
+def _trained_contexts(results: list[dict]) -> set[str]:
+    """Recall contexts (as the results' keys) that training saw; the others come from recall_eval_pairs."""
+    setup = results[0].get("setup", {}) if results else {}
+    q = setup.get("recall_queries")
+    pairs = setup.get("recall_pairs")
+    if q is None or pairs is None:
+        return set(results[0]["recall"]) if results else set()
+    return {str(2 * p + 2 * q) for p in pairs}
+
+
 def print_table(results: list[dict]) -> None:
     ctxs = list(results[0]["recall"]) if results else []
-    print(f"{'width':>5} {'ratio':>11} {'params':>8} {'train':>7} {'text':>7} " + " ".join(f"rec@{c:>4}" for c in ctxs)
-          + "  decode KiB/token")
+    trained = _trained_contexts(results)
+    print(f"{'width':>5} {'ratio':>11} {'params':>8} {'train':>7} {'text':>7} "
+          + " ".join(f"rec@{c:>4}" + (" " if c in trained else "*") for c in ctxs) + "  decode KiB/token")
     for r in results:
         print(f"{r['width']:5d} {r['ratio']:>11} {r['params'] / 1e6:7.2f}M {r['lm_loss']:7.3f} {r['text_loss']:7.3f} "
-              + " ".join(f"{r['recall'][c]:8.2f}" for c in ctxs) + f"  {r['cost_bytes_per_token'] / 1024:16.1f}")
+              + " ".join(f"{r['recall'][c]:9.2f}" for c in ctxs) + f"  {r['cost_bytes_per_token'] / 1024:16.1f}")
+    if set(ctxs) - trained:
+        print("* context longer than any trained recall sequence (--recall-eval-pairs)")
 
 
 def plot_study(results: list[dict], out: str) -> None:
@@ -365,6 +388,7 @@ def plot_study(results: list[dict], out: str) -> None:
     import matplotlib.ticker
 
     curves = any(r.get("recall_history") for r in results)
+    trained = _trained_contexts(results)
     fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(20 if curves else 15, 4))
     ratios = sorted({r["ratio"] for r in results}, key=lambda x: [r["group_size"] for r in results if r["ratio"] == x][0])
     widest = max(r["width"] for r in results)
@@ -376,7 +400,8 @@ def plot_study(results: list[dict], out: str) -> None:
         axes[2].scatter([big["cost_bytes_per_token"] / 2**20], [sum(big["recall"].values()) / len(big["recall"])], label=ratio)
         if curves and big.get("recall_history"):
             h = big["recall_history"]
-            axes[3].plot([e["step"] for e in h], [list(e["recall"].values())[-1] for e in h], "o-", ms=3, label=ratio)
+            c = max(trained, key=int)
+            axes[3].plot([e["step"] for e in h], [e["recall"][c] for e in h], "o-", ms=3, label=ratio)
     sizes = [r["params"] for r in results]
     wide = bool(sizes) and max(sizes) >= 10 * min(sizes)  # a log axis only when the sizes span a decade
     axes[0].set(xscale="log" if wide else "linear", xlabel="parameters", ylabel="held-out text loss (nats)",
@@ -384,11 +409,13 @@ def plot_study(results: list[dict], out: str) -> None:
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
     axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set(xlabel="context (tokens)", ylabel="recall accuracy", title=f"recall vs context (width {widest})")
+    if results and set(results[0]["recall"]) - trained:
+        axes[1].axvline(max(int(c) for c in trained), color="gray", ls=":", label="longest trained")
     ctx = results[0].get("setup", {}).get("cost_context", 32768) if results else 32768
     axes[2].set(xlabel=f"decode bytes read per token at {ctx} tokens of context (MiB)", ylabel="mean recall",
                 title="cost vs quality")
     if curves:
-        longest = max((c for r in results for c in r["recall"]), key=int)
+        longest = max(trained, key=int)
         axes[3].set(xlabel="training step", ylabel=f"recall at {longest} tokens", title=f"learning recall (width {widest})")
     for ax in axes:
         ax.legend(fontsize=8)
