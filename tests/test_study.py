@@ -31,6 +31,15 @@ def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
     # other settings never mix with the saved runs
     assert main(_args(tmp_path, "--lr", "0.01")) == 2
     assert "differing: ['lr']" in capsys.readouterr().err
+    # the corpus counts by content: a moved copy resumes, another text does not
+    assert r["setup"]["corpus"].startswith("sha256:")
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_bytes((tmp_path / "c.txt").read_bytes())
+    args[args.index("--corpus") + 1] = str(moved)
+    assert main(args) == 0 and "123.000" in capsys.readouterr().out
+    moved.write_text("other text. " * 500)
+    assert main(args) == 2
+    assert "differing: ['corpus']" in capsys.readouterr().err
 
 
 def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkeypatch):

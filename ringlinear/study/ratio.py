@@ -9,6 +9,8 @@ at once (separate processes; on a GPU the small models leave most of it idle).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -89,7 +91,12 @@ class StudyConfig:
     _NOT_SETUP = ("out", "group_sizes", "widths", "save_every", "jobs", "eval_every")
 
     def setup(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
+        """What a run's result depends on. The corpus counts by its content, not its path: a study folder moved
+        (its builtin corpus lives inside it) or a copy of the corpus elsewhere still resumes and combines."""
+        d = {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
+        if os.path.isfile(self.corpus):
+            d["corpus"] = _file_sha256(self.corpus)
+        return d
 
     def validate(self) -> None:
         if not self.group_sizes or not self.widths or not self.recall_pairs:
@@ -154,6 +161,20 @@ class StudyConfig:
         if g == 1:
             return "all softmax"
         return f"1:{g - 1}"
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    st = os.stat(path)
+    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 def model_config(sc: StudyConfig, width: int, group_size: int):
