@@ -155,3 +155,34 @@ def test_study_init_scales_with_width_and_rejects_bad_values(tmp_path, capsys):
     assert "embedding_init_std > 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--init-std", "-1")) == 2
     assert "init_std >= 0" in capsys.readouterr().err
+
+
+def test_study_seeds_report_combines_seed_folders(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    import pytest
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "study_seeds.py"
+    spec = importlib.util.spec_from_file_location("study_seeds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    outs = []
+    for seed in (0, 1):
+        args = _args(tmp_path, "--group-sizes", "0", "--seed", str(seed), "--recall-eval-pairs", "12")
+        args[args.index("--out") + 1] = str(tmp_path / f"s{seed}")
+        assert main(args) == 0
+        outs.append(str(tmp_path / f"s{seed}"))
+    capsys.readouterr()
+    assert mod.main([*outs, "--png", str(tmp_path / "seeds.png"), "--json", str(tmp_path / "seeds.json")]) == 0
+    out = capsys.readouterr().out
+    assert "all linear    0" in out and "all linear    1" in out and "rec@  32*" in out
+    rep = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["seed"] for r in rep["runs"]] == [0, 1] and rep["trained"] == ["16", "24"]
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+    # a folder trained under other settings is refused, naming the difference
+    args = _args(tmp_path, "--group-sizes", "0", "--lr", "0.01")
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match=r"differs .* in \['lr'"):
+        mod.main([outs[0], str(tmp_path / "other")])
