@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"width": r["width"], "ratio": r["ratio"], "seed": r["setup"]["seed"],
                      "text_loss": r["text_loss"], "recall": r["recall"], "run": r["_path"]})
     if set(ctxs) - trained:
-        print("* context longer than any trained recall sequence (--recall-eval-pairs)")
+        print("* a pair count no training sequence had (--recall-eval-pairs)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"contexts": ctxs, "trained": sorted(trained, key=int), "runs": rows}, f, indent=1)

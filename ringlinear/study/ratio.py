@@ -398,7 +398,7 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['width']:5d} {r['ratio']:>11} {r['params'] / 1e6:7.2f}M {r['lm_loss']:7.3f} {r['text_loss']:7.3f} "
               + " ".join(f"{r['recall'][c]:9.2f}" for c in ctxs) + f"  {r['cost_bytes_per_token'] / 1024:16.1f}")
     if set(ctxs) - trained:
-        print("* context longer than any trained recall sequence (--recall-eval-pairs)")
+        print("* a pair count no training sequence had (--recall-eval-pairs)")
 
 
 def plot_study(results: list[dict], out: str) -> None:
