@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ringlinear.checkpoint import build_model, init_model, load_model, save_model
 from ringlinear.config import PRESETS, RingLinearConfig, preset
 from ringlinear.layers.moe import Router
-from ringlinear.model import DecoderLayer, RingLinearForCausalLM
+from ringlinear.model import IGNORE_INDEX, DecoderLayer, RingLinearForCausalLM
 from ringlinear.train import checkpointing as ckpt
 from ringlinear.train.balancing import update_expert_bias
 from ringlinear.train.data import PackedDataset
@@ -335,20 +335,36 @@ class Trainer:
         cfg = self.cfg
         rows = self.data.next_row_ids(cfg.micro_batch * cfg.grad_accum * self.world)
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        # Micro-batch j of rank r: chunk r*accum + j of the global step (1 rank x accum 2 == 2 ranks x 1).
+        mbs = []
         for j in range(cfg.grad_accum):
-            # Micro-batch j of rank r: chunk r*accum + j of the global step (1 rank x accum 2 == 2 ranks x 1).
             c = self.rank * cfg.grad_accum + j
             mb = rows[c * cfg.micro_batch:(c + 1) * cfg.micro_batch]
             ids, cu = self.data.batch(mb)
             labels = self.data.labels(mb, cu)
+            # targets trained in this micro-batch: every token but each sequence's last, less the masked ones
+            n = ids.numel() - (cu.numel() - 1) if labels is None else int((labels != IGNORE_INDEX).sum())
+            mbs.append((ids, cu, labels, n))
+        # The step's loss is the mean over all its targets (every micro-batch, every rank), not the mean of the
+        # micro-batches' means: under a loss mask their target counts differ, and a micro-batch with none (a long
+        # masked prompt) adds nothing instead of NaN. FSDP averages gradients over ranks, hence the `world`.
+        targets = torch.tensor(float(sum(m[3] for m in mbs)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(targets)
+        scale = self.world / targets.clamp(min=1)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        for ids, cu, labels, n in mbs:
             out = self.model.loss(ids.to(self.device), cu.to(self.device),
                                   labels=None if labels is None else labels.to(self.device))
-            (out["loss"] / cfg.grad_accum).backward()
+            w = scale * n
+            if not n:  # a mean over no targets is NaN: count it as 0 (the backward still runs: FSDP's collectives)
+                keep = torch.zeros((), dtype=torch.bool, device=self.device)
+                out = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in out.items()}
+            (out["loss"] * w).backward()
             self.master.accumulate_grads()
             for k in sums:  # summed on the device: no wait for the GPU between micro-batches
                 if k in out:
-                    sums[k] = sums[k] + out[k].detach().float() / cfg.grad_accum
+                    sums[k] = sums[k] + out[k].detach().float() * w
         gnorm = clip_and_step(self.optimizer, self.master.params, cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -367,7 +383,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = len(rows) * cfg.seq_len
-        rec = {"step": self.step, **sums, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens / dt, **moe}
+        rec = {"step": self.step, **sums, "targets": int(targets.item()), "lr": lr, "grad_norm": float(gnorm),
+               "tokens_per_s": tokens / dt, **moe}
         if self.peak:
             rec["mfu"] = self.flops_per_token * tokens / dt / self.peak
         self.history.append(rec)

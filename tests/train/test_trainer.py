@@ -266,3 +266,38 @@ def test_bf16_params_step_through_fp32_masters(corpus):
     for p, m in low:
         assert torch.equal(p, m.to(torch.bfloat16))
     invalidate_fp8_weights(tr.model)  # no caches left: a no-op
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test: feeds CPU tensors to the trainer's model (on a GPU machine: CUDA, bf16)")
+def test_step_loss_is_the_mean_over_all_targets_of_its_micro_batches(corpus):
+    """Under a loss mask the micro-batches of a step hold different numbers of targets: the step trains on the mean
+    over all of them (not the mean of the micro-batches' means), and a micro-batch with none adds nothing (its own
+    mean is NaN: before, the step's loss and gradients were NaN)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 200, (4, 48), generator=g)
+    segs = [[48] for _ in range(4)]
+    mask = torch.zeros(4, 48, dtype=torch.bool)
+    mask[1, 5:30] = True  # step 1: row 0 has no targets, row 1 has 25
+    mask[2, 10:12] = True  # step 2: row 2 has 2 targets, row 3 has 40
+    mask[3, 0:40] = True
+    ds = PackedDataset(tokens, segs, shuffle=False, loss_mask=mask)
+    tr = Trainer(_cfg(corpus, micro_batch=1, grad_accum=2, steps=2, model_overrides={"num_hidden_layers": 2}),
+                 dataset=ds)
+
+    def losses(rows):
+        with torch.no_grad():
+            out = []
+            for r in rows:
+                ids, cu = ds.batch([r])
+                out.append(tr.model.loss(ids, cu, labels=ds.labels([r], cu)))
+            return out
+
+    _, b = losses([0, 1])
+    rec = tr.train_step()
+    assert rec["targets"] == 25 and abs(rec["loss"] - b["loss"].item()) < 1e-5 * abs(rec["loss"])
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    c, d = losses([2, 3])
+    rec = tr.train_step()
+    want = (2 * c["lm_loss"] + 40 * d["lm_loss"]).item() / 42
+    assert rec["targets"] == 42 and abs(rec["lm_loss"] - want) < 1e-5 * want
+    assert abs(rec["lm_loss"] - (c["lm_loss"] + d["lm_loss"]).item() / 2) > 1e-3  # not the mean of the means
