@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from ringlinear.study.ratio import trained_contexts
+
 
 def load_runs(dirs: list[str], width: int | None) -> list[dict]:
     runs = []
@@ -30,18 +32,19 @@ def load_runs(dirs: list[str], width: int | None) -> list[dict]:
                 runs.append(r)
     if not runs:
         raise SystemExit(f"study_seeds: no runs of width {width} in {dirs}")
-    ignore = {"seed", "corpus"}  # the corpus key is its path in older runs (a different folder per seed)
-    base = {k: v for k, v in runs[0]["setup"].items() if k not in ignore}
+    def comparable(setup: dict) -> dict:
+        # the seed differs by design; older runs hold the corpus as a path (a different folder per study), newer
+        # ones as its digest, which must agree
+        return {k: v for k, v in setup.items()
+                if k != "seed" and not (k == "corpus" and not str(v).startswith("sha256:"))}
+
+    base = comparable(runs[0]["setup"])
     for r in runs[1:]:
-        other = {k: v for k, v in r["setup"].items() if k not in ignore}
+        other = comparable(r["setup"])
         diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
         if diff:
             raise SystemExit(f"study_seeds: {r['_path']} differs from {runs[0]['_path']} in {diff}")
     return runs
-
-
-def trained_contexts(setup: dict) -> set[str]:
-    return {str(2 * p + 2 * setup["recall_queries"]) for p in setup["recall_pairs"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(a.dirs, a.width)
     runs.sort(key=lambda r: (r["width"], r["group_size"] if r["group_size"] else 10**6, r["setup"]["seed"]))
     ctxs = sorted(runs[0]["recall"], key=int)
-    trained = trained_contexts(runs[0]["setup"])
+    trained = trained_contexts(runs)
     print(f"{'width':>5} {'ratio':>11} {'seed':>4} {'text':>6} " + " ".join(
         f"rec@{c:>4}" + (" " if c in trained else "*") for c in ctxs))
     rows = []

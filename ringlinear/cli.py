@@ -236,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("study", help="studies: `study ratio` (hybrid ratio: loss, recall, cost)")
     st = sp.add_subparsers(dest="study", required=True)
     sr = st.add_parser("ratio", help="train models differing only in layer_group_size; table + plots (resumable)")
-    ints = lambda s: [int(x) for x in s.split(",")]
+    def ints(s: str) -> list[int]:
+        try:
+            return [int(x) for x in s.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 4,8,16), got {s!r}") from None
     sr.add_argument("--corpus", help="UTF-8 text file (default: --builtin-corpus)")
     sr.add_argument("--builtin-corpus", choices=["pydoc", "stdlib"], default="pydoc",
                     help="offline corpus when no --corpus: CPython's help topics (0.5 MB) or its stdlib sources (11 MB)")

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from ringlinear.cli import main
 
 
@@ -62,6 +64,9 @@ def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkey
     assert "recall_eval_pairs [40] must lie in 1..recall_keys=32" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-eval-pairs", "30")) == 2  # 2*30 + 8 > seq_len 64
     assert "exceeds seq_len=64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path, "--recall-eval-pairs", "12,x"))
+    assert "expected comma-separated integers (e.g. 4,8,16), got '12,x'" in capsys.readouterr().err
 
 
 def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
@@ -161,8 +166,6 @@ def test_study_seeds_report_combines_seed_folders(tmp_path, capsys):
     import importlib.util
     import pathlib
 
-    import pytest
-
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "study_seeds.py"
     spec = importlib.util.spec_from_file_location("study_seeds", path)
     mod = importlib.util.module_from_spec(spec)
@@ -186,3 +189,11 @@ def test_study_seeds_report_combines_seed_folders(tmp_path, capsys):
     assert main(args) == 0
     with pytest.raises(SystemExit, match=r"differs .* in \['lr'"):
         mod.main([outs[0], str(tmp_path / "other")])
+    # so is one trained on another text (the setups hold the corpus digest)
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(("epsilon zeta eta theta. " * 40 + "\n\n\n") * 6)
+    args = _args(tmp_path, "--group-sizes", "0", "--seed", "1", "--recall-eval-pairs", "12")
+    args[args.index("--out") + 1], args[args.index("--corpus") + 1] = str(tmp_path / "text2"), str(other_text)
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match=r"differs .* in \['corpus'\]"):
+        mod.main([outs[0], str(tmp_path / "text2")])

@@ -379,7 +379,7 @@ def run_study(sc: StudyConfig) -> list[dict]:
     return results
 
 
-def _trained_contexts(results: list[dict]) -> set[str]:
+def trained_contexts(results: list[dict]) -> set[str]:
     """Recall contexts (as the results' keys) that training saw; the others come from recall_eval_pairs."""
     setup = results[0].get("setup", {}) if results else {}
     q = setup.get("recall_queries")
@@ -391,7 +391,7 @@ def _trained_contexts(results: list[dict]) -> set[str]:
 
 def print_table(results: list[dict]) -> None:
     ctxs = list(results[0]["recall"]) if results else []
-    trained = _trained_contexts(results)
+    trained = trained_contexts(results)
     print(f"{'width':>5} {'ratio':>11} {'params':>8} {'train':>7} {'text':>7} "
           + " ".join(f"rec@{c:>4}" + (" " if c in trained else "*") for c in ctxs) + "  decode KiB/token")
     for r in results:
@@ -409,7 +409,7 @@ def plot_study(results: list[dict], out: str) -> None:
     import matplotlib.ticker
 
     curves = any(r.get("recall_history") for r in results)
-    trained = _trained_contexts(results)
+    trained = trained_contexts(results)
     fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(20 if curves else 15, 4))
     ratios = sorted({r["ratio"] for r in results}, key=lambda x: [r["group_size"] for r in results if r["ratio"] == x][0])
     widest = max(r["width"] for r in results)

@@ -358,8 +358,7 @@ class Trainer:
                                   labels=None if labels is None else labels.to(self.device))
             w = scale * n
             if not n:  # a mean over no targets is NaN: count it as 0 (the backward still runs: FSDP's collectives)
-                keep = torch.zeros((), dtype=torch.bool, device=self.device)
-                out = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in out.items()}
+                out = {k: v.nan_to_num(0.0) for k, v in out.items()}
             (out["loss"] * w).backward()
             self.master.accumulate_grads()
             for k in sums:  # summed on the device: no wait for the GPU between micro-batches
