@@ -351,12 +351,12 @@ class Trainer:
         targets = torch.tensor(float(sum(m[3] for m in mbs)), device=self.device)
         if self.world > 1:
             dist.all_reduce(targets)
-        scale = self.world / targets.clamp(min=1)
+        denom = targets.clamp(min=1)
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
         for ids, cu, labels, n in mbs:
             out = self.model.loss(ids.to(self.device), cu.to(self.device),
                                   labels=None if labels is None else labels.to(self.device))
-            w = scale * n
+            w = n * self.world / denom  # exactly 1 for one micro-batch on one process
             if not n:  # a mean over no targets is NaN: count it as 0 (the backward still runs: FSDP's collectives)
                 out = {k: v.nan_to_num(0.0) for k, v in out.items()}
             (out["loss"] * w).backward()
