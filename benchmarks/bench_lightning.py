@@ -17,10 +17,10 @@ import torch
 from triton.testing import do_bench
 
 from ringlinear.ops.lightning import chunk as chunk_mod
-from ringlinear.ops.lightning import decay_slopes, lightning_attn_chunked, lightning_decode_torch
-from ringlinear.ops.lightning import decode as decode_mod
+from ringlinear.ops.lightning import decay_slopes, naive_chunk_lightning_attn, naive_lightning_decode
+from ringlinear.ops.lightning import fused_recurrent as decode_mod
 from ringlinear.ops.lightning.chunk import chunk_lightning_attn
-from ringlinear.ops.lightning.decode import decode_lightning_attn
+from ringlinear.ops.lightning.fused_recurrent import fused_recurrent_lightning_decode
 
 H, D = 16, 128
 SIZES = [(1, 32768), (4, 8192), (1, 131072), (4, 32768)]
@@ -92,7 +92,7 @@ def correctness(fla) -> dict:
     leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
     rleaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
     o, s = chunk_lightning_attn(*leaves[:3], g, initial_state=leaves[3], output_final_state=True)
-    ro, rs = lightning_attn_chunked(*rleaves[:3], g, initial_state=rleaves[3], output_final_state=True)
+    ro, rs = naive_chunk_lightning_attn(*rleaves[:3], g, initial_state=rleaves[3], output_final_state=True)
     do, ds = torch.randn_like(ro), torch.randn_like(rs)
     torch.autograd.backward([o, s], [do, ds])
     torch.autograd.backward([ro, rs], [do, ds])
@@ -173,7 +173,7 @@ def fwd_bwd_table(fla) -> list[dict]:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         do = torch.randn(B, T, H, D, device="cuda", dtype=q.dtype)
         row = {"B": B, "T": T, "ours_ms": bench(partial(_step, chunk_lightning_attn, leaves, g, do))}
-        row["ref_ms"] = bench_slow(partial(_step, lightning_attn_chunked, leaves, g, do), n=3 if T <= 32768 else 1)
+        row["ref_ms"] = bench_slow(partial(_step, naive_chunk_lightning_attn, leaves, g, do), n=3 if T <= 32768 else 1)
         row["ref_over_ours"] = row["ref_ms"] / row["ours_ms"]
         if fla is not None:
             for name, kw in (("fla_gamma", {"g_gamma": g}), ("fla_g", {"g": g[None, None].expand(B, T, H).contiguous()})):
@@ -206,21 +206,21 @@ def decode_tables(copy_tbs: float) -> tuple[list[dict], list[dict]]:
             if bv * D // (32 * w) > 128 or bv * D // (32 * w) < 8:  # > 128 fp32 per thread spills; < 8 idles lanes
                 continue
             decode_mod.DECODE_CONFIG.update(BV=bv, num_warps=w)
-            t = bench(partial(decode_lightning_attn, q, k, v, g, pool, slots))
+            t = bench(partial(fused_recurrent_lightning_decode, q, k, v, g, pool, slots))
             sweep.append({"BV": bv, "num_warps": w, "ms": t, "TBps": nbytes / t / 1e9})
     decode_mod.DECODE_CONFIG.update(base)
     rows = []
     for N in (1, 64, 256):
         q, k, v, pool, slots = setup(N)
         nbytes = N * H * D * D * 4 * 2
-        fn = partial(decode_lightning_attn, q, k, v, g, pool, slots)
+        fn = partial(fused_recurrent_lightning_decode, q, k, v, g, pool, slots)
         t = bench(fn)
         fn()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
         tg = bench(graph.replay)
-        tr = bench(partial(lightning_decode_torch, q, k, v, g, pool, slots))
+        tr = bench(partial(naive_lightning_decode, q, k, v, g, pool, slots))
         rows.append({"N": N, "ours_ms": t, "ours_graph_ms": tg, "torch_ms": tr, "ours_TBps": nbytes / t / 1e9,
                      "ours_graph_TBps": nbytes / tg / 1e9, "graph_pct_of_copy": 100 * nbytes / tg / 1e9 / copy_tbs})
         print(rows[-1], flush=True)
@@ -243,7 +243,7 @@ def main() -> None:
     res["ceilings"] = ceilings()
     print("ceilings", res["ceilings"], flush=True)
     res["correctness"] = correctness(fla)
-    print("correctness (rel err vs lightning_attn_chunked, B=2 T=8225 bf16)", res["correctness"], flush=True)
+    print("correctness (rel err vs naive_chunk_lightning_attn, B=2 T=8225 bf16)", res["correctness"], flush=True)
     if "sweep" not in skip:
         res["seg_sweep"] = seg_sweep()
         print("seg_sweep", res["seg_sweep"], flush=True)

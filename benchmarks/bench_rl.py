@@ -53,9 +53,9 @@ def run_configs(quick: bool, steps: int) -> dict[str, dict]:
 
 
 def run_one(name: str, cfg_dict: dict, out: str, off_backend: str, engine_backend: str | None) -> dict:
-    from ringlinear.rl.config import RLConfig
     from ringlinear.rl.loop import RLRun
     from ringlinear.rl.losses import mismatch_metrics
+    from ringlinear.rl.rl_config import RLConfig
 
     cfg = RLConfig.from_dict({**cfg_dict, "out_dir": os.path.join(out, name), "engine_backend": engine_backend,
                               "progress": False, "plot": importlib.util.find_spec("matplotlib") is not None})
@@ -180,7 +180,7 @@ def main() -> None:
         print("matplotlib is not installed: no figures")
         return
     plot_mismatch(results, os.path.join(args.out, "mismatch.png"))
-    from ringlinear.rl.loop import plot_rewards
+    from ringlinear.plots import plot_rewards
 
     plot_rewards({n: (r["history"], r["summary"]["evals"]) for n, r in results.items()},
                  os.path.join(args.out, "reward.png"), title="GRPO reward (aligned)")

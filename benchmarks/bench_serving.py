@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from ringlinear.checkpoint import build_model
+from ringlinear.accounting import cache_bytes
 from ringlinear.config import preset
-from ringlinear.engine.cache import cache_bytes
 from ringlinear.engine.llm import EngineConfig, LLMEngine
 from ringlinear.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ringlinear.layers.moe import MoE, Router
 from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
+from ringlinear.model import build_model
 
 
 def dense_32b():

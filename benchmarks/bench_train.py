@@ -20,11 +20,11 @@ def bench_kernels() -> list[dict]:
     from triton.testing import do_bench
 
     from ringlinear.ops.fp8 import (
+        naive_quantize_transpose,
+        naive_rmsnorm_quantize,
+        naive_swiglu_quantize,
         quantize_128x128,
         quantize_rowwise,
-        quantize_transpose_ref,
-        rmsnorm_quantize_ref,
-        swiglu_quantize_ref,
     )
     from ringlinear.ops.fp8.kernels import (
         quantize_blocks,
@@ -47,10 +47,10 @@ def bench_kernels() -> list[dict]:
     gu = torch.randn(65536, 1024, device="cuda", dtype=torch.bfloat16)
     wd = torch.randn(5120, 2048, device="cuda", dtype=torch.bfloat16)
     cases = [
-        ("quantize+transpose [16384,2048]", lambda: quantize_transpose(x), lambda: quantize_transpose_ref(x), x.numel() * 4),
-        ("quantize 1x128 [16384,2048]", lambda: quantize_transpose(x, False), lambda: quantize_transpose_ref(x)[:2], x.numel() * 3),
-        ("swiglu+quantize [16384,5120]", lambda: swiglu_quantize(g, u), lambda: swiglu_quantize_ref(g, u), g.numel() * 5),
-        ("rmsnorm+quantize [16384,2048]", lambda: rmsnorm_quantize(x, w, 1e-6), lambda: rmsnorm_quantize_ref(x, w, 1e-6), x.numel() * 3),
+        ("quantize+transpose [16384,2048]", lambda: quantize_transpose(x), lambda: naive_quantize_transpose(x), x.numel() * 4),
+        ("quantize 1x128 [16384,2048]", lambda: quantize_transpose(x, False), lambda: naive_quantize_transpose(x)[:2], x.numel() * 3),
+        ("swiglu+quantize [16384,5120]", lambda: swiglu_quantize(g, u), lambda: naive_swiglu_quantize(g, u), g.numel() * 5),
+        ("rmsnorm+quantize [16384,2048]", lambda: rmsnorm_quantize(x, w, 1e-6), lambda: naive_rmsnorm_quantize(x, w, 1e-6), x.numel() * 3),
         ("rowwise quantize experts [131072,2048]", lambda: quantize_rows(we), lambda: quantize_rowwise(we), we.numel() * 3),
         ("swiglu+rowwise quantize [65536,2x512]", lambda: swiglu_quantize_rows(gu), lambda: swiglu_rows_ref(gu), gu.numel() * 3 // 2),
         ("128x128 quantize+transpose [5120,2048]", lambda: quantize_blocks(wd, True),
@@ -92,9 +92,10 @@ def _graph_bench(fn) -> float:
 def _shared_cases() -> list[tuple]:
     """Fused kernels both recipes run (forward + backward, at the step's shapes: 8192 tokens, hidden 2048, top-8)
     vs the PyTorch sequences they replace."""
-    from ringlinear.ops.moe.combine import moe_combine, moe_combine_ref, moe_dispatch, moe_dispatch_ref, sort_by_expert
-    from ringlinear.ops.rmsnorm import rmsnorm, rmsnorm_ref
-    from ringlinear.ops.swiglu import swiglu, swiglu_ref
+    from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
+    from ringlinear.ops.moe.naive import naive_moe_combine, naive_moe_dispatch
+    from ringlinear.ops.rmsnorm import naive_rmsnorm, rmsnorm
+    from ringlinear.ops.swiglu import naive_swiglu, swiglu
 
     def fwd_bwd(fn, *inputs):
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
@@ -110,19 +111,19 @@ def _shared_cases() -> list[tuple]:
         x = torch.randn(shape, device="cuda", dtype=dtype)
         w = torch.rand(shape[-1], device="cuda", dtype=dtype)
         cases.append((name, fwd_bwd(lambda a, b, g=groups: rmsnorm(a, b, 1e-6, g), x, w),
-                      fwd_bwd(lambda a, b, g=groups: rmsnorm_ref(a, b, 1e-6, g), x, w), x.numel() * x.element_size() * 5))
+                      fwd_bwd(lambda a, b, g=groups: naive_rmsnorm(a, b, 1e-6, g), x, w), x.numel() * x.element_size() * 5))
     idx = torch.rand(T, E, device="cuda").topk(k, dim=1).indices
     order, inv = sort_by_expert(idx)
     ys = torch.randn(T * k, H, device="cuda", dtype=torch.bfloat16)
     wt = torch.rand(T, k, device="cuda")
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     cases.append(("moe combine fwd+bwd [8192x8,2048]", fwd_bwd(lambda a, b: moe_combine(a, order, inv, b), ys, wt),
-                  fwd_bwd(lambda a, b: moe_combine_ref(a, order, b), ys, wt), ys.numel() * 2 * 3 + x.numel() * 2 * 9))
+                  fwd_bwd(lambda a, b: naive_moe_combine(a, order, b), ys, wt), ys.numel() * 2 * 3 + x.numel() * 2 * 9))
     for name, M, n_i in (("swiglu fwd+bwd [8192,5120] (dense MLP)", T, 5120), ("swiglu fwd+bwd [65536,512] (experts)", T * k, 512)):
         g, u = torch.randn(2, M, n_i, device="cuda", dtype=torch.bfloat16)
-        cases.append((name, fwd_bwd(swiglu, g, u), fwd_bwd(swiglu_ref, g, u), g.numel() * 2 * 7))
+        cases.append((name, fwd_bwd(swiglu, g, u), fwd_bwd(naive_swiglu, g, u), g.numel() * 2 * 7))
     cases.append(("moe dispatch fwd+bwd [8192,2048] x8", fwd_bwd(lambda a: moe_dispatch(a, order, inv, k), x),
-                  fwd_bwd(lambda a: moe_dispatch_ref(a, order, k), x), ys.numel() * 2 * 2 + x.numel() * 2 * 2))
+                  fwd_bwd(lambda a: naive_moe_dispatch(a, order, k), x), ys.numel() * 2 * 2 + x.numel() * 2 * 2))
     return cases
 
 
@@ -141,20 +142,20 @@ class _unfused:
         import ringlinear.train.fp8_recipe as recipe
         import ringlinear.train.trainer as trainer
         from ringlinear.ops.moe import combine
-        from ringlinear.ops.rmsnorm import rmsnorm_ref
-        from ringlinear.ops.swiglu import swiglu_backward_torch, swiglu_ref
+        from ringlinear.ops.rmsnorm import naive_rmsnorm
+        from ringlinear.ops.swiglu import naive_swiglu, naive_swiglu_backward_into
 
         def clip_then_step(opt, params, max_norm):
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
             opt.step()
             return gnorm
 
-        self.saved = [(norms, "rmsnorm", rmsnorm_ref), (moe, "swiglu", swiglu_ref), (experts, "swiglu", swiglu_ref),
-                      (fp8_linear, "swiglu_backward", swiglu_backward_torch), (chunked, "_addmm_f32_ok", lambda d: False),
+        self.saved = [(norms, "rmsnorm", naive_rmsnorm), (moe, "swiglu", naive_swiglu), (experts, "swiglu", naive_swiglu),
+                      (fp8_linear, "swiglu_backward", naive_swiglu_backward_into), (chunked, "_addmm_f32_ok", lambda d: False),
                       (trainer, "clip_and_step", clip_then_step)]
         for mod in (experts, recipe):
-            self.saved += [(mod, "moe_dispatch", lambda x, order, inv, k: combine.moe_dispatch_ref(x, order, k)),
-                           (mod, "moe_combine", lambda ys, order, inv, w, dt=None: combine.moe_combine_ref(ys, order, w, dt))]
+            self.saved += [(mod, "moe_dispatch", lambda x, order, inv, k: combine.naive_moe_dispatch(x, order, k)),
+                           (mod, "moe_combine", lambda ys, order, inv, w, dt=None: combine.naive_moe_combine(ys, order, w, dt))]
         self.saved = [(m, n, getattr(m, n), new) for m, n, new in self.saved]
         for m, n, _, new in self.saved:
             setattr(m, n, new)
@@ -169,7 +170,7 @@ def bench_grouped() -> list[dict]:
     torch's BF16 grouped GEMM vs its FP8 rowwise-scaled grouped GEMM (what the `fp8` recipe's experts run)."""
     from triton.testing import do_bench
 
-    from ringlinear.ops.fp8.grouped import fp8_grouped_gemm_triton
+    from ringlinear.ops.fp8.grouped import fused_fp8_grouped_gemm
 
     E, T, H, inter = 256, 65536, 2048, 512
     offs = torch.arange(T // E, T + 1, T // E, device="cuda", dtype=torch.int32)
@@ -182,7 +183,7 @@ def bench_grouped() -> list[dict]:
         tb = do_bench(lambda a=a, w=w: torch._grouped_mm(a, w.transpose(1, 2), offs=offs), return_mode="median")
         t8 = do_bench(lambda a8=a8, w8=w8, sa=sa, sb=sb: torch._scaled_grouped_mm(
             a8, w8.transpose(1, 2), sa, sb, offs=offs, out_dtype=torch.bfloat16), return_mode="median")
-        tt = do_bench(lambda a8=a8, w8=w8, sa=sa, sb=sb: fp8_grouped_gemm_triton(a8, sa, w8, sb, offs),
+        tt = do_bench(lambda a8=a8, w8=w8, sa=sa, sb=sb: fused_fp8_grouped_gemm(a8, sa, w8, sb, offs),
                       return_mode="median")
         flop = 2 * T * N * K
         rows.append({"gemm": name, "bf16_us": tb * 1e3, "fp8_us": t8 * 1e3, "triton_fp8_us": tt * 1e3,

@@ -1,15 +1,18 @@
-"""Parameter and memory accounting of a Ring-linear config (computed on the `meta` device, no allocation):
-total / activated parameters, KV-cache bytes per token (softmax layers only) and linear-state bytes per
-sequence (fp32 [H, D, D] per linear layer, independent of length).
+"""Parameter, memory and FLOP accounting of a Ring-linear config (computed on the `meta` device, no allocation):
+total / activated parameters, KV-cache bytes per token (softmax layers only), linear-state bytes per sequence
+(fp32 [H, D, D] per linear layer, independent of length), and training FLOPs per token (for MFU).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ringlinear.checkpoint import build_model, parse_dtype
+import torch
+
 from ringlinear.config import RingLinearConfig
+from ringlinear.device import parse_dtype
 from ringlinear.layers.moe import MoE
+from ringlinear.model import build_model
 
 
 @dataclass
@@ -39,12 +42,30 @@ def model_stats(config: RingLinearConfig, kv_dtype: str = "bfloat16") -> ModelSt
             routed_total += n
             routed_active += n * config.num_experts_per_tok // config.num_experts
     active = total - emb - mtp - routed_total + routed_active
-    n_soft = config.layer_types.count("softmax")
-    n_lin = config.num_hidden_layers - n_soft
-    kv_bytes = n_soft * 2 * config.num_key_value_heads * config.head_dim * parse_dtype(kv_dtype).itemsize
-    state_bytes = n_lin * config.num_attention_heads * config.head_dim * config.head_dim * 4
+    kv_bytes, state_bytes = cache_bytes(config, kv_dtype)
     mlp_types = ["moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)]
     return ModelStats(total, emb, mtp, active, kv_bytes, state_bytes, config.layer_types, mlp_types)
+
+
+def cache_bytes(config: RingLinearConfig, kv_dtype: str | torch.dtype = "bfloat16") -> tuple[int, int]:
+    """(KV bytes per token over the softmax layers, fp32 state bytes per sequence over the linear layers)."""
+    n_soft = config.layer_types.count("softmax")
+    n_lin = config.num_hidden_layers - n_soft
+    kv = n_soft * 2 * config.num_key_value_heads * config.head_dim * parse_dtype(kv_dtype).itemsize
+    state = n_lin * config.num_attention_heads * config.head_dim * config.head_dim * 4
+    return kv, state
+
+
+def train_flops_per_token(config: RingLinearConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (activated non-embedding params + lm_head) + attention: causal softmax
+    6*2*H*D*T/2 per softmax layer (QK^T and PV, average context T/2), linear 6*2*H*D*D per linear layer
+    (state update k^T v and readout q S)."""
+    s = model_stats(config)
+    dense = 6 * (s.active_params + config.hidden_size * config.vocab_size)
+    H, D = config.num_attention_heads, config.head_dim
+    n_soft = config.layer_types.count("softmax")
+    n_lin = config.layer_types.count("linear")
+    return dense + n_soft * 6 * 2 * H * D * seq_len / 2 + n_lin * 6 * 2 * H * D * D
 
 
 def human(n: float, unit: str = "") -> str:

@@ -1,46 +1,130 @@
-"""The `ringlinear` command: inspect configs and checkpoints, write random checkpoints, and (as they
-land) serve, train and run the demo."""
+"""The `ringlinear` command: inspect configs and checkpoints (`info`), write random checkpoints (`init`), convert a
+softmax-only checkpoint (`convert`), train (`train`), RL (`rl`), serve (`serve`), the demo (`demo`) and the
+hybrid-ratio study (`study`). The flags of `train`, `rl`, `serve` and `study ratio` are the fields of their config
+dataclasses (`--field-name`, help from each field's docstring)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
+from typing import Any
 
 from ringlinear.config import PRESETS, ConfigError, RingLinearConfig, preset
+from ringlinear.config_base import field_docs, field_types, parse_override
+
+# ---- flags from config dataclasses --------------------------------------------------------------
 
 
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
+def _nullable(parse):
+    def f(text: str):
+        return None if text.strip().lower() in ("none", "null") else parse(text)
+
+    f.__name__ = getattr(parse, "__name__", "value")
+    return f
+
+
+def _list_of(item):
+    def f(text: str):
         try:
-            out[key] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key] = val
-    return out
+            return [item(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            name = {int: "integers", float: "numbers"}.get(item, "values")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {name} (e.g. 4,8,16), got {text!r}") from None
+
+    return f
 
 
-def _config(args) -> RingLinearConfig:
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a JSON value, got {text!r}") from None
+
+
+def _flag_type(tp: Any):
+    """argparse `type=` for a field annotation (None for booleans: they get --flag / --no-flag)."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # X | None
+        inner = [a for a in args if a is not type(None)]
+        parse = _flag_type(inner[0]) if len(inner) == 1 else str
+        return _nullable(parse) if parse is not None else None
+    origin = typing.get_origin(tp) or tp
+    if tp is bool:
+        return None
+    if tp in (int, float, str):
+        return tp
+    if origin in (list, tuple):
+        item = args[0] if args else str
+        return _list_of(item if item in (int, float, str) else str)
+    return _json_value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                     aliases: dict[str, list[str]] | None = None, required: tuple[str, ...] = ()) -> None:
+    """One flag per field of dataclass `cls` (`--field-name`, and `aliases`), help = the field's docstring. A flag
+    not given leaves its field unset (argparse.SUPPRESS), so config files and `--set` keep their values."""
+    docs, types_ = field_docs(cls), field_types(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields")
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else json.dumps(default)
+        help_text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
+        names = [f"--{f.name.replace('_', '-')}", *(aliases or {}).get(f.name, [])]
+        kind = _flag_type(types_[f.name])
+        if kind is None:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                               metavar=f.name.upper(), required=f.name in required)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, base: dict | None = None):
+    """`cls` from `base` (a config file's fields), then `--set FIELD=VALUE` items, then the explicit flags."""
+    d = dict(base or {})
+    d.update(dict(parse_override(item) for item in getattr(args, "set", None) or []))
+    d.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    return cls.from_dict(d)
+
+
+def _read_json(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    return d
+
+
+# ---- model configs ------------------------------------------------------------------------------
+
+
+def _model_config(args) -> RingLinearConfig:
     if bool(args.preset) == bool(args.model):
         raise SystemExit("give exactly one of --preset NAME or --model PATH")
     try:
         cfg = preset(args.preset) if args.preset else RingLinearConfig.load(args.model)
-        over = _overrides(args.set)
-        return cfg.replace(**over) if over else cfg
+        return cfg.with_overrides(args.set)
     except (ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    except TypeError as e:
-        raise SystemExit(f"error: unknown config field in --set ({e})") from None
 
 
 def cmd_info(args) -> int:
     from ringlinear.accounting import human, human_bytes, model_stats
 
-    cfg = _config(args)
+    cfg = _model_config(args)
     s = model_stats(cfg)
     if args.json:
         print(json.dumps(s.as_dict()))
@@ -68,46 +152,32 @@ def cmd_init(args) -> int:
     import torch
 
     from ringlinear.accounting import human, model_stats
-    from ringlinear.checkpoint import init_model, save_model
-    from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
+    from ringlinear.hf import save_model
+    from ringlinear.model import init_model
+    from ringlinear.pretrained import preset_with_tokenizer
+    from ringlinear.tokenizer import tokenizer_files
 
-    cfg = _config(args)
-    dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
-    cfg = cfg.replace(torch_dtype=dtype)
+    if args.preset:
+        try:
+            over = dict(parse_override(item) for item in args.set or [])
+            cfg, tok = preset_with_tokenizer(args.preset, over, byte_level_max_vocab=4096)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        cfg, tok = _model_config(args), None
+    cfg = cfg.replace(torch_dtype={"bf16": "bfloat16", "fp32": "float32"}[args.dtype])
     stats = model_stats(cfg)
-    tok = byte_level_tokenizer()
-    if tok.get_vocab_size() <= cfg.vocab_size <= 4096:
-        # Small presets get a byte-level vocabulary (the embedding rows past it stay unused).
-        cfg = cfg.replace(eos_token_id=tok.token_to_id("<|endoftext|>"), pad_token_id=tok.token_to_id("<|pad|>"))
-        extra = tokenizer_files(tok)
-        tok_note = f"byte-level tokenizer ({tok.get_vocab_size()} tokens)"
+    if tok is not None:
+        extra, tok_note = tokenizer_files(tok), f"byte-level tokenizer ({tok.get_vocab_size()} tokens)"
     else:
         extra = {}
         tok_note = ("no tokenizer: copy the official tokenizer files (tokenizer.json, tokenizer_config.json) of the "
                     "release into the directory")
     print(f"initialising {human(stats.total_params)} parameters ({args.dtype}, seed {args.seed}) ...", file=sys.stderr)
-    model = init_model(cfg, seed=args.seed, device="cpu", dtype=dtype)
+    model = init_model(cfg, seed=args.seed, device="cpu", dtype=cfg.torch_dtype)
     with torch.no_grad():
         save_model(model, args.out, max_shard_bytes=int(args.shard_gb * 1024**3), extra_files=extra)
     print(f"wrote {args.out}: config.json, safetensors shards, {tok_note}")
-    return 0
-
-
-def cmd_train(args) -> int:
-    from ringlinear.train.trainer import TrainConfig, Trainer
-
-    try:
-        cfg = TrainConfig.from_json(args.config)
-        over = _overrides(args.set)
-        if over:
-            cfg = TrainConfig.from_dict({**cfg.__dict__, **over})
-        if args.resume:
-            cfg = TrainConfig.from_dict({**cfg.__dict__, "resume": True})
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    hist = Trainer(cfg).fit()
-    if hist and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in hist[-1].items()}))
     return 0
 
 
@@ -123,31 +193,79 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---- training, RL, serving --------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from ringlinear.train.train_config import TrainConfig
+
+    try:
+        cfg = config_from_args(TrainConfig, args, _read_json(args.config))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    from ringlinear.train.trainer import Trainer
+
+    hist = Trainer(cfg).fit()
+    if hist and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(dict(hist[-1])))
+    return 0
+
+
+def cmd_rl(args) -> int:
+    from ringlinear.rl.rl_config import RLConfig
+
+    try:
+        cfg = config_from_args(RLConfig, args, _read_json(args.config))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    from ringlinear.rl.loop import RLRun
+
+    run = RLRun(cfg)
+    hist = run.run()
+    if hist:
+        print(json.dumps({k: v for k, v in hist[-1].items() if k != "example"}))
+    if run.evals:
+        print(json.dumps({"eval_accuracy": [(e["step"], e["eval_accuracy"]) for e in run.evals]}))
+    if cfg.out_dir:
+        print(f"wrote {cfg.out_dir}/history.json" + (f", {cfg.out_dir}/reward.png" if cfg.plot else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ringlinear.engine.engine_config import EngineConfig
+
+    try:
+        from ringlinear.engine.server import serve
+    except ImportError as e:
+        raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
+    try:
+        engine_config = config_from_args(EngineConfig, args)
+        serve(engine_config, args.host, args.port)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ringlinear.demo import DEFAULT_PROMPTS, run_demo
 
     args.prompts = args.prompt or DEFAULT_PROMPTS
-    args.model_overrides = _overrides(args.set)
+    args.model_overrides = dict(parse_override(item) for item in args.set or [])
     run_demo(args)
     return 0
 
 
 def cmd_study_ratio(args) -> int:
     from ringlinear.demo import default_corpus, stdlib_corpus
-    from ringlinear.study.ratio import StudyConfig, run_study
+    from ringlinear.study.ratio import run_study
+    from ringlinear.study.study_config import StudyConfig
 
-    os.makedirs(args.out, exist_ok=True)
-    builtin = {"pydoc": default_corpus, "stdlib": stdlib_corpus}[args.builtin_corpus]
-    corpus = args.corpus or builtin(os.path.join(args.out, f"corpus-{args.builtin_corpus}.txt"))
-    sc = StudyConfig(corpus=corpus, out=args.out, group_sizes=args.group_sizes, widths=args.widths,
-                     num_layers=args.layers, steps=args.steps, micro_batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-                     recall_keys=args.recall_keys, recall_values=args.recall_values, head_dim=args.head_dim,
-                     heads=args.heads, recall_pairs=args.recall_pairs, recall_queries=args.recall_queries,
-                     recall_eval_pairs=args.recall_eval_pairs,
-                     recall_fraction=args.recall_fraction, seed=args.seed, save_every=args.save_every, jobs=args.jobs,
-                     init_std=args.init_std, embedding_init_std=args.embedding_init_std, recall_loss=args.recall_loss,
-                     eval_every=args.eval_every, compute_dtype=args.compute_dtype)
     try:
+        sc = config_from_args(StudyConfig, args)
+        os.makedirs(sc.out, exist_ok=True)
+        if not sc.corpus:
+            builtin = {"pydoc": default_corpus, "stdlib": stdlib_corpus}[args.builtin_corpus]
+            sc = sc.replace(corpus=builtin(os.path.join(sc.out, f"corpus-{args.builtin_corpus}.txt")))
         run_study(sc)
     except ValueError as e:
         print(f"ringlinear study ratio: {e}", file=sys.stderr)
@@ -155,16 +273,13 @@ def cmd_study_ratio(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    try:
-        from ringlinear.engine.server import serve
-    except ImportError as e:
-        raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
-    try:
-        serve(args)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return 0
+def cmd_study_tool(args) -> int:
+    from ringlinear.study import probe, seeds
+
+    return {"seeds": seeds.main, "probe": probe.main}[args.study](args.rest)
+
+
+# ---- the parser ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--preset", choices=sorted(PRESETS), help="a named preset")
         sp.add_argument("--model", help="a checkpoint directory (config.json)")
-        sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
+        sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (JSON value)")
 
     sp = sub.add_parser("info", help="layer layout, parameter counts, cache and state sizes")
     model_args(sp)
@@ -189,12 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-gb", type=float, default=4.0, help="largest shard size in GiB")
     sp.set_defaults(fn=cmd_init)
 
-    sp = sub.add_parser("train", help="pre-train (BF16 or --fp8, FSDP2 under torchrun) from a JSON train config")
-    sp.add_argument("--config", required=True, help="JSON train config (fields of ringlinear.train.trainer.TrainConfig)")
-    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in save_dir")
-    sp.add_argument("--fp8", dest="set", action="append_const", const="fp8=true", help="FP8 recipe (CUDA only)")
-    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a train config field")
+    from ringlinear.train.train_config import TrainConfig
+
+    sp = sub.add_parser("train", help="pre-train or fine-tune (BF16 or --fp8, FSDP2 under torchrun)")
+    sp.add_argument("--config", help="JSON file of TrainConfig fields (flags and --set override it)")
+    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field (JSON value)")
+    add_config_flags(sp, TrainConfig)
     sp.set_defaults(fn=cmd_train)
+
+    from ringlinear.rl.rl_config import RLConfig
+
+    sp = sub.add_parser("rl", help="RL (GRPO/PPO) with engine rollouts and trainer updates aligned; reward curve")
+    sp.add_argument("--config", help="JSON file of RLConfig fields (flags and --set override it)")
+    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field (JSON value)")
+    add_config_flags(sp, RLConfig, aliases={"out_dir": ["--out"]})
+    sp.set_defaults(fn=cmd_rl)
+
+    from ringlinear.engine.engine_config import EngineConfig
+
+    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    add_config_flags(sp, EngineConfig, required=("model",))
+    sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("convert", help="turn a softmax-only checkpoint into a Ring-linear hybrid")
     sp.add_argument("--from-softmax", required=True, metavar="CKPT", help="softmax-only checkpoint directory")
@@ -220,69 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report-context", type=int, default=4096, help="context length for the cache comparison")
     sp.set_defaults(fn=cmd_demo)
 
-    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, "
-                                      "/v1/chat/completions)")
-    sp.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    sp.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    sp.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per request")
-    sp.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched together")
-    sp.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                    help="fraction of GPU memory for weights + cache")
-    sp.set_defaults(fn=cmd_serve)
+    from ringlinear.study.study_config import StudyConfig
 
-    sp = sub.add_parser("study", help="studies: `study ratio` (hybrid ratio: loss, recall, cost)")
+    sp = sub.add_parser("study", help="the hybrid-ratio study (`study ratio`) and its tools (`study seeds`, "
+                                      "`study probe`)")
     st = sp.add_subparsers(dest="study", required=True)
     sr = st.add_parser("ratio", help="train models differing only in layer_group_size; table + plots (resumable)")
-    def ints(s: str) -> list[int]:
-        try:
-            return [int(x) for x in s.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 4,8,16), got {s!r}") from None
-    sr.add_argument("--corpus", help="UTF-8 text file (default: --builtin-corpus)")
     sr.add_argument("--builtin-corpus", choices=["pydoc", "stdlib"], default="pydoc",
                     help="offline corpus when no --corpus: CPython's help topics (0.5 MB) or its stdlib sources (11 MB)")
-    sr.add_argument("--out", default="runs/ratio-study")
-    sr.add_argument("--group-sizes", type=ints, default=[1, 2, 4, 8, 0],
-                    help="comma-separated layer_group_size values (1 = all softmax, 0 = all linear)")
-    sr.add_argument("--widths", type=ints, default=[64, 128])
-    sr.add_argument("--layers", type=int, default=8)
-    sr.add_argument("--steps", type=int, default=150)
-    sr.add_argument("--batch", type=int, default=8)
-    sr.add_argument("--seq-len", type=int, default=256)
-    sr.add_argument("--lr", type=float, default=3e-3)
-    sr.add_argument("--recall-keys", type=int, default=32, help="distinct keys of the recall task")
-    sr.add_argument("--head-dim", type=int, default=32,
-                    help="per-head q/k/v width: smaller leaves linear layers less state")
-    sr.add_argument("--eval-every", type=int, default=0,
-                    help="measure recall every N steps (the recall-vs-step curve in the JSON and plot); 0: at the end")
-    sr.add_argument("--heads", type=int, default=0,
-                    help="query heads per layer (0: width/32, at least 2; KV heads are half); more heads give the "
-                         "linear layers faster-decaying heads")
-    sr.add_argument("--recall-values", type=int, default=0, help="distinct values (0: as many as keys)")
-    sr.add_argument("--recall-pairs", type=ints, default=[4, 8, 16, 32],
-                    help="key-value pairs per recall sequence, trained on and evaluated at (context = 2P + 2Q)")
-    sr.add_argument("--recall-eval-pairs", type=ints, default=[],
-                    help="pair counts only evaluated, never trained on (more pairs than training showed)")
-    sr.add_argument("--recall-queries", type=int, default=8, help="queries Q per recall sequence")
-    sr.add_argument("--recall-fraction", type=float, default=0.4, help="share of training tokens in recall sequences")
-    sr.add_argument("--recall-loss", choices=["answers", "all"], default="answers",
-                    help="train recall sequences on their answers only (as MQAR) or on every next token")
-    sr.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="training compute dtype (fp32 by default on every device: see StudyConfig)")
-    sr.add_argument("--init-std", type=float, default=0.0,
-                    help="std of projection weights at init; 0: sqrt(2 / (5 * width)) (see StudyConfig)")
-    sr.add_argument("--embedding-init-std", type=float, default=1.0, help="std of the input embeddings at init")
-    sr.add_argument("--seed", type=int, default=0)
-    sr.add_argument("--save-every", type=int, default=0, help="checkpoint each run every N steps to resume mid-run")
-    sr.add_argument("--jobs", type=int, default=1, help="models trained at once (processes; useful on a GPU)")
+    add_config_flags(sr, StudyConfig, aliases={"num_layers": ["--layers"], "micro_batch": ["--batch"]})
     sr.set_defaults(fn=cmd_study_ratio)
-
-    from ringlinear.rl.cli import add_rl_parser
-
-    add_rl_parser(sub)
+    for name, text in (("seeds", "combine finished study folders of the same settings (seeds): table, JSON, plot"),
+                       ("probe", "recall-only MQAR probe of one study model")):
+        tool = st.add_parser(name, help=text, add_help=False)
+        tool.add_argument("rest", nargs=argparse.REMAINDER)
+        tool.set_defaults(fn=cmd_study_tool)
     return p
 
 

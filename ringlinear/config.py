@@ -9,18 +9,23 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from ringlinear.config_base import ConfigBase, ConfigError
 
 ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
 MODEL_TYPE = "bailing_moe_linear"
 
 
-class ConfigError(ValueError):
-    """A config field holds a value the architecture does not allow."""
+__all__ = ["ARCHITECTURE", "MODEL_TYPE", "ConfigError", "PRESETS", "RingLinearConfig", "preset"]
 
 
 @dataclass
-class RingLinearConfig:
+class RingLinearConfig(ConfigBase):
+    """The model's hyper-parameters, named as in the official config.json (docs/architecture.md lists what each
+    means for the layers)."""
+
+    _where: ClassVar[str] = "config"
     vocab_size: int = 157184
     hidden_size: int = 2048
     intermediate_size: int = 5120
@@ -68,12 +73,9 @@ class RingLinearConfig:
     # so that load -> save returns the file the user gave.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     # ---- derived layout -------------------------------------------------------------------------
     def is_softmax_layer(self, i: int) -> bool:
-        """Layer i is softmax when (i+1) % G == 0, or past the last whole group (SPEC: Layer layout).
+        """Layer i is softmax when (i+1) % G == 0, or past the last whole group (docs/architecture.md, "Layer layout").
         `layer_group_size = 0` (a ringlinear extension, for studies) means no softmax layer at all."""
         G, L = self.layer_group_size, self.num_hidden_layers
         if G == 0:
@@ -98,10 +100,8 @@ class RingLinearConfig:
 
     # ---- checks ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        def need(ok: bool, field_name: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"config field {field_name}={getattr(self, field_name)!r}: {allowed}")
-
+        super().validate()
+        need = self.require
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "group_norm_size",
                      "max_position_embeddings"):
@@ -181,8 +181,6 @@ class RingLinearConfig:
         with open(p) as f:
             return cls.from_dict(json.load(f))
 
-    def replace(self, **changes: Any) -> RingLinearConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def _ring_mini() -> RingLinearConfig:

@@ -13,8 +13,9 @@ import os
 import torch
 from safetensors import safe_open
 
-from ringlinear.checkpoint import _weight_map, build_model, canonical_name, hf_tensors, save_model
 from ringlinear.config import MODEL_TYPE, RingLinearConfig
+from ringlinear.hf import canonical_name, hf_tensors, read_weight_map, save_model
+from ringlinear.model import build_model
 
 SOURCE_TYPES = ("bailing_moe_v2", MODEL_TYPE)
 
@@ -67,7 +68,7 @@ def convert_softmax_to_hybrid(src_path: str, out_path: str, layer_group_size: in
     src_cfg = source_config(src_path)
     cfg = target_config(src_cfg, layer_group_size, group_norm_size)
     model = build_model(cfg, "cpu", dtype or cfg.torch_dtype)
-    on_disk = {canonical_name(k): (k, f) for k, f in _weight_map(src_path).items()}
+    on_disk = {canonical_name(k): (k, f) for k, f in read_weight_map(src_path).items()}
     handles: dict[str, object] = {}
 
     def read(name: str) -> torch.Tensor:

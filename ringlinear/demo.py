@@ -107,7 +107,7 @@ def run_demo(args) -> dict:
     print(f"[3/4] saved the model in the HF layout at {final}; loading it in the engine")
     gen = generate_with_engine(final, args.prompts, args.max_tokens)
     print("[4/4] scoring the generated tokens with the trainer's forward")
-    from ringlinear.checkpoint import load_model
+    from ringlinear.hf import load_model
 
     scorer = load_model(final, device=trainer.device)
     scorer.eval()

@@ -1,6 +1,7 @@
-"""The Ring-linear hybrid decoder (SPEC.md): layer groups of M Lightning linear-attention layers + 1 GQA
-softmax layer, dense SwiGLU in the first `first_k_dense_replace` layers and MoE after, optional MTP
-modules (DeepSeek-V3 style) predicting token t+1+k, fp32 logits.
+"""The Ring-linear hybrid decoder (docs/architecture.md, "The model"): layer groups of M-1 Lightning
+linear-attention layers + 1 GQA softmax layer, dense SwiGLU in the first `first_k_dense_replace` layers and MoE
+after, optional MTP modules (DeepSeek-V3 style) predicting token t+1+k, fp32 logits; and how a model is built
+(`build_model` on any device without initialising, `init_model` with the initial weights).
 
 Each layer: x = x + attn(rmsnorm(x)); x = x + mlp(rmsnorm(x)). Tokens are packed: [T, hidden] for the
 sequences an `AttentionContext` describes.
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringlinear.config import RingLinearConfig
+from ringlinear.device import dtype_name, parse_dtype
 from ringlinear.layers.attention_context import AttentionContext, PackedContext
 from ringlinear.layers.linear_attention import LightningAttention
 from ringlinear.layers.moe import MoE, Router, SwiGLU
@@ -192,3 +194,28 @@ def shifted_within(ids: torch.Tensor, cu_seqlens: torch.Tensor, k: int) -> torch
     seq_end = torch.repeat_interleave(cu_seqlens[1:].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
     pos = torch.arange(T, device=ids.device)
     return torch.where(pos + k < seq_end, out, torch.full_like(out, IGNORE_INDEX))
+
+
+def build_model(config: RingLinearConfig, device: str | torch.device = "meta", dtype=None) -> RingLinearForCausalLM:
+    """The model with uninitialised storage on `device` (no allocation when `meta`), in `dtype` (default:
+    config.torch_dtype), routers kept fp32 (`router_dtype`). The returned model's config records the dtype."""
+    dtype = parse_dtype(dtype or config.torch_dtype)
+    config = config.replace(torch_dtype=dtype_name(dtype))
+    with torch.device("meta"):
+        model = RingLinearForCausalLM(config)
+    model.to(dtype)
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate"):
+            mod.float()
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.reset_buffers()
+    return model
+
+
+def init_model(config: RingLinearConfig, seed: int = 0, device="cpu", dtype=None,
+               embedding_std: float | None = None) -> RingLinearForCausalLM:
+    """`build_model` with the initial weights of `RingLinearForCausalLM.init_weights(seed)`."""
+    model = build_model(config, device, dtype)
+    model.init_weights(seed, embedding_std=embedding_std)
+    return model

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from ringlinear.checkpoint import load_model
 from ringlinear.cli import main
+from ringlinear.hf import load_model
 
 
 @pytest.mark.parametrize("name,total,active", [("ring-mini-linear-2.0", 16.4e9, 957e6),

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from ringlinear.checkpoint import init_model, load_model, save_model
 from ringlinear.config import preset
 from ringlinear.convert import _expand_qkv, convert_softmax_to_hybrid
+from ringlinear.hf import load_model, save_model
+from ringlinear.model import init_model
 
 TEXT = ("the quick brown fox jumps over the lazy dog. " * 3 + "pack my box with five dozen liquor jugs. ") * 8
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from ringlinear.checkpoint import init_model
 from ringlinear.config import preset
 from ringlinear.layers.attention_context import DenseCache, PackedContext
-from ringlinear.model import IGNORE_INDEX, shifted_within
+from ringlinear.model import IGNORE_INDEX, init_model, shifted_within
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
 import torch
 
-from ringlinear.checkpoint import init_model
 from ringlinear.config import preset
-from ringlinear.model import IGNORE_INDEX
+from ringlinear.model import IGNORE_INDEX, init_model
 from ringlinear.study.recall import RecallTask, recall_accuracy
 
 
@@ -27,7 +26,8 @@ def test_accuracy_of_untrained_model_is_low_and_trained_labels_scored():
 def _train_mqar(init_std: float, embedding_std: float | None, steps: int = 300) -> float:
     """A 2-layer all-softmax study model (width 64) trained on 4-pair MQAR, loss on the answers only; returns
     its recall accuracy on unseen sequences."""
-    from ringlinear.study.ratio import StudyConfig, model_config
+    from ringlinear.study.ratio import model_config
+    from ringlinear.study.study_config import StudyConfig
 
     torch.manual_seed(0)
     cfg = model_config(StudyConfig(corpus="x", num_layers=2, recall_keys=16, init_std=init_std), 64, 1)

@@ -45,8 +45,9 @@ def test_ratio_study_runs_resumes_and_plots(tmp_path, capsys):
 
 
 def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkeypatch):
-    from ringlinear.study.ratio import StudyConfig, build_dataset
+    from ringlinear.study.ratio import build_dataset
     from ringlinear.study.recall import RecallTask
+    from ringlinear.study.study_config import StudyConfig
 
     assert main(_args(tmp_path, "--group-sizes", "0", "--recall-eval-pairs", "12,8")) == 0
     r = json.loads((tmp_path / "s" / "run-w64-g0.json").read_text())
@@ -61,9 +62,9 @@ def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkey
                               recall_queries=4, seq_len=64, steps=4, micro_batch=2))
     assert seen and set(seen) == {4, 8}
     assert main(_args(tmp_path, "--recall-eval-pairs", "40")) == 2  # more pairs than distinct keys (32)
-    assert "recall_eval_pairs [40] must lie in 1..recall_keys=32" in capsys.readouterr().err
+    assert "recall_eval_pairs=[40]: each must lie in 1..recall_keys=32" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-eval-pairs", "30")) == 2  # 2*30 + 8 > seq_len 64
-    assert "exceeds seq_len=64" in capsys.readouterr().err
+    assert "seq_len=64: must hold the longest recall sequence" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_args(tmp_path, "--recall-eval-pairs", "12,x"))
     assert "expected comma-separated integers (e.g. 4,8,16), got '12,x'" in capsys.readouterr().err
@@ -73,7 +74,7 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # more pairs than distinct keys (32)
     assert "must lie in 1..recall_keys=32" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-pairs", "4,30")) == 2  # 2*30 + 8 > seq_len 64
-    assert "exceeds seq_len=64" in capsys.readouterr().err
+    assert "seq_len=64: must hold the longest recall sequence" in capsys.readouterr().err
     assert main(_args(tmp_path, "--group-sizes", "1,3", "--layers", "2")) == 2
     assert "group size 3" in capsys.readouterr().err
     assert main(_args(tmp_path, "--jobs", "0")) == 2
@@ -93,8 +94,9 @@ def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
 def test_recall_values_set_the_value_vocabulary():
     import torch
 
-    from ringlinear.study.ratio import RECALL_FIRST_TOKEN, StudyConfig, model_config
+    from ringlinear.study.ratio import model_config
     from ringlinear.study.recall import RecallTask
+    from ringlinear.study.study_config import RECALL_FIRST_TOKEN, StudyConfig
 
     sc = StudyConfig(corpus="x", recall_keys=64, recall_values=16)
     assert sc.num_values == 16 and sc.vocab_size == RECALL_FIRST_TOKEN + 80
@@ -134,7 +136,8 @@ def test_ratio_study_parallel_jobs(tmp_path, monkeypatch):
 def test_ratio_study_heads_and_recall_curve(tmp_path):
     """--heads sets every layer's heads (KV heads half); --eval-every records recall during training in the run's
     JSON, its progress log and a fourth plot panel."""
-    from ringlinear.study.ratio import StudyConfig, model_config
+    from ringlinear.study.ratio import model_config
+    from ringlinear.study.study_config import StudyConfig
 
     cfg = model_config(StudyConfig(corpus="x", heads=8, head_dim=16), 64, 4)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 4, 16)
@@ -150,26 +153,22 @@ def test_ratio_study_heads_and_recall_curve(tmp_path):
 def test_study_init_scales_with_width_and_rejects_bad_values(tmp_path, capsys):
     import math
 
-    from ringlinear.study.ratio import StudyConfig, model_config
+    from ringlinear.study.ratio import model_config
+    from ringlinear.study.study_config import StudyConfig
 
     sc = StudyConfig(corpus="x")
     for w in (64, 256):
         assert math.isclose(model_config(sc, w, 2).initializer_range, math.sqrt(2 / (5 * w)))
     assert model_config(StudyConfig(corpus="x", init_std=0.05), 64, 2).initializer_range == 0.05
     assert main(_args(tmp_path, "--embedding-init-std", "0")) == 2
-    assert "embedding_init_std > 0" in capsys.readouterr().err
+    assert "embedding_init_std=0.0: must be > 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--init-std", "-1")) == 2
     assert "init_std >= 0" in capsys.readouterr().err
 
 
 def test_study_seeds_report_combines_seed_folders(tmp_path, capsys):
-    import importlib.util
-    import pathlib
+    from ringlinear.study import seeds as mod
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "study_seeds.py"
-    spec = importlib.util.spec_from_file_location("study_seeds", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     outs = []
     for seed in (0, 1):
         args = _args(tmp_path, "--group-sizes", "0", "--seed", str(seed), "--recall-eval-pairs", "12")

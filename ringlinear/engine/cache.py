@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ringlinear.layers.attention_context import AttentionContext, causal_attention
+from ringlinear.accounting import cache_bytes
+from ringlinear.layers.attention_context import AttentionContext
+from ringlinear.ops.attention import causal_attention, cu_seqlens_from_lens, prefix_chunk_attention
 from ringlinear.ops.lightning import lightning_attn, lightning_decode
 from ringlinear.ops.paged_attention import paged_decode_attention
 
@@ -37,15 +39,6 @@ class CacheLayout:
     @property
     def total_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token + self.num_slots * self.state_bytes_per_slot
-
-
-def cache_bytes(config, kv_dtype: torch.dtype) -> tuple[int, int]:
-    """(KV bytes per token over the softmax layers, fp32 state bytes per sequence over the linear layers)."""
-    n_soft = sum(config.is_softmax_layer(i) for i in range(config.num_hidden_layers))
-    n_lin = config.num_hidden_layers - n_soft
-    kv = n_soft * 2 * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
-    state = n_lin * config.num_attention_heads * config.head_dim * config.head_dim * 4
-    return kv, state
 
 
 def plan_layout(config, budget_bytes: int, block_size: int, max_num_seqs: int, kv_dtype: torch.dtype) -> CacheLayout:
@@ -124,26 +117,6 @@ class HybridCache:
         return PagedContext(self, batch)
 
 
-def prefix_chunk_attention(q, k, v, k_prefix, v_prefix, scale):
-    """A prompt chunk's queries over the cached prefix (all visible) and the chunk itself (causal).
-    q, k, v: [Tq, H|Hkv, D]; k_prefix, v_prefix: [Tp, Hkv, D]. On CUDA (bf16/fp16) two flash-attention calls
-    merged by their log-sum-exp, so no [Tq, Tp + Tq] mask is ever built; elsewhere one masked SDPA."""
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
-        return causal_attention(q, torch.cat([k_prefix, k]), torch.cat([v_prefix, v]), scale)
-    rep = q.shape[1] // k.shape[1]
-
-    def heads(x):  # [T, Hkv, D] -> [1, H, T, D]
-        return x.repeat_interleave(rep, 1).transpose(0, 1)[None] if rep > 1 else x.transpose(0, 1)[None]
-
-    qh = q.transpose(0, 1)[None]
-    flash = torch.ops.aten._scaled_dot_product_flash_attention
-    o1, lse1 = flash(qh, heads(k_prefix), heads(v_prefix), 0.0, False, False, scale=scale)[:2]
-    o2, lse2 = flash(qh, heads(k), heads(v), 0.0, True, False, scale=scale)[:2]
-    lse = torch.logaddexp(lse1, lse2)
-    o = o1.float() * torch.exp(lse1 - lse)[..., None] + o2.float() * torch.exp(lse2 - lse)[..., None]
-    return o[0].transpose(0, 1).to(q.dtype)
-
-
 class PagedContext(AttentionContext):
     """Softmax layers write new K/V into their pages and attend over the sequence's pages; linear layers
     continue from the sequence's state slot and write the new state back. All-decode batches (one token
@@ -153,7 +126,7 @@ class PagedContext(AttentionContext):
         dev = cache.device
         lens = [n for _, n in batch]
         starts = [s.num_computed for s, _ in batch]
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        cu = cu_seqlens_from_lens(lens)
         pos = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lens)])
         super().__init__(cu, pos)  # host tensors: the bounds are read without a device sync
         self.cu_seqlens, self.positions = cu.to(dev), pos.to(dev)

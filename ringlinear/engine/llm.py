@@ -5,90 +5,48 @@ SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layou
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
+from ringlinear.device import compute_dtype, default_device, parse_dtype
+from ringlinear.engine.engine_config import EngineConfig
 from ringlinear.engine.runner import ModelRunner
 from ringlinear.engine.sampler import sample
 from ringlinear.engine.scheduler import Scheduler
 from ringlinear.engine.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from ringlinear.ops.backend import forced_backend
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestError"]
 
 
-@dataclass
-class EngineConfig:
-    model: str | None = None  # checkpoint directory (HF layout); None when a live model is passed
-    device: str | None = None  # default: cuda when available, else cpu
-    dtype: str | None = None  # weights/activations; default bfloat16 on CUDA, float32 on CPU
-    kv_cache_dtype: str | None = None  # default: the model dtype
-    max_model_len: int | None = None  # default: config.max_position_embeddings (capped by the cache)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    cpu_cache_gib: float = 1.0
-    seed: int = 0
-    enforce_eager: bool = False  # True: decode without CUDA graphs
-    verbose: bool = True
-
-    def validate(self) -> None:
-        checks = [
-            ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
-            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
-            ("block_size", self.block_size >= 1, ">= 1"),
-            ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "in (0, 1]"),
-            ("cpu_cache_gib", self.cpu_cache_gib > 0, "> 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"EngineConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len!r}")
-
-
-def _eos_ids(eos) -> set[int]:
-    return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
-        from ringlinear.checkpoint import load_model, parse_dtype
+        from ringlinear.pretrained import load_pretrained
+        from ringlinear.tokenizer import tokenizer_config
 
         config.validate()
         self.engine_config = config
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = parse_dtype(config.dtype) if config.dtype else (
-            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device = default_device(config.device)
+        dtype = compute_dtype(self.device, config.dtype)
+        self._chat_template = None
         if model is None:
             if config.model is None:
-                raise ValueError("EngineConfig.model: a checkpoint directory is needed when no model is passed")
-            model = load_model(config.model, device=self.device, dtype=dtype, progress=config.verbose)
+                config.fail("model", "a checkpoint directory is needed when no model is passed")
+            loaded = load_pretrained(config.model, tokenizer=None, require_tokenizer=False, device=self.device,
+                                     dtype=dtype, progress=config.verbose)
+            model, tokenizer, self.eos_token_ids = loaded.model, tokenizer or loaded.tokenizer, loaded.eos_token_ids
+            if tokenizer is not None:
+                self._chat_template = tokenizer_config(config.model).get("chat_template")
+        else:
+            eos = model.config.eos_token_id
+            self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         model.eval()
         self.model = model
         self.config = model.config
         self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
-        if tokenizer is None and config.model and os.path.exists(os.path.join(config.model, "tokenizer.json")):
-            from ringlinear.tokenizer import load_tokenizer, tokenizer_config
-
-            tokenizer = load_tokenizer(config.model)
-            self._chat_template = tokenizer_config(config.model).get("chat_template")
-        else:
-            self._chat_template = None
         self.tokenizer = tokenizer
-        self.eos_token_ids = _eos_ids(self.config.eos_token_id)
-        if config.model and os.path.exists(os.path.join(config.model, "generation_config.json")):
-            with open(os.path.join(config.model, "generation_config.json")) as f:
-                self.eos_token_ids |= _eos_ids(json.load(f).get("eos_token_id"))
-        # a chat template that ends turns with <|im_end|> makes that token an end of generation too
-        if tokenizer is not None and self._chat_template and "<|im_end|>" in self._chat_template:
-            im_end = tokenizer.token_to_id("<|im_end|>")
-            if im_end is not None:
-                self.eos_token_ids.add(im_end)
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = ModelRunner(model, self.device, kv_dtype)
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
@@ -96,18 +54,18 @@ class LLMEngine:
         cache = self.runner.allocate(layout)
         limit = self.config.max_position_embeddings if config.max_model_len is None else config.max_model_len
         if config.max_model_len is not None and config.max_model_len > self.config.max_position_embeddings:
-            raise ValueError(f"EngineConfig.max_model_len={config.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+            config.fail("max_model_len", f"exceeds the model's max_position_embeddings="
+                                         f"{self.config.max_position_embeddings}")
         if cache.kv and layout.max_cached_tokens < limit:
             if config.max_model_len is not None:
-                raise ValueError(f"EngineConfig.max_model_len={limit} does not fit the KV cache "
-                                 f"({layout.max_cached_tokens} tokens): raise the memory budget or lower it")
+                config.fail("max_model_len", f"does not fit the KV cache ({layout.max_cached_tokens} tokens): raise "
+                                             "the memory budget or lower it")
             limit = layout.max_cached_tokens
         self.max_model_len = limit
         if self.device.type == "cuda" and not config.enforce_eager:
-            if os.environ.get("RINGLINEAR_BACKEND", "").strip().lower() == "torch":
+            if forced_backend() == "torch":
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
-                    print("[ringlinear engine] RINGLINEAR_BACKEND=torch: decode runs eagerly (no CUDA graphs)")
+                    print("[ringlinear engine] backend torch: decode runs eagerly (no CUDA graphs)")
             else:
                 self.runner.capture(config.max_num_seqs, limit, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)

@@ -536,18 +536,17 @@ def build_app(async_engine: AsyncLLMEngine) -> FastAPI:
 
 
 # ---- `ringlinear serve` -----------------------------------------------------------------------------
-def serve(args) -> None:
-    """Load the checkpoint into an engine and serve it with uvicorn until interrupted."""
-    from ringlinear.engine.llm import EngineConfig, LLMEngine
+def serve(engine_config, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Load the checkpoint of `engine_config` (an `EngineConfig`) into an engine and serve it with uvicorn until
+    interrupted."""
+    from ringlinear.engine.llm import LLMEngine
 
-    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
-    engine = LLMEngine(cfg)
+    engine = LLMEngine(engine_config)
     async_engine = AsyncLLMEngine(engine)
     try:
         app = build_app(async_engine)
         print(f"serving {engine.model_name} (max_model_len {engine.max_model_len}) at "
-              f"http://{args.host}:{args.port}/v1", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+              f"http://{host}:{port}/v1", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         async_engine.shutdown()

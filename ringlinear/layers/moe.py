@@ -53,7 +53,7 @@ class Router(nn.Module):
 
 class MoE(nn.Module):
     """Experts are stored stacked (`gate_proj`, `up_proj`: [E, I, hidden]; `down_proj`: [E, hidden, I]);
-    `ringlinear.checkpoint` maps them to the per-expert tensors of the HF layout."""
+    `ringlinear.hf` maps them to the per-expert tensors of the HF layout."""
 
     def __init__(self, config):
         super().__init__()

@@ -12,44 +12,18 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 
 import torch
 
-from ringlinear.rl.config import RLConfig
+from ringlinear.device import compute_dtype, default_device
+from ringlinear.plots import plot_rewards
+from ringlinear.pretrained import load_pretrained
+from ringlinear.rl.policy import PolicyTrainer, sft_warmup
+from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import RolloutBatch, RolloutWorker, partition
 from ringlinear.rl.tasks import TASKS, RewardFn, load_reward
-from ringlinear.rl.trainer import PolicyTrainer, sft_warmup
-
-
-def build_policy(cfg: RLConfig, device: torch.device):
-    """(fp32 model on `device`, tokenizer, eos id) from a preset (random init with the run's seed, byte-level
-    tokenizer unless one is given) or a checkpoint directory."""
-    from ringlinear.checkpoint import init_model, load_model
-    from ringlinear.config import PRESETS, preset
-    from ringlinear.tokenizer import byte_level_tokenizer, load_tokenizer
-
-    if cfg.model in PRESETS:
-        mcfg = preset(cfg.model, **cfg.model_overrides)
-        if cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-        else:
-            tok = byte_level_tokenizer()
-            mcfg = mcfg.replace(eos_token_id=tok.token_to_id("<|endoftext|>"), pad_token_id=tok.token_to_id("<|pad|>"))
-        model = init_model(mcfg, seed=cfg.seed, device="cpu", dtype="float32")
-    else:
-        if cfg.model_overrides:
-            raise ValueError("model_overrides only apply to presets; edit the checkpoint's config.json instead")
-        model = load_model(cfg.model, device="cpu", dtype="float32")
-        tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    if tok.get_vocab_size() > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    return model.to(device), tok, eos
 
 
 class RLRun:
@@ -60,12 +34,11 @@ class RLRun:
         cfg.validate()
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.compute_dtype == "auto":
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
-        model, self.tokenizer, self.eos_id = build_policy(cfg, self.device)
+        self.device = default_device(cfg.device)
+        dtype = compute_dtype(self.device, cfg.compute_dtype)
+        loaded = load_pretrained(cfg.model, overrides=cfg.model_overrides, tokenizer=cfg.tokenizer, seed=cfg.seed,
+                                 device=self.device, dtype="float32")
+        model, self.tokenizer, self.eos_id = loaded.model, loaded.tokenizer, loaded.eos_token_id
         self.task = TASKS[cfg.task](seed=cfg.seed, **cfg.task_kwargs)
         held_out = TASKS[cfg.task](seed=cfg.seed + 7919, **cfg.task_kwargs)  # one generator: distinct samples
         self.eval_samples = [held_out.sample() for _ in range(cfg.eval_prompts)] if cfg.eval_every else []
@@ -159,36 +132,3 @@ class RLRun:
             json.dump({"sft_losses": self.sft_losses, "steps": self.history, "evals": self.evals}, f, indent=1)
         if self.cfg.plot:
             plot_rewards({"reward": (self.history, self.evals)}, os.path.join(out_dir, "reward.png"))
-
-
-def moving_average(xs: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x - (xs[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def plot_rewards(runs: dict[str, tuple[list[dict], list[dict]]], path: str, title: str = "RL reward") -> None:
-    """Per run (step records, eval records): per-step mean sampled reward (thin), its moving average (thick)
-    and greedy eval accuracy (markers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (hist, evals) in runs.items():
-        steps, rew = [h["step"] for h in hist], [h["reward_mean"] for h in hist]
-        line = ax.plot(steps, rew, lw=0.8, alpha=0.4)[0]
-        ax.plot(steps, moving_average(rew, max(1, math.ceil(len(rew) / 10))), lw=2, color=line.get_color(),
-                label=f"{name}: sampled reward (moving avg)")
-        if evals:
-            ax.plot([e["step"] for e in evals], [e["eval_accuracy"] for e in evals], "o--", ms=4, color=line.get_color(), label=f"{name}: greedy eval accuracy")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("reward")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -18,7 +18,8 @@ from torch import nn
 
 from ringlinear.engine.llm import LLM
 from ringlinear.engine.sequence import SamplingParams
-from ringlinear.rl.scoring import completion_logprobs, lightning_backend, pack_completions
+from ringlinear.ops.backend import use_backend
+from ringlinear.rl.scoring import completion_logprobs, pack_completions
 from ringlinear.rl.tasks import RewardFn
 
 
@@ -66,7 +67,7 @@ class RolloutWorker:
                  max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.3,
                  cpu_cache_gib: float = 0.25, backend: str | None = None, seed: int = 0):
         self.backend = backend
-        with lightning_backend(backend):  # the profiling forward runs on the engine's kernels too
+        with use_backend(backend):  # the profiling forward runs on the engine's kernels too
             self.llm = LLM(live_model=model, tokenizer=tokenizer, device=str(device), max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            gpu_memory_utilization=gpu_memory_utilization, cpu_cache_gib=cpu_cache_gib, seed=seed,
@@ -86,9 +87,9 @@ class RolloutWorker:
         return time.perf_counter() - t0
 
     def load_checkpoint(self, path: str) -> float:
-        """Weights from a checkpoint directory written by `ringlinear.checkpoint.save_model` (the path for a
+        """Weights from a checkpoint directory written by `ringlinear.hf.save_model` (the path for a
         trainer in another process): loaded onto the engine's device in its dtype, then copied in place."""
-        from ringlinear.checkpoint import load_model
+        from ringlinear.hf import load_model
 
         t0 = time.perf_counter()
         dtype = next(self.model.parameters()).dtype
@@ -97,7 +98,7 @@ class RolloutWorker:
 
     # ---- rollouts -------------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: list[SamplingParams]):
-        with lightning_backend(self.backend):
+        with use_backend(self.backend):
             return self.llm.generate(prompts, params)
 
     @torch.no_grad()
@@ -106,7 +107,7 @@ class RolloutWorker:
         """The engine-side scoring pass: per sequence, fp32 log p of its completion tokens under the engine's
         weights, computed pack by pack with the trainer's packed forward (`completion_logprobs`)."""
         out: list[torch.Tensor | None] = [None] * len(prompt_ids)
-        with lightning_backend(self.backend):
+        with use_backend(self.backend):
             for mb in (mb for minibatch in packs for mb in minibatch):
                 packed = pack_completions([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], self.device)
                 lp = completion_logprobs(self.model, packed).float().cpu()

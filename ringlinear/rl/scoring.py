@@ -9,37 +9,11 @@ the computation that has to match, not a detail.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ringlinear.layers.attention_context import PackedContext
-
-_BACKENDS = (None, "torch", "triton")
-
-
-@contextlib.contextmanager
-def lightning_backend(name: str | None) -> Iterator[None]:
-    """Force the Lightning attention path (`RINGLINEAR_BACKEND`, read at every call by
-    `ringlinear.ops.lightning.backend_for`) inside the block; None keeps the default dispatch
-    (Triton on CUDA, torch elsewhere, or whatever the environment already forces)."""
-    if name not in _BACKENDS:
-        raise ValueError(f"lightning backend must be one of {_BACKENDS}, got {name!r}")
-    if name is None:
-        yield
-        return
-    old = os.environ.get("RINGLINEAR_BACKEND")
-    os.environ["RINGLINEAR_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RINGLINEAR_BACKEND", None)
-        else:
-            os.environ["RINGLINEAR_BACKEND"] = old
 
 
 @dataclass

@@ -9,15 +9,12 @@ at once (separate processes; on a GPU the small models leave most of it idle).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -25,156 +22,7 @@ from ringlinear.accounting import model_stats
 from ringlinear.config import preset
 from ringlinear.model import IGNORE_INDEX
 from ringlinear.study.recall import RecallTask, recall_accuracy
-
-RECALL_FIRST_TOKEN = 260  # after the byte-level vocabulary (256 bytes + 4 specials)
-
-
-@dataclass
-class StudyConfig:
-    corpus: str
-    out: str = "runs/ratio-study"
-    group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 0])  # 1 = all softmax, 0 = all linear
-    widths: list[int] = field(default_factory=lambda: [64, 128])
-    num_layers: int = 8
-    steps: int = 150
-    seq_len: int = 256
-    micro_batch: int = 8
-    lr: float = 3e-3
-    # 32 keys: learned by 4-layer all-softmax within 800 steps on the H100; more are learned far more slowly (CPU
-    # probes, benchmarks/probe_recall.py: a 2-layer softmax model needed ~2000 steps for 64 keys, 128 not in 3000)
-    recall_keys: int = 32
-    # distinct values (0: as many as keys). Keys beyond a linear layer's state width (heads x head_dim) cannot
-    # all be stored without interference: that is the capacity a many-key, many-pair task stresses.
-    recall_values: int = 0
-    # Per-head width of q/k/v. Heads stay width // 32 (at least 2), so a smaller head_dim shrinks what a linear
-    # layer can store without interference (heads x head_dim key directions) while a softmax head still picks its
-    # best-matching key. Ring-mini's ratio: 16 heads x 128 = 2048 key directions against a 157K-token vocabulary.
-    head_dim: int = 32
-    # Query heads of every layer (0: width // 32, at least 2); KV heads are half. Each linear head decays at its own
-    # ALiBi slope (2^(-8/H) ... 2^-8 per token): with 2 heads the fastest keeps e^(-1/16) = 0.94 of a token's weight
-    # per step, with 16 heads (Ring-mini) 0.49. In the H100 probes (README, ratio study) 4, 8 or 16 heads did not
-    # change how 1:3 compared with all linear.
-    heads: int = 0
-    recall_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # eval contexts: 2P + 2Q tokens
-    # pair counts only evaluated, never trained on: does recall hold with more pairs than training showed? A
-    # lookup (softmax) does not care how many pairs precede the query; a fixed-size state fills up.
-    recall_eval_pairs: list[int] = field(default_factory=list)
-    recall_queries: int = 8
-    recall_fraction: float = 0.4  # share of training tokens in recall sequences
-    # which targets of a recall sequence are trained: "answers" (the value after each query, as MQAR is
-    # trained; its keys and values are random, so predicting them is noise) or "all" (plain next-token)
-    recall_loss: str = "answers"
-    recall_rows: int = 64  # eval sequences per context length
-    eval_fraction: float = 0.05  # share of text documents held out for the text loss
-    cost_context: int = 32768
-    # Init of these narrow models. The presets' initializer_range 0.02 suits width 2048 (about 1/sqrt(width));
-    # at width 64-256 it leaves the softmax layers unable to learn recall at all (attention logits and the token
-    # signal in the residual stream start ~4x too small: all-softmax stayed at chance on MQAR where the same
-    # model with this init solves it, CPU probe 2026-11-24). 0: sqrt(2 / (5 * width)) ("small init", Nguyen &
-    # Salazar 2019, GPT-NeoX) for projections; input embeddings at `embedding_init_std`.
-    init_std: float = 0.0
-    embedding_init_std: float = 1.0
-    # fp32 compute on every device. With bf16 (the trainer's GPU default) the 4-layer study on the H100 left all
-    # three all-softmax models at chance on recall after 800 steps; in fp32 two of the three reached 1.00 (and the
-    # CPU's fp32 run too). Our reading, not proven: unit-scale embeddings leave the layers' small residual
-    # updates to bf16 rounding. One seed each (README, ratio study).
-    compute_dtype: str = "fp32"
-    seed: int = 0
-    save_every: int = 0  # checkpoint each run every N steps (resumes mid-run); 0: whole runs only
-    # measure recall every N steps during training (recall_history in each run's JSON: when a ratio learns
-    # recall, not only whether); 0: at the end only. Each run's progress goes to run-wW-gG.log either way (a run
-    # resumed mid-way from --save-every keeps its earlier points there only: the JSON's curve starts at the resume).
-    eval_every: int = 0
-    jobs: int = 1  # models trained at once
-
-    # fields that do not change a run's result
-    _NOT_SETUP = ("out", "group_sizes", "widths", "save_every", "jobs", "eval_every")
-
-    def setup(self) -> dict:
-        """What a run's result depends on. The corpus counts by its content, not its path: a study folder moved
-        (its builtin corpus lives inside it) or a copy of the corpus elsewhere still resumes and combines."""
-        d = {k: v for k, v in asdict(self).items() if k not in self._NOT_SETUP}
-        if os.path.isfile(self.corpus):
-            d["corpus"] = _file_sha256(self.corpus)
-        return d
-
-    def validate(self) -> None:
-        if not self.group_sizes or not self.widths or not self.recall_pairs:
-            raise ValueError("study: group_sizes, widths and recall_pairs each need at least one value")
-        if self.recall_values < 0:
-            raise ValueError(f"study: recall_values must be >= 0 (0: as many as recall_keys), got {self.recall_values}")
-        for name in ("num_layers", "steps", "seq_len", "micro_batch", "recall_keys", "recall_queries", "recall_rows",
-                     "jobs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"study: {name} must be >= 1, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise ValueError(f"study: save_every must be >= 0 (0: no mid-run checkpoints), got {self.save_every}")
-        if self.eval_every < 0:
-            raise ValueError(f"study: eval_every must be >= 0 (0: recall at the end only), got {self.eval_every}")
-        for g in self.group_sizes:
-            if g < 0 or g > self.num_layers:
-                raise ValueError(f"study: group size {g} not in 0..num_layers={self.num_layers} "
-                                 "(1 = all softmax, 0 = all linear, M = M-1 linear layers per softmax layer)")
-        for w in self.widths:
-            if w < 32 or w % 32:
-                raise ValueError(f"study: width {w} must be a multiple of 32 and >= 32")
-        if self.heads < 0 or (self.heads and self.heads % 2):
-            raise ValueError(f"study: heads must be 0 (width // 32) or an even count (KV heads are half), got {self.heads}")
-        if self.head_dim < 16 or self.head_dim % 16:
-            raise ValueError(f"study: head_dim must be a multiple of 16 (the kernels' smallest tile), got {self.head_dim}")
-        for name in ("recall_pairs", "recall_eval_pairs"):
-            bad = [p for p in getattr(self, name) if not 1 <= p <= self.recall_keys]
-            if bad:
-                raise ValueError(f"study: {name} {bad} must lie in 1..recall_keys={self.recall_keys}")
-        longest = 2 * max(self.eval_pairs) + 2 * self.recall_queries
-        if longest > self.seq_len:
-            # positions past seq_len are never trained (RoPE): recall there would measure that, not the state
-            raise ValueError(f"study: the longest recall sequence ({longest} tokens) exceeds seq_len={self.seq_len}")
-        if not 0 < self.recall_fraction < 1:
-            raise ValueError(f"study: recall_fraction must be in (0, 1), got {self.recall_fraction}")
-        if self.init_std < 0 or not self.embedding_init_std > 0:
-            raise ValueError(f"study: need init_std >= 0 (0: sqrt(2/(5*width))) and embedding_init_std > 0, got "
-                             f"{self.init_std} and {self.embedding_init_std}")
-        if self.compute_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"study: compute_dtype must be 'fp32' or 'bf16', got {self.compute_dtype!r}")
-        if self.recall_loss not in ("answers", "all"):
-            raise ValueError(f"study: recall_loss must be 'answers' or 'all', got {self.recall_loss!r}")
-        if not 0 < self.eval_fraction < 0.5:
-            raise ValueError(f"study: eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
-
-    @property
-    def eval_pairs(self) -> list[int]:
-        """Pair counts recall is measured at: the trained ones and the eval-only ones, ascending."""
-        return sorted(set(self.recall_pairs) | set(self.recall_eval_pairs))
-
-    @property
-    def num_values(self) -> int:
-        return self.recall_values or self.recall_keys
-
-    @property
-    def vocab_size(self) -> int:
-        return RECALL_FIRST_TOKEN + self.recall_keys + self.num_values
-
-    def label(self, g: int) -> str:
-        if g == 0:
-            return "all linear"
-        if g == 1:
-            return "all softmax"
-        return f"1:{g - 1}"
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    st = os.stat(path)
-    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+from ringlinear.study.study_config import RECALL_FIRST_TOKEN, StudyConfig
 
 
 def model_config(sc: StudyConfig, width: int, group_size: int):
@@ -350,7 +198,7 @@ def run_study(sc: StudyConfig) -> list[dict]:
     sc.validate()
     os.makedirs(sc.out, exist_ok=True)
     with open(os.path.join(sc.out, "study.json"), "w") as f:
-        json.dump(asdict(sc), f, indent=2)
+        json.dump(sc.to_dict(), f, indent=2)
     runs = [(w, g) for w in sc.widths for g in sc.group_sizes]
     done = {(w, g): r for w, g in runs if (r := _load_done(sc, w, g)) is not None}
     todo = [rg for rg in runs if rg not in done]

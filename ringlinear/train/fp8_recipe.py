@@ -18,7 +18,7 @@ from torch import nn
 
 from ringlinear.layers.moe import MoE, SwiGLU
 from ringlinear.ops.fp8.gemm import fp8_grouped_gemm_rowwise, require_fp8
-from ringlinear.ops.fp8.grouped import fp8_grouped_gemm_triton
+from ringlinear.ops.fp8.grouped import fused_fp8_grouped_gemm
 from ringlinear.ops.fp8.kernels import quantize_rows
 from ringlinear.ops.fp8.linear import (
     Fp8ExpertsFn,
@@ -30,6 +30,7 @@ from ringlinear.ops.fp8.linear import (
 )
 from ringlinear.ops.moe import expert_counts
 from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
+from ringlinear.train.optim import invalidate_fp8_weights  # noqa: F401 - re-exported: the recipe owns the caches
 
 
 def _weight_fp8(mod: nn.Module, name: str, weights: tuple[torch.Tensor, ...], quantize):
@@ -85,7 +86,7 @@ def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-GROUPED_GEMMS = {"torch": fp8_grouped_gemm_rowwise, "triton": fp8_grouped_gemm_triton}
+GROUPED_GEMMS = {"torch": fp8_grouped_gemm_rowwise, "triton": fused_fp8_grouped_gemm}
 GROUPED_K_ALIGN = {"torch": 16, "triton": 32}  # the reduction sizes (hidden for gate+up, intermediate for down)
 
 

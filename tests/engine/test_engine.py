@@ -5,12 +5,13 @@ change nothing, stops/limits/seeds behave, logprobs equal the trainer's, bad req
 import pytest
 import torch
 
-from ringlinear.checkpoint import init_model, save_model
+from ringlinear.accounting import cache_bytes
 from ringlinear.config import preset
-from ringlinear.engine.cache import cache_bytes
 from ringlinear.engine.llm import LLM, EngineConfig, LLMEngine
 from ringlinear.engine.sampler import filter_logits
 from ringlinear.engine.sequence import RequestError, SamplingParams
+from ringlinear.hf import save_model
+from ringlinear.model import init_model
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
 
 GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=True)

@@ -6,10 +6,11 @@ import gc
 import pytest
 import torch
 
-from ringlinear.checkpoint import init_model, save_model
 from ringlinear.config import preset
 from ringlinear.engine.llm import LLM
 from ringlinear.engine.sequence import SamplingParams
+from ringlinear.hf import save_model
+from ringlinear.model import init_model
 
 pytestmark = pytest.mark.gpu
 

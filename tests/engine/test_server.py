@@ -14,11 +14,12 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from ringlinear.checkpoint import init_model, save_model  # noqa: E402
 from ringlinear.config import preset  # noqa: E402
 from ringlinear.engine.llm import LLM, EngineConfig, LLMEngine  # noqa: E402
 from ringlinear.engine.sequence import SamplingParams  # noqa: E402
 from ringlinear.engine.server import AsyncLLMEngine, build_app  # noqa: E402
+from ringlinear.hf import save_model  # noqa: E402
+from ringlinear.model import init_model  # noqa: E402
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files  # noqa: E402
 
 MAX_LEN = 2048

@@ -88,7 +88,7 @@ def test_routed_experts_match_token_loop(T, E, k):
 def test_padded_causal_attention_matches_per_sequence(lens):
     """The padded single-call attention (used on the GPU for fp32 packed batches) == one SDPA call per sequence,
     values and gradients, GQA, a length-1 and an empty sequence."""
-    from ringlinear.layers.attention_context import causal_attention, padded_causal_attention
+    from ringlinear.ops.attention import causal_attention, padded_causal_attention
 
     torch.manual_seed(0)
     T, H, Hkv, D = sum(lens), 4, 2, 16

@@ -4,12 +4,13 @@ and gradients, GQA, odd lengths. Run on the device: `python -m pytest -q -m gpu 
 import pytest
 import torch
 
-from ringlinear.layers.attention_context import PackedContext, _varlen_attn, causal_attention
+from ringlinear.layers.attention_context import PackedContext
+from ringlinear.ops.attention import causal_attention, varlen_flash
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _varlen_attn() is None, reason="needs CUDA + torch varlen")
+@pytest.mark.skipif(not torch.cuda.is_available() or varlen_flash() is None, reason="needs CUDA + torch varlen")
 @pytest.mark.parametrize("lens", [[1, 17, 300, 64, 1000, 129], [512] * 8])
 def test_varlen_matches_per_sequence_sdpa(lens, monkeypatch):
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ringlinear.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from ringlinear.ops.cross_entropy import linear_cross_entropy, naive_linear_cross_entropy
 from ringlinear.ops.cross_entropy.chunked import default_chunk_rows
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # Triton paths: the interpreter on the CPU
@@ -37,7 +37,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("fused", [False, True])
 def test_matches_reference_fp32(T, H, V, chunk, ignore_frac, fused):
     h, w, lab = _case(T, H, V, torch.float32, ignore_frac, seed=T + V, dev=DEV if fused else "cpu")
-    ref = _grads(linear_cross_entropy_ref, h, w, lab)
+    ref = _grads(naive_linear_cross_entropy, h, w, lab)
     out = _grads(linear_cross_entropy, h, w, lab, chunk_rows=chunk, fused=fused)
     assert abs(out[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
     assert _rel(out[1], ref[1]) < 1e-5
@@ -46,7 +46,7 @@ def test_matches_reference_fp32(T, H, V, chunk, ignore_frac, fused):
 
 def test_bf16_inputs():
     h, w, lab = _case(50, 64, 300, torch.bfloat16, 0.2, seed=3, dev=DEV)
-    ref = _grads(linear_cross_entropy_ref, h, w, lab)
+    ref = _grads(naive_linear_cross_entropy, h, w, lab)
     out = _grads(linear_cross_entropy, h, w, lab, chunk_rows=16, fused=True)
     # the loss uses the same bf16 values in fp32: equal to summation order; gradients rounded to bf16
     assert abs(out[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
@@ -58,14 +58,14 @@ def test_bf16_inputs():
 def test_all_ignored_is_nan_like_reference():
     h, w, lab = _case(9, 8, 11, torch.float32, 1.1, seed=1)
     assert math.isnan(linear_cross_entropy(h, w, lab).item())
-    assert math.isnan(linear_cross_entropy_ref(h, w, lab).item())
+    assert math.isnan(naive_linear_cross_entropy(h, w, lab).item())
 
 
 def test_no_grad_path():
     h, w, lab = _case(20, 8, 30, torch.float32, 0.0, seed=2)
     with torch.no_grad():
         a = linear_cross_entropy(h, w, lab, chunk_rows=7)
-    torch.testing.assert_close(a, linear_cross_entropy_ref(h, w, lab), rtol=1e-5, atol=0)
+    torch.testing.assert_close(a, naive_linear_cross_entropy(h, w, lab), rtol=1e-5, atol=0)
 
 
 def test_bad_input():
@@ -91,7 +91,7 @@ def test_cuda_bf16_matches_reference():
     w = (torch.randn(20011, 512, device="cuda", generator=g) * 0.05).bfloat16()
     lab = torch.randint(0, 20011, (3000,), device="cuda", generator=g)
     lab[::7] = -100
-    ref = _grads(linear_cross_entropy_ref, h, w, lab)
+    ref = _grads(naive_linear_cross_entropy, h, w, lab)
     out = _grads(linear_cross_entropy, h, w, lab, chunk_rows=1024)
     assert abs(out[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
     assert _rel(out[1], ref[1]) < 1e-2 and _rel(out[2], ref[2]) < 1e-2
@@ -99,7 +99,8 @@ def test_cuda_bf16_matches_reference():
 
 @pytest.mark.parametrize("R,V,gdt", [(7, 33, torch.float32), (5, 3000, torch.bfloat16), (3, 1, torch.float32)])
 def test_softmax_ce_grad_kernel(R, V, gdt):
-    from ringlinear.ops.cross_entropy.kernel import softmax_ce_grad, softmax_ce_grad_ref
+    from ringlinear.ops.cross_entropy.kernel import fused_softmax_ce_grad
+    from ringlinear.ops.cross_entropy.naive import naive_softmax_ce_grad
 
     dev = DEV
     g = torch.Generator().manual_seed(R * V)
@@ -107,9 +108,9 @@ def test_softmax_ce_grad_kernel(R, V, gdt):
     lab = torch.randint(0, V, (R,), generator=g).to(dev)
     lab[1] = -100
     scale = torch.tensor([0.37], device=dev)
-    (l1, g1), (l2, g2) = softmax_ce_grad(x, lab, scale, -100, gdt), softmax_ce_grad_ref(x, lab, scale, -100, gdt)
+    (l1, g1), (l2, g2) = fused_softmax_ce_grad(x, lab, scale, -100, gdt), naive_softmax_ce_grad(x, lab, scale, -100, gdt)
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1.float(), g2.float(), rtol=1e-2 if gdt == torch.bfloat16 else 1e-5, atol=1e-6)
     assert l1[1] == 0 and (g1[1] == 0).all()
-    lo, none = softmax_ce_grad(x, lab, scale, -100, None)
+    lo, none = fused_softmax_ce_grad(x, lab, scale, -100, None)
     assert none is None and torch.equal(lo, l1)

@@ -4,7 +4,8 @@ last expert; CPU interpreter here, the H100 under `-m gpu` (also against torch's
 import pytest
 import torch
 
-from ringlinear.ops.fp8.grouped import fp8_grouped_gemm_ref, fp8_grouped_gemm_triton
+from ringlinear.ops.fp8.grouped import fused_fp8_grouped_gemm
+from ringlinear.ops.fp8.naive import naive_fp8_grouped_gemm
 
 
 def _case(counts, N, K, device, extra_rows=0, seed=0):
@@ -21,8 +22,8 @@ def _case(counts, N, K, device, extra_rows=0, seed=0):
 
 def _check(counts, N, K, device, extra_rows=0):
     a8, sa, b8, sb, offs = _case(counts, N, K, device, extra_rows)
-    out = fp8_grouped_gemm_triton(a8, sa, b8, sb, offs)
-    ref = fp8_grouped_gemm_ref(a8, sa, b8, sb, offs)
+    out = fused_fp8_grouped_gemm(a8, sa, b8, sb, offs)
+    ref = naive_fp8_grouped_gemm(a8, sa, b8, sb, offs)
     n = int(offs[-1])
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out[:n].float(), ref[:n].float(), rtol=1.6e-2, atol=1e-2 * ref[:n].float().abs().max().item())
@@ -42,8 +43,8 @@ def test_triton_grouped_gemm_never_writes_past_its_output():
     # offs[-1] > T breaks the contract; the kernel still stays inside `out` (rows < T computed, nothing past them)
     a8, sa, b8, sb, _ = _case([5, 7], 16, 32, "cpu")
     offs = torch.tensor([5, 20], dtype=torch.int32)
-    out = fp8_grouped_gemm_triton(a8, sa, b8, sb, offs)
-    ref = fp8_grouped_gemm_ref(a8, sa, b8, sb, offs)
+    out = fused_fp8_grouped_gemm(a8, sa, b8, sb, offs)
+    ref = naive_fp8_grouped_gemm(a8, sa, b8, sb, offs)
     assert out.shape == (12, 16)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2 * ref.float().abs().max().item())
 
@@ -51,9 +52,9 @@ def test_triton_grouped_gemm_never_writes_past_its_output():
 def test_triton_grouped_gemm_rejects_bad_shapes():
     a8, sa, b8, sb, offs = _case([4, 4], 16, 32, "cpu")
     with pytest.raises(ValueError, match="do not agree"):
-        fp8_grouped_gemm_triton(a8, sa[:-1], b8, sb, offs)
+        fused_fp8_grouped_gemm(a8, sa[:-1], b8, sb, offs)
     with pytest.raises(ValueError, match="multiple of 32"):
-        fp8_grouped_gemm_triton(a8[:, :16], sa, b8[:, :, :16], sb, offs)
+        fused_fp8_grouped_gemm(a8[:, :16], sa, b8[:, :, :16], sb, offs)
 
 
 @pytest.mark.gpu

@@ -12,13 +12,13 @@ import torch
 from ringlinear.ops.lightning import (
     decay_slopes,
     lightning_attn,
-    lightning_attn_chunked,
-    lightning_attn_recurrent,
     lightning_decode,
-    lightning_decode_torch,
+    naive_chunk_lightning_attn,
+    naive_lightning_decode,
+    naive_recurrent_lightning_attn,
 )
 from ringlinear.ops.lightning.chunk import chunk_lightning_attn
-from ringlinear.ops.lightning.decode import decode_lightning_attn
+from ringlinear.ops.lightning.fused_recurrent import fused_recurrent_lightning_decode
 
 needs_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -77,7 +77,7 @@ def test_chunk_matches_reference(B, T, H, D, Dv, dtype, with_state, seg_chunks):
     q, k, v, s0 = _inputs(B, T, H, D, Dv, dtype, with_state, seed=T + D)
     g = decay_slopes(H, 1, 4).to(DEV)
     o, s, grads = _fwd_bwd(chunk_lightning_attn, q, k, v, g, s0, seg_chunks=seg_chunks)
-    ro, rs, rgrads = _fwd_bwd(lightning_attn_chunked, q, k, v, g, s0)
+    ro, rs, rgrads = _fwd_bwd(naive_chunk_lightning_attn, q, k, v, g, s0)
     assert o.dtype == dtype and o.shape == (B, T, H, Dv) and s.dtype == torch.float32
     tol = TOL[dtype]
     assert rel(o, ro) < tol and rel(s, rs) < tol
@@ -91,7 +91,7 @@ def test_strong_decay_and_custom_scale():
     q, k, v, s0 = _inputs(1, 150, 2, 16, 16, torch.float32, True, seed=5)
     g = torch.tensor([-2.0, -0.01], device=DEV)
     o, s = chunk_lightning_attn(q, k, v, g, scale=0.3, initial_state=s0, output_final_state=True)
-    ro, rs = lightning_attn_recurrent(q, k, v, g, scale=0.3, initial_state=s0, output_final_state=True)
+    ro, rs = naive_recurrent_lightning_attn(q, k, v, g, scale=0.3, initial_state=s0, output_final_state=True)
     assert rel(o, ro) < 1e-4 and rel(s, rs) < 1e-4
 
 
@@ -101,7 +101,7 @@ def test_final_state_only_gradient_and_no_final_state():
     o, s = chunk_lightning_attn(q, k, v, g, initial_state=s0)
     assert s is None
     grads = []
-    for fn in (chunk_lightning_attn, lightning_attn_chunked):
+    for fn in (chunk_lightning_attn, naive_chunk_lightning_attn):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
         _, st = fn(*leaves[:3], g, initial_state=leaves[3], output_final_state=True)
         st.pow(2).sum().backward()
@@ -122,13 +122,13 @@ def test_varlen_matches_per_sequence_loop(dtype):
     tol = TOL[dtype]
     for n in range(len(lens)):
         a, b = cu[n].item(), cu[n + 1].item()
-        on, sn = lightning_attn_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g, initial_state=s0[n : n + 1],
+        on, sn = naive_chunk_lightning_attn(q[:, a:b], k[:, a:b], v[:, a:b], g, initial_state=s0[n : n + 1],
                                         output_final_state=True)
         assert rel(s[n : n + 1], sn) < tol
         if b > a:
             assert rel(o[:, a:b], on) < tol
     # gradients: the packed call against the packed reference (itself a per-sequence loop)
-    _, _, rgrads = _fwd_bwd(lightning_attn_chunked, q, k, v, g, s0, cu=cu)
+    _, _, rgrads = _fwd_bwd(naive_chunk_lightning_attn, q, k, v, g, s0, cu=cu)
     for a, b in zip(grads, rgrads):
         assert rel(a, b) < tol
 
@@ -138,13 +138,13 @@ def test_dispatcher_forced_triton(monkeypatch):
     q, k, v, s0 = _inputs(1, 40, 2, 16, 16, torch.float32, True, seed=8)
     g = decay_slopes(2, 1, 4).to(DEV)
     o, s = lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True)
-    ro, rs = lightning_attn_recurrent(q, k, v, g, initial_state=s0, output_final_state=True)
+    ro, rs = naive_recurrent_lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True)
     assert rel(o, ro) < 1e-4 and rel(s, rs) < 1e-4
     pool = torch.randn(3, 2, 16, 16, device=DEV)
     ref_pool = pool.clone()
     slots = torch.tensor([2, 0], device=DEV)
     od = lightning_decode(q[0, :2], k[0, :2], v[0, :2], g, pool, slots)
-    rd = lightning_decode_torch(q[0, :2], k[0, :2], v[0, :2], g, ref_pool, slots)
+    rd = naive_lightning_decode(q[0, :2], k[0, :2], v[0, :2], g, ref_pool, slots)
     assert rel(od, rd) < 1e-5 and rel(pool, ref_pool) < 1e-6
 
 
@@ -158,8 +158,8 @@ def test_decode_matches_torch_with_padding(dtype, D, Dv):
     ref_pool = pool.clone()
     slots = torch.tensor([6, -1, 0, 3, -5], device=DEV)
     g = decay_slopes(H, 3, 8).to(DEV)
-    o = decode_lightning_attn(q, k, v, g, pool, slots)
-    ro = lightning_decode_torch(q, k, v, g, ref_pool, slots)
+    o = fused_recurrent_lightning_decode(q, k, v, g, pool, slots)
+    ro = naive_lightning_decode(q, k, v, g, ref_pool, slots)
     assert o.dtype == dtype and o.shape == (N, H, Dv)
     assert (o[1] == 0).all() and (o[4] == 0).all()
     assert rel(o, ro) < TOL[dtype]
@@ -176,7 +176,7 @@ def test_prefill_equals_decode_steps():
     o, s = chunk_lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True)
     pool = s0.clone()
     slots = torch.tensor([0], device=DEV)
-    steps = [decode_lightning_attn(q[:, t], k[:, t], v[:, t], g, pool, slots) for t in range(T)]
+    steps = [fused_recurrent_lightning_decode(q[:, t], k[:, t], v[:, t], g, pool, slots) for t in range(T)]
     assert rel(torch.stack(steps, 1), o) < 1e-5 and rel(pool, s) < 1e-5
 
 
@@ -198,9 +198,9 @@ def test_bad_inputs_raise():
         chunk_lightning_attn(q, q, q, g.clone().requires_grad_())
     pool = torch.zeros(2, 2, 16, 16, device=DEV)
     with pytest.raises(ValueError, match="float32"):
-        decode_lightning_attn(q[0], q[0], q[0], g, pool.bfloat16(), torch.tensor([0, 1, 0, 1], device=DEV))
+        fused_recurrent_lightning_decode(q[0], q[0], q[0], g, pool.bfloat16(), torch.tensor([0, 1, 0, 1], device=DEV))
     with pytest.raises(ValueError, match="slots"):
-        decode_lightning_attn(q[0], q[0], q[0], g, pool, torch.tensor([0], device=DEV))
+        fused_recurrent_lightning_decode(q[0], q[0], q[0], g, pool, torch.tensor([0], device=DEV))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_gpu_chunk_fwd_bwd_realistic(dtype):
     q, k, v, s0 = _inputs(B, T, H, D, D, dtype, True, device="cuda", seed=11)
     g = decay_slopes(H, 1, 20).cuda()
     o, s, grads = _fwd_bwd(chunk_lightning_attn, q, k, v, g, s0)
-    ro, rs, rgrads = _fwd_bwd(lightning_attn_chunked, q, k, v, g, s0)
+    ro, rs, rgrads = _fwd_bwd(naive_chunk_lightning_attn, q, k, v, g, s0)
     tol = TOL[dtype]
     assert rel(o, ro) < tol and rel(s, rs) < tol
     for name, a, b in zip(("dq", "dk", "dv", "ds0"), grads, rgrads):
@@ -232,7 +232,7 @@ def test_gpu_varlen_realistic():
     g = decay_slopes(H, 5, 20).cuda()
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     o, s, grads = _fwd_bwd(chunk_lightning_attn, q, k, v, g, s0, cu=cu)
-    ro, rs, rgrads = _fwd_bwd(lightning_attn_chunked, q, k, v, g, s0, cu=cu)
+    ro, rs, rgrads = _fwd_bwd(naive_chunk_lightning_attn, q, k, v, g, s0, cu=cu)
     assert rel(o, ro) < 1e-2 and rel(s, rs) < 1e-2
     for a, b in zip(grads, rgrads):
         assert rel(a, b) < 1e-2
@@ -249,8 +249,8 @@ def test_gpu_decode_realistic():
     slots = torch.randperm(S, generator=gen)[:N].cuda()
     slots[::17] = -1
     g = decay_slopes(H, 1, 20).cuda()
-    o = decode_lightning_attn(q, k, v, g, pool, slots)
-    ro = lightning_decode_torch(q, k, v, g, ref_pool, slots)
+    o = fused_recurrent_lightning_decode(q, k, v, g, pool, slots)
+    ro = naive_lightning_decode(q, k, v, g, ref_pool, slots)
     assert rel(o, ro) < 1e-2 and rel(pool, ref_pool) < 1e-6
     assert (o[::17] == 0).all()
 

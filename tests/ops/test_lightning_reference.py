@@ -9,9 +9,9 @@ from ringlinear.ops.lightning import (
     alibi_slopes,
     decay_slopes,
     layer_decay_factor,
-    lightning_attn_chunked,
-    lightning_attn_recurrent,
-    lightning_decode_torch,
+    naive_chunk_lightning_attn,
+    naive_lightning_decode,
+    naive_recurrent_lightning_attn,
 )
 
 
@@ -46,7 +46,7 @@ def test_recurrence_from_first_principles():
     T, H, D = 5, 2, 3
     q, k, v = torch.randn(1, T, H, D), torch.randn(1, T, H, D), torch.randn(1, T, H, D)
     g = torch.tensor([-0.3, -1.2])
-    o, _ = lightning_attn_recurrent(q, k, v, g, scale=1.0)
+    o, _ = naive_recurrent_lightning_attn(q, k, v, g, scale=1.0)
     for t in range(T):
         for h in range(H):
             want = sum(math.exp(g[h].item() * (t - j)) * (q[0, t, h] @ k[0, j, h]).item() * v[0, j, h] for j in range(t + 1))
@@ -63,8 +63,8 @@ def test_chunked_equals_recurrent(T, chunk, with_state):
     v = torch.randn(B, T, H, Dv)
     g = decay_slopes(H, 2, 8)
     s0 = torch.randn(B, H, D, Dv) if with_state else None
-    o1, s1 = lightning_attn_recurrent(q, k, v, g, initial_state=s0, output_final_state=True)
-    o2, s2 = lightning_attn_chunked(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    o1, s1 = naive_recurrent_lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True)
+    o2, s2 = naive_chunk_lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=chunk)
     assert rel(o2, o1) < 1e-5 and rel(s2, s1) < 1e-5
 
 
@@ -76,10 +76,10 @@ def test_varlen_equals_per_sequence_loop():
     g = decay_slopes(H, 0, 4)
     s0 = torch.randn(len(lens), H, D, D)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    o, s = lightning_attn_chunked(q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu, chunk_size=16)
+    o, s = naive_chunk_lightning_attn(q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu, chunk_size=16)
     for n in range(len(lens)):
         a, b = cu[n].item(), cu[n + 1].item()
-        on, sn = lightning_attn_recurrent(q[:, a:b], k[:, a:b], v[:, a:b], g, initial_state=s0[n : n + 1],
+        on, sn = naive_recurrent_lightning_attn(q[:, a:b], k[:, a:b], v[:, a:b], g, initial_state=s0[n : n + 1],
                                           output_final_state=True)
         assert rel(o[:, a:b], on) < 1e-5 and rel(s[n : n + 1], sn) < 1e-5
 
@@ -88,8 +88,8 @@ def test_bf16_inputs_fp32_state():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
     g = decay_slopes(2, 1, 4)
-    ref, sref = lightning_attn_recurrent(q, k, v, g, output_final_state=True)
-    o, s = lightning_attn_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, output_final_state=True)
+    ref, sref = naive_recurrent_lightning_attn(q, k, v, g, output_final_state=True)
+    o, s = naive_chunk_lightning_attn(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, output_final_state=True)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     assert rel(o, ref) < 2e-2 and rel(s, sref) < 2e-2
 
@@ -100,7 +100,7 @@ def test_gradients_agree():
     base = [torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3)] + [torch.randn(B, H, D, D, dtype=torch.float64)]
     g = decay_slopes(H, 1, 3).double()
     grads = []
-    for fn, kw in ((lightning_attn_recurrent, {}), (lightning_attn_chunked, {"chunk_size": 8})):
+    for fn, kw in ((naive_recurrent_lightning_attn, {}), (naive_chunk_lightning_attn, {"chunk_size": 8})):
         xs = [x.clone().requires_grad_() for x in base]
         o, s = fn(*xs[:3], g, initial_state=xs[3], output_final_state=True, **kw)
         (o.pow(2).sum() + s.sum()).backward()
@@ -117,12 +117,12 @@ def test_decode_matches_recurrent_step_and_skips_padding():
     slots = torch.tensor([4, -1, 1])
     q, k, v = (torch.randn(N, H, D) for _ in range(3))
     g = decay_slopes(H, 0, 2)
-    o = lightning_decode_torch(q, k, v, g, pool, slots)
+    o = naive_lightning_decode(q, k, v, g, pool, slots)
     for n, s in enumerate(slots.tolist()):
         if s < 0:
             assert (o[n] == 0).all()
             continue
-        want, st = lightning_attn_recurrent(q[n][None, None], k[n][None, None], v[n][None, None], g,
+        want, st = naive_recurrent_lightning_attn(q[n][None, None], k[n][None, None], v[n][None, None], g,
                                             initial_state=before[s][None], output_final_state=True)
         assert rel(o[n], want[0, 0]) < 1e-6 and rel(pool[s], st[0]) < 1e-6
     untouched = [i for i in range(S) if i not in (4, 1)]
@@ -132,9 +132,9 @@ def test_decode_matches_recurrent_step_and_skips_padding():
 def test_bad_inputs_raise():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="g must"):
-        lightning_attn_chunked(q, q, q, torch.zeros(3))
+        naive_chunk_lightning_attn(q, q, q, torch.zeros(3))
     with pytest.raises(ValueError, match="cu_seqlens"):
-        lightning_attn_chunked(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), torch.zeros(2),
+        naive_chunk_lightning_attn(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), torch.zeros(2),
                                cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="initial_state"):
-        lightning_attn_chunked(q, q, q, torch.zeros(2), initial_state=torch.zeros(1, 2, 8, 4))
+        naive_chunk_lightning_attn(q, q, q, torch.zeros(2), initial_state=torch.zeros(1, 2, 8, 4))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ringlinear.ops.moe import routed_experts
-from ringlinear.ops.moe.combine import moe_combine, moe_combine_ref, moe_dispatch, moe_dispatch_ref, sort_by_expert
+from ringlinear.ops.moe.combine import moe_combine, moe_dispatch, sort_by_expert
+from ringlinear.ops.moe.naive import naive_moe_combine, naive_moe_dispatch
 
 # the compiled kernels on a GPU machine, the interpreter (conftest) elsewhere
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -38,8 +39,8 @@ def test_combine_and_dispatch_match_reference(monkeypatch, device, T, k, H, E, d
     assert torch.equal(order[inv], torch.arange(T * k, device=device))
 
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
-    ref_y, (ref_dys, ref_dw) = _grads(lambda a, b: moe_combine_ref(a, order, b), ys, w)
-    ref_xs, (ref_dx,) = _grads(lambda a: moe_dispatch_ref(a, order, k), x)
+    ref_y, (ref_dys, ref_dw) = _grads(lambda a, b: naive_moe_combine(a, order, b), ys, w)
+    ref_xs, (ref_dx,) = _grads(lambda a: naive_moe_dispatch(a, order, k), x)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
     out_y, (dys, dw) = _grads(lambda a, b: moe_combine(a, order, inv, b), ys, w)
     out_xs, (dx,) = _grads(lambda a: moe_dispatch(a, order, inv, k), x)
@@ -62,7 +63,7 @@ def test_combine_output_dtype_and_bad_shapes(monkeypatch):
     order, inv = sort_by_expert(idx)
     out = moe_combine(ys, order, inv, w, torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, moe_combine_ref(ys, order, w, torch.bfloat16), rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(out, naive_moe_combine(ys, order, w, torch.bfloat16), rtol=8e-3, atol=8e-3)
     with pytest.raises(ValueError, match=r"ys \[T\*k, H\] and weight \[T, k\]"):
         moe_combine(ys[:-1], order, inv, w)
     with pytest.raises(ValueError, match=r"order and inv must be \[T\*k\] = \[12\]"):

@@ -5,9 +5,9 @@ GQA, padding rows (length 0), shuffled block tables."""
 import pytest
 import torch
 
-from ringlinear.layers.attention_context import causal_attention
-from ringlinear.ops.paged_attention import paged_decode_attention_torch
-from ringlinear.ops.paged_attention.decode import paged_decode_attention_triton
+from ringlinear.ops.attention import causal_attention
+from ringlinear.ops.paged_attention import naive_paged_decode_attention
+from ringlinear.ops.paged_attention.decode import fused_paged_decode_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,8 +36,8 @@ def rel(a, b):
 ])
 def test_triton_matches_reference(lens, H, Hkv, D, bs, dtype):
     q, kc, vc, bt, sl = _setup(lens, H, Hkv, D, bs, dtype)
-    ref = paged_decode_attention_torch(q, kc, vc, bt, sl, D**-0.5)
-    out = paged_decode_attention_triton(q, kc, vc, bt, sl, D**-0.5)
+    ref = naive_paged_decode_attention(q, kc, vc, bt, sl, D**-0.5)
+    out = fused_paged_decode_attention(q, kc, vc, bt, sl, D**-0.5)
     assert torch.isfinite(out).all()
     assert rel(out, ref) < (2e-5 if dtype == torch.float32 else 1e-2)
     assert (out[sl == 0] == 0).all()
@@ -47,7 +47,7 @@ def test_reference_matches_dense_attention():
     lens = [5, 33]
     H, Hkv, D, bs = 4, 2, 16, 4
     q, kc, vc, bt, sl = _setup(lens, H, Hkv, D, bs, torch.float32)
-    out = paged_decode_attention_torch(q, kc, vc, bt, sl, 0.3)
+    out = naive_paged_decode_attention(q, kc, vc, bt, sl, 0.3)
     for n, L in enumerate(lens):
         k = kc[bt[n].long()].flatten(0, 1)[:L]
         v = vc[bt[n].long()].flatten(0, 1)[:L]

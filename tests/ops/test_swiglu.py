@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ringlinear.layers.moe import SwiGLU
-from ringlinear.ops.swiglu import swiglu, swiglu_backward, swiglu_backward_ref, swiglu_ref
+from ringlinear.ops.swiglu import naive_swiglu, naive_swiglu_backward, swiglu, swiglu_backward
 
 # the compiled kernels on a GPU machine, the interpreter (conftest) elsewhere
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +27,7 @@ def test_swiglu_autograd_matches_reference(monkeypatch, shape, dtype):
         h.backward(dh)
         return h.detach(), a.grad, b.grad
 
-    ref = run(swiglu_ref)
+    ref = run(naive_swiglu)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
     out = run(swiglu)
     for a, b, name in zip(out, ref, ("h", "dg", "du")):
@@ -46,7 +46,7 @@ def test_swiglu_backward_into_halves_of_one_buffer(monkeypatch, dtype):
     dgu = torch.full((M, 2 * n_i), float("nan"), dtype=dtype, device=DEV)
     h = torch.empty(M, n_i, dtype=dtype, device=DEV)
     swiglu_backward(gu[:, :n_i], gu[:, n_i:], dh, dgu[:, :n_i], dgu[:, n_i:], h)
-    rh, rdg, rdu = swiglu_backward_ref(gu[:, :n_i], gu[:, n_i:], dh)
+    rh, rdg, rdu = naive_swiglu_backward(gu[:, :n_i], gu[:, n_i:], dh)
     tol = _tol(dtype) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)  # fp32 rounded once on each side
     torch.testing.assert_close(h.float(), rh, **tol)
     torch.testing.assert_close(dgu[:, :n_i].float(), rdg, **tol)
@@ -57,7 +57,7 @@ def test_swiglu_module_takes_the_fused_path(fused_path):
     torch.manual_seed(0)
     mlp = SwiGLU(32, 48).to(DEV)
     x = torch.randn(9, 32, device=DEV)
-    fused, ref = fused_path(lambda: mlp(x), "ringlinear.ops.swiglu._SwiGLU.apply", swiglu_ref)
+    fused, ref = fused_path(lambda: mlp(x), "ringlinear.ops.swiglu.fused._SwiGLU.apply", naive_swiglu)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 

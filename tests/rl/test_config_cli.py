@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ringlinear.rl.cli import main
-from ringlinear.rl.config import RLConfig
+from ringlinear.cli import main
+from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import partition
 from ringlinear.rl.tasks import load_reward
 
@@ -54,8 +54,8 @@ def test_cli_runs_with_a_user_reward(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_prompts_are_distinct_held_out_samples():
-    from ringlinear.rl.config import RLConfig
     from ringlinear.rl.loop import RLRun
+    from ringlinear.rl.rl_config import RLConfig
 
     run = RLRun(RLConfig.from_dict({"model": "tiny", "task": "arithmetic", "task_kwargs": {"max_operand": 30},
                                     "steps": 1, "prompts_per_step": 2, "group_size": 2, "sft_warmup_steps": 0,

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from ringlinear.checkpoint import init_model
 from ringlinear.config import preset
-from ringlinear.rl.config import RLConfig
+from ringlinear.model import init_model
+from ringlinear.rl.policy import PolicyTrainer
+from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import RolloutWorker, partition
 from ringlinear.rl.tasks import RetrievalTask
-from ringlinear.rl.trainer import PolicyTrainer
 from ringlinear.tokenizer import byte_level_tokenizer
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _fsdp_launch import pydoc_corpus, run_trainer
 
-from ringlinear.checkpoint import load_model
+from ringlinear.hf import load_model
 
 
 def _train(tmp_path, name, nproc, steps, accum, resume=False, save_every=0, stop_after=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _fsdp_launch import pydoc_corpus, run_trainer
 
-from ringlinear.checkpoint import load_model
+from ringlinear.hf import load_model
 
 pytestmark = pytest.mark.gpu
 

@@ -9,14 +9,15 @@ import os
 
 import pytest
 import torch
+from ringlinear.train.state import TrainCheckpointError, list_checkpoints
 
-from ringlinear.checkpoint import load_model
 from ringlinear.config import preset
+from ringlinear.hf import load_model
 from ringlinear.layers.moe import Router
 from ringlinear.train.balancing import update_expert_bias
-from ringlinear.train.checkpointing import TrainCheckpointError, list_checkpoints
 from ringlinear.train.data import PackedDataset, pack_rows
-from ringlinear.train.trainer import TrainConfig, Trainer, lr_lambda
+from ringlinear.train.optim import lr_lambda
+from ringlinear.train.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def test_bad_config_rejected(corpus):
 def test_clip_and_step_fused_matches_clip_then_step(max_norm):
     """The fused AdamW clips through its grad_scale (no separate pass over the gradients): same parameters as
     clip_grad_norm_ followed by the step, same norm reported, the optimizer left without a grad_scale."""
-    from ringlinear.train.trainer import clip_and_step
+    from ringlinear.train.optim import clip_and_step
 
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2)]
@@ -249,7 +250,7 @@ def test_bf16_params_step_through_fp32_masters(corpus):
     """compute_dtype bf16: every bf16 parameter has its own fp32 master (the optimizer never steps bf16 weights),
     the routers stay fp32 (their own masters), and after a step each bf16 weight is its master rounded; the FP8
     recipe's cached weight quantizations are dropped after every step."""
-    from ringlinear.train.trainer import invalidate_fp8_weights
+    from ringlinear.train.fp8_recipe import invalidate_fp8_weights
 
     tr = Trainer(_cfg(corpus, steps=2, compute_dtype="bf16"))
     low = [(p, m) for p, m in tr.master.pairs if p.dtype == torch.bfloat16]

@@ -12,11 +12,11 @@ chunk of fp32 logits (`chunk_rows x V`) plus dW in fp32.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ringlinear.ops.cross_entropy.kernel import softmax_ce_grad, softmax_ce_grad_ref
+from ringlinear.ops.backend import fused_cross_entropy_enabled
+from ringlinear.ops.cross_entropy.naive import naive_softmax_ce_grad
 
 
 @functools.cache
@@ -90,7 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[s:e]
             logits = _mm_f32(h, wt)  # [c, V] fp32
             # per-row loss and (softmax - onehot) / n in the input dtype: one Triton kernel, or its reference
-            ce = softmax_ce_grad if fused else softmax_ce_grad_ref
+            ce = naive_softmax_ce_grad
+            if fused:
+                from ringlinear.ops.cross_entropy.kernel import fused_softmax_ce_grad as ce
             rl, g = ce(logits, labels[s:e], inv_n, ignore_index, hidden.dtype if need_grad else None)
             loss += rl.sum()
             if need_grad:
@@ -114,7 +116,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk_rows: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Mean cross entropy of `hidden @ weight^T` (fp32 logits) over tokens with labels != ignore_index, without
     materialising all logits. hidden: [T, H]; weight: [V, H] (same dtype); labels: [T] int. Same value and
-    gradients as `linear_cross_entropy_ref` (to fp32 summation order; gradients rounded to the input dtype).
+    gradients as `naive_linear_cross_entropy` (to fp32 summation order; gradients rounded to the input dtype).
     `fused`: loss and logit gradients from the Triton kernel (default: on CUDA unless RINGLINEAR_FUSED_CE=0)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden [T, H] and weight [V, H] needed, got {tuple(hidden.shape)} "
@@ -127,5 +129,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
     if fused is None:
-        fused = hidden.is_cuda and os.environ.get("RINGLINEAR_FUSED_CE", "1") != "0"
+        fused = hidden.is_cuda and fused_cross_entropy_enabled()
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows, fused, torch.is_grad_enabled())

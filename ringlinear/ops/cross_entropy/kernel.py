@@ -1,7 +1,7 @@
 """Triton: per-row cross entropy of fp32 logits and its gradient in two passes over each row (online
 max / sum-exp, then (softmax - onehot) * scale written in the gradient dtype), replacing PyTorch's
 logsumexp + gather + sub + exp + index + mul + cast (about ten passes over a [rows, V] fp32 tensor).
-Reference: `softmax_ce_grad_ref`. Fixed block config (interpreter-safe)."""
+Reference: `naive_softmax_ce_grad`. Fixed block config (interpreter-safe)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _ce_grad_kernel(x_ptr, lab_ptr, g_ptr, loss_ptr, scale_ptr, V: tl.constexpr,
             tl.store(gbase + cols, g.to(g_ptr.dtype.element_ty), mask=inb)
 
 
-def softmax_ce_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int = -100,
+def fused_softmax_ce_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int = -100,
                     grad_dtype: torch.dtype | None = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits: [R, V] fp32; labels: [R]; scale: 1-element fp32 tensor -> (loss [R] fp32: lse - logit[label],
     0 where ignored; grad [R, V] = (softmax - onehot(label)) * scale, 0 on ignored rows, or None)."""
@@ -61,17 +61,3 @@ def softmax_ce_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Ten
                               scale.float().reshape(1).contiguous(), V, ignore_index, BV=BV, GRAD=grad is not None,
                               num_warps=8)
     return loss, grad
-
-
-def softmax_ce_grad_ref(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int = -100,
-                        grad_dtype: torch.dtype | None = torch.bfloat16):
-    """`softmax_ce_grad` in PyTorch (the CPU path of `linear_cross_entropy`)."""
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(logits, -1)
-    loss = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse))
-    if grad_dtype is None:
-        return loss, None
-    g = torch.softmax(logits, -1)
-    g[torch.arange(len(labels), device=logits.device), safe] -= 1.0
-    return loss, (g * (valid.float() * scale.float())[:, None]).to(grad_dtype)

@@ -1,16 +1,14 @@
 """FP8 grouped GEMM for MoE experts in Triton, rowwise scales: out[t, n] = sa[t] * sb[e, n] * (a8[t] . b8[e, n])
 for the tokens t of expert e (tokens sorted by expert, `offs` = cumulative token counts, as `torch._grouped_mm`).
 
-Why our own: at Ring-mini's MoE shapes (256 experts, ~256 tokens each) torch's `_scaled_grouped_mm` ran at
-0.57-0.64x the speed of torch's BF16 grouped GEMM on the H100, so FP8 experts lost time before any quantization.
-This kernel runs them at 1.21x (gate+up, K=2048) and 0.91x (down, K=512) of BF16's speed (H100 2026-11-24,
-`bench_train.py --parts grouped`); the FP8 recipe uses it by default (`fp8_grouped_gemm: torch` for torch's).
+The FP8 recipe's default expert GEMM (`fp8_grouped_gemm: torch` picks `torch._scaled_grouped_mm` instead;
+the measured comparison is in benchmarks/NOTES_kernels.md).
 
 Schedule: each program takes one (expert, 128-row tile) x one N tile. The row tiles of all experts are numbered
 consecutively (expert e owns ceil(M_e / BM) of them); a program finds its expert by binary search over the
 cumulative tile counts, computed on the GPU, so the launch needs no host sync: the grid is sized by the bound
 ceil(T / BM) + E and programs beyond the last tile return at once.
-Reference: `fp8_grouped_gemm_ref`.
+Reference: `ringlinear.ops.fp8.naive.naive_fp8_grouped_gemm`.
 """
 
 from __future__ import annotations
@@ -18,19 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-def fp8_grouped_gemm_ref(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
-                         offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Readable reference: one fp32 GEMM per expert over its token rows."""
-    out = torch.empty(a8.shape[0], b8.shape[1], dtype=out_dtype, device=a8.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            acc = a8[start:end].float() @ b8[e].float().t()
-            out[start:end] = (acc * sa[start:end].float()[:, None] * sb[e].float()[None, :]).to(out_dtype)
-        start = end
-    return out
 
 
 @triton.jit
@@ -72,7 +57,7 @@ def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T,
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def fp8_grouped_gemm_triton(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+def fused_fp8_grouped_gemm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
                             offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a8: [T, K] e4m3 (rows sorted by expert), sa: [T] fp32; b8: [E, N, K] e4m3 (K contiguous), sb: [E, N]
     fp32; offs: [E] int32 cumulative row counts (offs[-1] <= T; rows beyond it are left unwritten, as torch's
@@ -80,7 +65,7 @@ def fp8_grouped_gemm_triton(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor
     T, K = a8.shape
     E, N, K2 = b8.shape
     if K2 != K or sa.shape != (T,) or sb.shape != (E, N) or offs.shape != (E,):
-        raise ValueError(f"fp8_grouped_gemm_triton: shapes a8 {tuple(a8.shape)}, sa {tuple(sa.shape)}, "
+        raise ValueError(f"fused_fp8_grouped_gemm: shapes a8 {tuple(a8.shape)}, sa {tuple(sa.shape)}, "
                          f"b8 {tuple(b8.shape)}, sb {tuple(sb.shape)}, offs {tuple(offs.shape)} do not agree "
                          "(want a8 [T, K], sa [T], b8 [E, N, K], sb [E, N], offs [E])")
     interp = a8.device.type == "cpu"
@@ -89,7 +74,7 @@ def fp8_grouped_gemm_triton(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor
     BM, BN = (16, 16) if interp else (128, 256)
     BK = next((b for b in ((32,) if interp else (128, 64, 32)) if K % b == 0), None)
     if BK is None:
-        raise ValueError(f"fp8_grouped_gemm_triton: K={K} must be a multiple of 32")
+        raise ValueError(f"fused_fp8_grouped_gemm: K={K} must be a multiple of 32")
     a8, b8 = a8.contiguous(), b8.contiguous()
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
     cum = torch.cumsum((counts + BM - 1) // BM, 0).to(torch.int32)

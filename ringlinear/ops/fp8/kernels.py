@@ -2,7 +2,7 @@
 as in DeepSeek-V3 §3.3.2: quantize (+ transposed copy for the weight-gradient GEMM), SwiGLU + quantize,
 RMSNorm + quantize; per-row quantize (MoE expert GEMMs: activations, SwiGLU output, stacked weights) and
 128x128-block weight quantize (+ transposed copy for the input-gradient GEMM).
-References: `ringlinear/ops/fp8/quant.py`. Fixed block configs (interpreter-safe).
+References: `ringlinear/ops/fp8/naive.py`. Fixed block configs (interpreter-safe).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ringlinear.ops.fp8.quant import BLOCK, FP8, FP8_MAX
+from ringlinear.ops.fp8.naive import BLOCK, FP8, FP8_MAX
 
 _EPS = 1e-12
 

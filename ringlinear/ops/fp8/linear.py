@@ -136,7 +136,7 @@ class Fp8ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, xs8, sxs, w_gate, w_up, w_down, offs, w13_8, s13, w2_8, s2, gemm):
-        # gemm: the FP8 grouped GEMM, `fp8_grouped_gemm_rowwise` (torch's) or `fp8_grouped_gemm_triton` (ours)
+        # gemm: the FP8 grouped GEMM, `fp8_grouped_gemm_rowwise` (torch's) or `fused_fp8_grouped_gemm` (ours)
         gu = gemm(xs8, sxs, w13_8, s13, offs)  # [Tk, 2I]
         h8, sh = swiglu_quantize_rows(gu)
         y = gemm(h8, sh, w2_8, s2, offs)

@@ -12,25 +12,22 @@ dk, dv backward in time), so one set of kernels serves both directions.
 from __future__ import annotations
 
 import collections
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ringlinear.ops.backend import interpreting
 from ringlinear.ops.lightning.checks import check_prefill_inputs
+from ringlinear.ops.triton_common import exact_dot, round_cast
 
 BT = 64  # chunk length: the intra-chunk [BT, BT] decay matrix and every dot's M/N
 _MAX_DIM = 256  # a [D, BV] fp32 state tile lives in registers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _fixed(x: torch.Tensor) -> bool:
     # No autotuning in the interpreter (nothing to time) or off CUDA.
-    return _interpreting() or not x.is_cuda
+    return interpreting() or not x.is_cuda
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,27 +63,6 @@ def _rows(bos, eos, tau, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST (interpreter only): its bf16/fp16 dot is wrong, so multiply the exactly upcast operands instead,
-    # which is the arithmetic the tensor cores do (bf16 products are exact in fp32).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    # x: fp32. The interpreter truncates fp32 -> bf16 (a biased error); round to nearest even first, as the
-    # GPU's cvt.rn does, so CPU tests see the device's rounding.
-    if UPCAST and dtype == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
 def _segment_state_kernel(k_ptr, v_ptr, g_ptr, u_ptr, cu_ptr, seg_seq_ptr, seg_first_ptr,
                           T, H, K, V, NS, L_SEG, SEG_CHUNKS: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
@@ -116,8 +92,8 @@ def _segment_state_kernel(k_ptr, v_ptr, g_ptr, u_ptr, cu_ptr, seg_seq_ptr, seg_f
         # tl.where before exp: padded rows would have positive exponents (inf * 0 = nan). The per-token decay
         # goes on v, not k: k then feeds the tensor cores unmodified, straight from shared memory.
         w = tl.exp(g * tl.where(m_t, c - 1 - o_t, 0).to(tl.float32))
-        b_vw = _cast(b_v * w[:, None], b_v.dtype, UPCAST)
-        U = _dot(tl.trans(b_k), b_vw, U * tl.exp(g * c.to(tl.float32)), DOT_PREC, UPCAST)
+        b_vw = round_cast(b_v * w[:, None], b_v.dtype, UPCAST)
+        U = exact_dot(tl.trans(b_k), b_vw, U * tl.exp(g * c.to(tl.float32)), DOT_PREC, UPCAST)
     p_u = u_ptr + ((pid_s * H + h).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
     tl.store(p_u, U, mask=m_k[:, None] & m_v[None, :])
 
@@ -205,14 +181,14 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, g_ptr, cu_ptr, seg
         b_k = tl.load(k_ptr + rows[:, None] * (H * K) + h * K + o_k[None, :], mask=m_qk, other=0.0)
         b_v = tl.load(v_ptr + rows[:, None] * (H * V) + h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         # Row scalings (query decay, scale) act on the fp32 products, so q and k reach the tensor cores as loaded.
-        b_o = _dot(b_q, _cast(S, b_q.dtype, UPCAST), None, DOT_PREC, UPCAST) * q_decay[:, None]
-        A = _dot(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST) * decay
-        b_o = _dot(_cast(A, b_v.dtype, UPCAST), b_v, b_o, DOT_PREC, UPCAST)
-        tl.store(o_ptr + rows[:, None] * (H * V) + h * V + o_v[None, :], _cast(b_o, o_ptr.dtype.element_ty, UPCAST),
+        b_o = exact_dot(b_q, round_cast(S, b_q.dtype, UPCAST), None, DOT_PREC, UPCAST) * q_decay[:, None]
+        A = exact_dot(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST) * decay
+        b_o = exact_dot(round_cast(A, b_v.dtype, UPCAST), b_v, b_o, DOT_PREC, UPCAST)
+        tl.store(o_ptr + rows[:, None] * (H * V) + h * V + o_v[None, :], round_cast(b_o, o_ptr.dtype.element_ty, UPCAST),
                  mask=m_t[:, None] & m_v[None, :])
         w = tl.exp(g * tl.where(m_t, c - 1 - o_t, 0).to(tl.float32))
-        b_vw = _cast(b_v * w[:, None], b_v.dtype, UPCAST)
-        S = _dot(tl.trans(b_k), b_vw, S * tl.exp(g * c.to(tl.float32)), DOT_PREC, UPCAST)
+        b_vw = round_cast(b_v * w[:, None], b_v.dtype, UPCAST)
+        S = exact_dot(tl.trans(b_k), b_vw, S * tl.exp(g * c.to(tl.float32)), DOT_PREC, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +282,7 @@ def _pass(q, k, v, g, scale, h0, N, T, cu_list, cu, reverse, seg_chunks, want_ou
         return o, ht
     u = torch.empty(max(n_segs, 1), H, K, V, device=dev, dtype=torch.float32)
     common = dict(T=T, H=H, K=K, V=V, NS=NS, L_SEG=L_SEG, SEG_CHUNKS=seg_chunks, BK=BK, BT=BT, IS_VARLEN=is_varlen, REVERSE=reverse,
-                  DOT_PREC=prec, UPCAST=_interpreting())
+                  DOT_PREC=prec, UPCAST=interpreting())
     if n_segs > 0:
         if fixed:
             BV = _bv(V)

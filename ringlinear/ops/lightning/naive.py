@@ -74,7 +74,7 @@ def _run(dense_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seql
     return o.to(out_dtype), (final if output_final_state else None)
 
 
-def lightning_attn_recurrent(
+def naive_recurrent_lightning_attn(
     q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
 ):
     """Token-by-token reference. q, k: [B, T, H, D]; v: [B, T, H, Dv]; g: [H] fp32 (< 0);
@@ -83,17 +83,17 @@ def lightning_attn_recurrent(
     return _run(_recurrent_dense, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def lightning_attn_chunked(
+def naive_chunk_lightning_attn(
     q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
-    """Chunked PyTorch form of `lightning_attn_recurrent` (same contract); differentiable, so it is
+    """Chunked PyTorch form of `naive_recurrent_lightning_attn` (same contract); differentiable, so it is
     also the reference for every gradient."""
     return _run(
         _chunked_dense, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size
     )
 
 
-def lightning_decode_torch(q, k, v, g, state_pool, slots, scale=None):
+def naive_lightning_decode(q, k, v, g, state_pool, slots, scale=None):
     """One token for each of N sequences. q, k: [N, H, D]; v: [N, H, Dv]; state_pool: [S, H, D, Dv] fp32,
     updated in place at `slots: [N]` (a negative slot is padding: skipped, its output is 0)."""
     check_decode_inputs(q, k, v, g, state_pool, slots)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ringlinear.ops.lightning.chunk import _interpreting
+from ringlinear.ops.backend import interpreting
 
 SPLITS = 16  # key-range splits per (sequence, KV head): enough programs at batch 1, cheap to merge
 TILE = 64  # keys per inner step
@@ -69,8 +69,8 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, 
     tl.store(lse_ptr + row, lse, mask=rmask)
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """Same contract as `paged_decode_attention_torch`; k_cache/v_cache need a unit stride on the head dim."""
+def fused_paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Same contract as `naive_paged_decode_attention`; k_cache/v_cache need a unit stride on the head dim."""
     N, H, D = q.shape
     nb, bs, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape or H % Hkv:
@@ -88,7 +88,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
             q, k_cache, v_cache, block_tables, seq_lens, o_part, lse, float(scale),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             H=H, REP=REP, D=D, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(REP)),
-            BLOCK_D=max(16, triton.next_power_of_2(D)), TILE=TILE, SPLITS=SPLITS, UPCAST=_interpreting(),
+            BLOCK_D=max(16, triton.next_power_of_2(D)), TILE=TILE, SPLITS=SPLITS, UPCAST=interpreting(),
             # fp32 caches: three-pass TF32 (fp32-level error; plain TF32 gave 7e-4); bf16 operands ignore it
             DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=4)
     # merge the splits: weights exp(lse_s - max lse); rows with no key (padding) give 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 
-def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def naive_paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     """q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [N, W] int;
     seq_lens: [N] int (keys 0..len-1 of each sequence; 0 = padding row, output 0) -> o: [N, H, D]."""
     N, H, D = q.shape

@@ -21,23 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringlinear.device import cast_for_compute
 from ringlinear.layers.attention_context import PackedContext
 from ringlinear.layers.moe import Router
 from ringlinear.model import IGNORE_INDEX
-from ringlinear.rl.config import RLConfig
+from ringlinear.ops.backend import use_backend
 from ringlinear.rl.losses import PolicyLossConfig, group_advantages, mismatch_metrics, policy_loss
+from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import RolloutBatch
-from ringlinear.rl.scoring import completion_logprobs, lightning_backend, pack_completions
+from ringlinear.rl.scoring import completion_logprobs, pack_completions
 from ringlinear.train.balancing import update_expert_bias
-from ringlinear.train.trainer import MasterWeights, clip_and_step, lr_lambda, make_adamw
-
-
-def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> None:
-    """Parameters to the compute dtype, router weights kept fp32 (router_dtype)."""
-    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in routers:
-            p.data = p.data.to(dtype)
+from ringlinear.train.optim import MasterWeights, clip_and_step, lr_lambda, make_adamw
 
 
 class PolicyTrainer:
@@ -74,7 +68,7 @@ class PolicyTrainer:
         path (or the Lightning `backend` given), pack by pack, no grad."""
         model = model or self.model
         out: list[torch.Tensor | None] = [None] * batch.num_seqs
-        with lightning_backend(self.backend if backend == "trainer" else backend):
+        with use_backend(self.backend if backend == "trainer" else backend):
             for mb in (mb for minibatch in batch.packs for mb in minibatch):
                 lp = completion_logprobs(model, self._packed(batch, mb)).float()
                 for j, part in enumerate(lp.split([len(batch.completion_ids[i]) for i in mb])):
@@ -106,7 +100,7 @@ class PolicyTrainer:
                 tok_total = sum(len(batch.completion_ids[i]) for i in seqs)
                 for mb in minibatch:
                     packed = self._packed(batch, mb)
-                    with lightning_backend(self.backend):
+                    with use_backend(self.backend):
                         logp, entropy = completion_logprobs(self.model, packed, with_entropy=True)
                     if n_opt == 0 and cfg.aligned:  # still at the rollout weights
                         for j, part in enumerate(logp.detach().float().split([len(batch.completion_ids[i]) for i in mb])):

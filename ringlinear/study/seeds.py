@@ -2,7 +2,7 @@
 recall at each context per run, and a plot of recall vs context per ratio (each seed a thin line, the mean thick),
 with the longest trained context marked (contexts past it come from --recall-eval-pairs).
 
-    python benchmarks/study_seeds.py runs/s0 runs/s1 runs/s2 --width 128 --png recall_seeds.png --json seeds.json
+    ringlinear study seeds runs/s0 runs/s1 runs/s2 --width 128 --png recall_seeds.png --json seeds.json
 
 Runs must share their settings but for the seed (checked: the run JSONs' "setup"); it reads only run-*.json.
 """
@@ -48,7 +48,8 @@ def load_runs(dirs: list[str], width: int | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="ringlinear study seeds", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="study --out folders")
     ap.add_argument("--width", type=int, help="only runs of this width")
     ap.add_argument("--png", help="write the plot here")

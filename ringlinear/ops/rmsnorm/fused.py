@@ -1,15 +1,6 @@
-"""RMSNorm (and group RMSNorm) forward + backward as two Triton kernels.
-
-`y = x / sqrt(mean(x^2) + eps) * w`, the mean taken over each of `groups` equal slices of the last dim, in fp32,
-rounded once to x's dtype (SPEC: input norms, QK-norm, the linear layers' group norm). PyTorch's sequence
-(`float`, `pow`, `mean`, `rsqrt`, two `mul`s, `to`) makes ~6 passes forward and ~10 backward over fp32
-copies; here the forward reads x once and writes y (and one fp32 rstd per row and group), the backward reads
-x and dy once and writes dx, with the weight gradient summed per program and then over programs (fixed
-order: deterministic).
-
-Reference: `rmsnorm_ref` (the module's math, autograd through PyTorch). `rmsnorm` takes the Triton path on
-CUDA (or with `RINGLINEAR_BACKEND=triton`: Triton's interpreter on the CPU), the reference elsewhere.
-"""
+"""Fused RMSNorm / group RMSNorm forward + backward as two Triton kernels (`fused_rmsnorm`, autograd through
+`_RMSNorm`): the forward reads x once and writes y and one fp32 rstd per row and group; the backward reads x and
+dy once and writes dx, with the weight gradient summed per program, then over programs (fixed order)."""
 
 from __future__ import annotations
 
@@ -17,22 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_DIM = 16384  # one row (all its groups) is held in registers
-# tile size in elements (rows per tile = TILE // padded row), warps, backward programs per SM (fixed: interpreter-safe)
-# H100 sweep (2026-11-24; [8192, 2048] bf16, [131072, 128] fp32, 4 groups): 2048-element tiles, 4 warps, 8 backward
-# programs per SM are best or within noise of it for the three shapes of a Ring-mini step
+# tile size in elements (rows per tile = TILE // padded row), warps, backward programs per SM (fixed: interpreter-safe;
+# chosen by the sweep in benchmarks/NOTES_kernels.md)
 CONFIG = {"TILE": 2048, "num_warps": 4, "bwd_programs_per_sm": 8}
-
-
-def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
-    dtype = x.dtype
-    h = x.float()
-    if groups > 1:
-        h = h.unflatten(-1, (groups, -1))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if groups > 1:
-        h = h.flatten(-2)
-    return (h * weight.float()).to(dtype)
 
 
 def _tiles(G: int, N: int) -> tuple[int, int, int]:
@@ -92,14 +70,6 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, tiles_per_pro
     tl.store(dw_ptr + pid * (G * N) + col, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
-    D = x.shape[-1]
-    if weight.shape != (D,):
-        raise ValueError(f"rmsnorm: weight must be [{D}] (x's last dim), got {tuple(weight.shape)}")
-    if groups < 1 or D % groups:
-        raise ValueError(f"rmsnorm: groups={groups} must be >= 1 and divide the last dim {D}")
-
-
 def _as_rows(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
     """x as contiguous rows [M, D] (shapes checked by `rmsnorm`, which routes D > MAX_DIM to the reference)."""
     D = x.shape[-1]
@@ -146,11 +116,8 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few programs, each over several tiles (exercises the loop)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
-    """RMSNorm over the last dim of x (in `groups` equal slices), weight [D]; output in x's dtype."""
-    from ringlinear.ops.lightning import backend_for
 
-    _check(x, weight, groups)  # on both paths: the reference would broadcast a wrong-sized weight
-    if backend_for(x) != "triton" or x.shape[-1] > MAX_DIM:
-        return rmsnorm_ref(x, weight, eps, groups)
+
+def fused_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    """`naive_rmsnorm` with the Triton kernels (last dim <= `ringlinear.ops.rmsnorm.MAX_DIM`; differentiable)."""
     return _RMSNorm.apply(x, weight, eps, groups)

@@ -1,15 +1,21 @@
-"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer
-(and MTP decoder layer) is its own shard group, then the root; fp32 sharded master parameters, bf16 compute on
-GPU through `MixedPrecisionPolicy`, gradients reduced in fp32. Kept out of the model (torchtitan's parallelize.py).
+"""How a single-device model becomes a distributed or memory-saving one, applied from outside the model
+(torchtitan's parallelize.py): the process group from the torchrun environment (`init_distributed`); data
+parallelism with FSDP2 (`apply_fsdp`: each decoder layer, and each MTP decoder layer, its own shard group, then
+the root; fp32 sharded master parameters, bf16 compute through `MixedPrecisionPolicy`, gradients reduced in
+fp32); activation checkpointing per decoder layer (`apply_activation_checkpointing`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ringlinear.model import DecoderLayer
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -36,7 +42,7 @@ def apply_fsdp(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    # Routers compute in fp32 (router_dtype, SPEC: MoE): their own group keeps fp32 parameters.
+    # Routers compute in fp32 (router_dtype): their own group keeps fp32 parameters.
     mp_router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for name, mod in model.named_modules():
         if name.endswith("mlp.gate"):
@@ -49,3 +55,12 @@ def apply_fsdp(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     # the trainer calls `model.loss(...)`, not `model(...)`: it must run the root's unshard/reshard hooks too
     register_fsdp_forward_method(model, "loss")
     return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (torch.utils.checkpoint, non-reentrant). Routers count their
+    tokens twice (forward + recompute): the balancing update and load ratios only use relative loads."""
+    for mod in model.modules():
+        if isinstance(mod, DecoderLayer):
+            fwd = type(mod).forward
+            mod.forward = functools.partial(lambda f, m, x, ctx: checkpoint(f, m, x, ctx, use_reentrant=False), fwd, mod)

@@ -3,7 +3,7 @@ multi-query associative recall alone, answers-only loss, the pair count cycling 
 accuracy at each pair count every 100 steps. Used to find which task sizes a model learns at all before spending
 GPU time on a full ratio study (README, ratio study: "CPU probes").
 
-    python benchmarks/probe_recall.py --keys 64 --values 32 --group-size 1 --layers 2 --width 64 --steps 3000 \
+    ringlinear study probe --keys 64 --values 32 --group-size 1 --layers 2 --width 64 --steps 3000 \
         --pairs 4,8,16,32,64
 """
 
@@ -15,13 +15,15 @@ import time
 
 import torch
 
-from ringlinear.checkpoint import init_model
-from ringlinear.study.ratio import RECALL_FIRST_TOKEN, StudyConfig, model_config
+from ringlinear.model import init_model
+from ringlinear.study.ratio import model_config
 from ringlinear.study.recall import RecallTask, recall_accuracy
+from ringlinear.study.study_config import RECALL_FIRST_TOKEN, StudyConfig
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ringlinear study probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=32)
     ap.add_argument("--values", type=int, default=0, help="0: as many as keys")
     ap.add_argument("--group-size", type=int, default=1, help="1 all softmax, 0 all linear, M: 1:(M-1)")
@@ -39,7 +41,7 @@ def main() -> None:
                     help="tokens per step (0: 4 x max(4, 256 // sequence length) rows, ~1-2.5K tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the accuracy history here")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     pairs = [int(p) for p in a.pairs.split(",")]
     if a.tokens < 0:
         ap.error(f"--tokens must be >= 0 (0: the default batch), got {a.tokens}")
@@ -74,7 +76,8 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "history": hist}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,7 +6,6 @@ loading verifies checksums and fingerprint and refuses anything else with a clea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import shutil
 
 import torch
 
-from ringlinear.checkpoint import _write_atomically
+from ringlinear.files import sha256_file, write_atomically
 
 MANIFEST = "manifest.json"
 STATE_FILE = "train_state.pt"
@@ -25,14 +24,6 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 class TrainCheckpointError(RuntimeError):
     """A training checkpoint is corrupt, incomplete, or belongs to a different run."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -68,11 +59,11 @@ def save_checkpoint(save_dir: str, step: int, state: dict, fingerprint: dict, ke
     def write(tmp: str) -> None:
         torch.save(state, os.path.join(tmp, STATE_FILE))
         manifest = {"format": FORMAT, "step": step, "fingerprint": fingerprint,
-                    "sha256": {STATE_FILE: _sha256(os.path.join(tmp, STATE_FILE))}}
+                    "sha256": {STATE_FILE: sha256_file(os.path.join(tmp, STATE_FILE))}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
     if keep > 0:
         for _, old in list_checkpoints(save_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -96,7 +87,7 @@ def load_checkpoint(path: str, fingerprint: dict) -> dict:
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise TrainCheckpointError(f"{path}: {fname} is missing")
-        if _sha256(fpath) != digest:
+        if sha256_file(fpath) != digest:
             raise TrainCheckpointError(f"{path}: {fname} is corrupt (SHA-256 differs from the manifest)")
     saved = manifest["fingerprint"]
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ringlinear.ops.backend import interpreting
 from ringlinear.ops.lightning.checks import check_decode_inputs
-from ringlinear.ops.lightning.chunk import _cast, _interpreting
+from ringlinear.ops.triton_common import round_cast
 
 # Column tile and warps; fixed (never autotuned: a timing run would apply the in-place update twice).
 # Chosen from the sweep in benchmarks/bench_lightning.py (NOTES_lightning.md).
@@ -43,7 +44,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, pool_ptr, slots_ptr, o_ptr, scale
     S = S * tl.exp(tl.load(g_ptr + h)) + b_k[:, None] * b_v[None, :]
     tl.store(p_s, S, mask=m)
     b_o = tl.where(valid, tl.sum(b_q[:, None] * S, 0) * scale, 0.0)
-    tl.store(o_ptr + (n64 * H + h) * V + o_v, _cast(b_o, o_ptr.dtype.element_ty, UPCAST), mask=m_v)
+    tl.store(o_ptr + (n64 * H + h) * V + o_v, round_cast(b_o, o_ptr.dtype.element_ty, UPCAST), mask=m_v)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def decode_lightning_attn(
+def fused_recurrent_lightning_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -80,5 +81,5 @@ def decode_lightning_attn(
     grid = (triton.cdiv(Dv, BV) * H * N,)
     _decode_kernel[grid](q, k, v, g.float().contiguous(), state_pool, slots.contiguous(), o, scale,
                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), H, D, Dv,
-                         BK=BK, BV=BV, UPCAST=_interpreting(), num_warps=DECODE_CONFIG["num_warps"])
+                         BK=BK, BV=BV, UPCAST=interpreting(), num_warps=DECODE_CONFIG["num_warps"])
     return o

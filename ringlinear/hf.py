@@ -1,7 +1,7 @@
 """Hugging Face checkpoint layout of Ring-linear: `config.json`, sharded safetensors +
-`model.safetensors.index.json`, per-expert tensor names. Loads tensor by tensor into a model built on
-`meta` (never two copies of the weights), refuses mismatched checkpoints with the list of differences,
-and saves atomically (write a sibling temp dir, then rename).
+`model.safetensors.index.json`, per-expert tensor names. Loads tensor by tensor into a model built on `meta`
+(never two copies of the weights), refuses mismatched checkpoints with the list of differences, and saves
+atomically (`ringlinear.files.write_atomically`). Safetensors only: nothing read from a checkpoint runs code.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import torch
@@ -18,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ringlinear.config import RingLinearConfig
-from ringlinear.model import RingLinearForCausalLM
+from ringlinear.files import write_atomically
+from ringlinear.model import RingLinearForCausalLM, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -27,20 +26,11 @@ _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)
 # Names some exports use for the same tensor.
 _ALIASES = {".mlp.gate.gate_proj.weight": ".mlp.gate.weight", ".mlp.gate.e_score_correction_bias": ".mlp.gate.expert_bias"}
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16,
-           "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 class CheckpointError(ValueError):
     """The checkpoint on disk does not match the model its config describes."""
 
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 # ---- key mapping (model state_dict <-> HF names) ------------------------------------------------
@@ -79,33 +69,8 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...],
     return out
 
 
-# ---- building ---------------------------------------------------------------------------------
-def build_model(config: RingLinearConfig, device: str | torch.device = "meta", dtype=None) -> RingLinearForCausalLM:
-    """The model with uninitialised storage on `device` (no allocation when `meta`), in `dtype`
-    (default: config.torch_dtype), router weight and expert bias kept fp32."""
-    dtype = parse_dtype(dtype or config.torch_dtype)
-    config = config.replace(torch_dtype=str(dtype).removeprefix("torch."))  # saved config.json records it
-    with torch.device("meta"):
-        model = RingLinearForCausalLM(config)
-    model.to(dtype)
-    for name, mod in model.named_modules():
-        if name.endswith("mlp.gate"):
-            mod.float()
-    if torch.device(device).type != "meta":
-        model.to_empty(device=device)
-        model.reset_buffers()
-    return model
-
-
-def init_model(config: RingLinearConfig, seed: int = 0, device="cpu", dtype=None,
-               embedding_std: float | None = None) -> RingLinearForCausalLM:
-    model = build_model(config, device, dtype)
-    model.init_weights(seed, embedding_std=embedding_std)
-    return model
-
-
 # ---- loading ----------------------------------------------------------------------------------
-def _weight_map(path: str) -> dict[str, str]:
+def read_weight_map(path: str) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         with open(index) as f:
@@ -120,7 +85,7 @@ def _weight_map(path: str) -> dict[str, str]:
 def check_checkpoint(path: str, model: torch.nn.Module) -> dict[str, tuple[str, str]]:
     """Compare names and shapes on disk with what `model` needs; raise CheckpointError listing every
     missing, unexpected and mis-shaped tensor. Returns canonical name -> (name on disk, shard file)."""
-    on_disk = {canonical_name(k): (k, fname) for k, fname in _weight_map(path).items()}
+    on_disk = {canonical_name(k): (k, fname) for k, fname in read_weight_map(path).items()}
     want = expected_tensors(model)
     missing = sorted(set(want) - set(on_disk))
     unexpected = sorted(on_disk[k][0] for k in set(on_disk) - set(want))
@@ -179,30 +144,6 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype=None, progre
 
 
 # ---- saving -----------------------------------------------------------------------------------
-def _write_atomically(path: str, write_into) -> None:
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        write_into(tmp)
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 @torch.no_grad()
 def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4 * 1024**3,
                extra_files: dict[str, str | bytes] | None = None) -> None:
@@ -239,4 +180,4 @@ def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4
             with open(os.path.join(tmp, fname), mode) as f:
                 f.write(content)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)

@@ -60,7 +60,7 @@ def dequantize_128x128(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # ---- references of the fused Triton kernels (ringlinear/ops/fp8/kernels.py) ----------------------
-def quantize_transpose_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def naive_quantize_transpose(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (x8 [M, K], s [M, K/128]) 1x128 along K, and (xt8 [K, M], st [K, M/128]) 1x128 along M
     (the operand layout the weight-gradient GEMM dW = dY^T X needs)."""
     x8, s = quantize_1x128(x)
@@ -70,14 +70,27 @@ def quantize_transpose_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return x8, s, xt8[:, :M], st
 
 
-def swiglu_quantize_ref(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_swiglu_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate, up: [M, I] -> quantize_1x128(silu(gate) * up), computed in fp32."""
     g = gate.float()
     return quantize_1x128(g * torch.sigmoid(g) * up.float())
 
 
-def rmsnorm_quantize_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, H], weight: [H] -> quantize_1x128(x / sqrt(mean(x^2) + eps) * weight), fp32 math."""
     h = x.float()
     y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
     return quantize_1x128(y)
+
+
+def naive_fp8_grouped_gemm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+                         offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Readable reference: one fp32 GEMM per expert over its token rows."""
+    out = torch.empty(a8.shape[0], b8.shape[1], dtype=out_dtype, device=a8.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            acc = a8[start:end].float() @ b8[e].float().t()
+            out[start:end] = (acc * sa[start:end].float()[:, None] * sb[e].float()[None, :]).to(out_dtype)
+        start = end
+    return out

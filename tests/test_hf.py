@@ -5,9 +5,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ringlinear import checkpoint as ck
-from ringlinear.checkpoint import CheckpointError, build_model, check_checkpoint, init_model, load_model, save_model
+from ringlinear import hf as ck
 from ringlinear.config import preset
+from ringlinear.hf import CheckpointError, check_checkpoint, load_model, save_model
+from ringlinear.model import build_model, init_model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,0 +1,56 @@
+"""`EngineConfig`: what an inference engine is built from (checkpoint, device, dtypes, batch and cache sizes);
+one field per `ringlinear serve` flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ringlinear.config_base import ConfigBase
+from ringlinear.device import DTYPES
+
+
+@dataclass
+class EngineConfig(ConfigBase):
+    _where: ClassVar[str] = "engine config"
+
+    model: str | None = None
+    """Checkpoint directory in the HF layout (config.json, safetensors, tokenizer.json); None when a live model is
+    passed to the engine (RL)."""
+    device: str | None = None
+    """Device of the weights and the cache; default: CUDA when available, else the CPU."""
+    dtype: str | None = None
+    """Weights and activations; default: bfloat16 on CUDA, float32 on the CPU."""
+    kv_cache_dtype: str | None = None
+    """dtype of the softmax layers' KV pages; default: the model's dtype."""
+    max_model_len: int | None = None
+    """Prompt + generated tokens per request; default: the model's max_position_embeddings, capped by the cache."""
+    max_num_seqs: int = 64
+    """Sequences in one batch (each holds a linear-state slot)."""
+    max_num_batched_tokens: int = 8192
+    """Tokens computed in one step (decode tokens + prompt chunks): the chunked-prefill budget."""
+    block_size: int = 16
+    """Tokens per KV page."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory for weights, activations and the cache."""
+    cpu_cache_gib: float = 1.0
+    """Cache budget on the CPU, GiB."""
+    seed: int = 0
+    """Seed of the sampler for requests without their own seed."""
+    enforce_eager: bool = False
+    """Decode without CUDA graphs."""
+    verbose: bool = True
+    """Print the cache layout and loading progress at start."""
+
+    def validate(self) -> None:
+        super().validate()
+        need = self.require
+        need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        need(self.cpu_cache_gib > 0, "cpu_cache_gib", "must be > 0")
+        need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        for name in ("dtype", "kv_cache_dtype"):
+            need(getattr(self, name) is None or getattr(self, name) in DTYPES, name,
+                 f"must be one of {sorted(DTYPES)}")

@@ -1,0 +1,103 @@
+"""`TrainConfig`: the `ringlinear train --config FILE` JSON (every field also a `--field` flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ringlinear.config_base import ConfigBase
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    _where: ClassVar[str] = "train config"
+
+    model: str = "tiny"
+    """Preset name or checkpoint directory (HF layout) to start from."""
+    data: list[str] = field(default_factory=list)
+    """Text files (documents split at `doc_separator`) or directories of HF datasets saved with save_to_disk."""
+    model_overrides: dict = field(default_factory=dict)
+    """Model config fields to override (presets only)."""
+    tokenizer: str | None = None
+    """Directory with tokenizer.json; default: the checkpoint's own, byte-level for presets."""
+    doc_separator: str | None = "\n\n\n"
+    """Where text files split into documents (null: one document per file)."""
+    seq_len: int = 256
+    """Tokens per packed row."""
+    micro_batch: int = 4
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per rank)."""
+    steps: int = 100
+    """Optimizer steps."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of `lr`."""
+    warmup_steps: int = 10
+    """Steps of linear warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (<= 0: none)."""
+    seed: int = 0
+    """Seed of the initial weights (presets), data order and dropout-free RNG state."""
+    embedding_init_std: float | None = None
+    """Presets: std of the input embeddings at init (default: initializer_range)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: identical runs give identical losses (slower); without it two runs of
+    the same config differ from the first steps on (non-deterministic kernels)."""
+    shuffle: bool = True
+    """Shuffle the rows every epoch (seeded)."""
+    fp8: bool = False
+    """FP8 recipe for the projections and experts (CUDA GPUs with FP8 GEMMs)."""
+    fp8_experts: bool = True
+    """With fp8: the routed expert GEMMs too (else only dense projections)."""
+    fp8_grouped_gemm: str = "triton"
+    """The experts' FP8 grouped GEMM: "triton" (ours) or "torch" (torch._scaled_grouped_mm)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward."""
+    compute_dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32; the optimizer always steps fp32 master weights."""
+    save_dir: str | None = None
+    """Directory of checkpoints, history.json, loss.png and the final export."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the newest intact checkpoint in save_dir."""
+    export: bool = True
+    """Write the final model in the HF layout to {save_dir}/final."""
+    export_dtype: str = "bfloat16"
+    """dtype of the exported weights (routers stay fp32)."""
+    plot: bool = True
+    """Write loss.png."""
+    progress: bool = True
+    """Show a progress bar."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s for MFU; default: the GPU's dense bf16 peak from ringlinear.device."""
+
+    def validate(self) -> None:
+        super().validate()
+        need = self.require
+        for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+            need(getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(bool(self.data), "data", "must list at least one text file or dataset directory")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(self.save_every >= 0, "save_every", "must be >= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.compute_dtype in ("auto", "bf16", "fp32"), "compute_dtype", "must be auto, bf16 or fp32")
+        need(self.export_dtype in ("bfloat16", "float32", "float16"), "export_dtype",
+             "must be bfloat16, float32 or float16")
+        need(self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std", "must be > 0")
+        need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
+        need(self.fp8_grouped_gemm in ("torch", "triton"), "fp8_grouped_gemm", "must be one of ['torch', 'triton']")
+        need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
+             "must be set for save_every / resume")
