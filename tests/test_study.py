@@ -72,23 +72,23 @@ def test_recall_eval_pairs_are_measured_but_not_trained(tmp_path, capsys, monkey
 
 def test_ratio_study_rejects_bad_settings(tmp_path, capsys):
     assert main(_args(tmp_path, "--recall-pairs", "4,40")) == 2  # more pairs than distinct keys (32)
-    assert "must lie in 1..recall_keys=32" in capsys.readouterr().err
+    assert "each must lie in 1..recall_keys=32" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-pairs", "4,30")) == 2  # 2*30 + 8 > seq_len 64
     assert "seq_len=64: must hold the longest recall sequence" in capsys.readouterr().err
     assert main(_args(tmp_path, "--group-sizes", "1,3", "--layers", "2")) == 2
-    assert "group size 3" in capsys.readouterr().err
+    assert "group_sizes=[1, 3]: each must be in 0..num_layers=2" in capsys.readouterr().err
     assert main(_args(tmp_path, "--jobs", "0")) == 2
-    assert "jobs must be >= 1" in capsys.readouterr().err
+    assert "jobs=0: must be >= 1" in capsys.readouterr().err
     assert main(_args(tmp_path, "--save-every", "-1")) == 2
-    assert "save_every must be >= 0" in capsys.readouterr().err
+    assert "save_every=-1: must be >= 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--recall-values", "-1")) == 2
-    assert "recall_values must be >= 0" in capsys.readouterr().err
+    assert "recall_values=-1: must be >= 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--head-dim", "24")) == 2
-    assert "head_dim must be a multiple of 16" in capsys.readouterr().err
+    assert "head_dim=24: must be a multiple of 16" in capsys.readouterr().err
     assert main(_args(tmp_path, "--heads", "3")) == 2
-    assert "heads must be 0 (width // 32) or an even count" in capsys.readouterr().err
+    assert "heads=3: must be 0 (width // 32) or an even count" in capsys.readouterr().err
     assert main(_args(tmp_path, "--eval-every", "-2")) == 2
-    assert "eval_every must be >= 0" in capsys.readouterr().err
+    assert "eval_every=-2: must be >= 0" in capsys.readouterr().err
 
 
 def test_recall_values_set_the_value_vocabulary():
@@ -163,7 +163,7 @@ def test_study_init_scales_with_width_and_rejects_bad_values(tmp_path, capsys):
     assert main(_args(tmp_path, "--embedding-init-std", "0")) == 2
     assert "embedding_init_std=0.0: must be > 0" in capsys.readouterr().err
     assert main(_args(tmp_path, "--init-std", "-1")) == 2
-    assert "init_std >= 0" in capsys.readouterr().err
+    assert "init_std=-1.0: must be >= 0" in capsys.readouterr().err
 
 
 def test_study_seeds_report_combines_seed_folders(tmp_path, capsys):
