@@ -1,7 +1,7 @@
 """Lightning (linear) attention layer of Ring-linear: MHA, fp32 recurrent state, per-head decay.
 
 qkv -> [SiLU] -> QK-norm -> partial RoPE -> lightning_attn (decay g_h = -slope_h * depth factor)
--> group RMSNorm over H*D -> * sigmoid(g_proj(x)) -> dense.   (SPEC: Linear attention layer)
+-> group RMSNorm over H*D -> * sigmoid(g_proj(x)) -> dense.   (docs/architecture.md, "Linear attention layer")
 """
 
 from __future__ import annotations

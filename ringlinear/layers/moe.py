@@ -1,5 +1,5 @@
 """Feed-forward blocks: dense SwiGLU MLP, and the MoE block (sigmoid group-limited router with a
-selection-only expert bias, routed SwiGLU experts, shared expert).   (SPEC: MoE)
+selection-only expert bias, routed SwiGLU experts, shared expert).   (docs/architecture.md, "MoE")
 """
 
 from __future__ import annotations

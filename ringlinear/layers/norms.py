@@ -2,7 +2,7 @@
 (`ringlinear.ops.rmsnorm`: the reference and the fused kernels).
 
 `rmsnorm(x) = x / sqrt(mean(x^2) + eps) * w`; the group form takes the mean over each of
-`groups` equal slices of the last dimension (SPEC: the linear layers' output norm).
+`groups` equal slices of the last dimension (docs/architecture.md: the linear layers' output norm).
 """
 
 from __future__ import annotations

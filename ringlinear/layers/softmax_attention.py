@@ -1,5 +1,5 @@
 """GQA softmax attention layer of Ring-linear: fused qkv, QK-norm, partial NeoX RoPE, causal attention
-with scale 1/sqrt(D), dense output projection; no output gate.   (SPEC: Softmax attention layer)
+with scale 1/sqrt(D), dense output projection; no output gate.   (docs/architecture.md, "Softmax attention layer")
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ def make_adamw(master: MasterWeights, lr: float, betas, weight_decay: float, dev
 def clip_and_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the gradients of `params` to global norm `max_norm` (<= 0: no clipping), step `opt`, return the norm
     before clipping. A fused AdamW divides every gradient by its `grad_scale` inside its one pass (the hook of
-    AMP's GradScaler), so clipping there costs no read-modify-write of the fp32 gradients (for the Ring-mini slice
-    of bench_train: 19 GB of traffic, ~10 ms a step); otherwise `clip_grad_norm_` (under FSDP: the global norm)."""
+    AMP's GradScaler), so clipping there costs no read-modify-write of the fp32 gradients; otherwise
+    `clip_grad_norm_` (under FSDP: the global norm)."""
     if opt.defaults.get("fused"):
         grads = [p.grad for p in params if p.grad is not None]
         gnorm = torch.nn.utils.get_total_norm(grads, foreach=True)

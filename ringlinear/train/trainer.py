@@ -206,7 +206,7 @@ class Trainer:
                 missing = 0
                 for (p, m), saved in zip(self.master.pairs, state["master"]):
                     if m is not p:
-                        if saved is None:  # written before 2026-11-24, when bf16 weights were their own masters
+                        if saved is None:  # written by a trainer that stepped bf16 weights directly (no masters)
                             missing += 1
                             m.copy_(p.detach().float())
                         else:

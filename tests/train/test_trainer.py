@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from ringlinear.train.state import TrainCheckpointError, list_checkpoints
 
 from ringlinear.config import preset
 from ringlinear.hf import load_model
@@ -17,6 +16,7 @@ from ringlinear.layers.moe import Router
 from ringlinear.train.balancing import update_expert_bias
 from ringlinear.train.data import PackedDataset, pack_rows
 from ringlinear.train.optim import lr_lambda
+from ringlinear.train.state import TrainCheckpointError, list_checkpoints
 from ringlinear.train.trainer import TrainConfig, Trainer
 
 

@@ -69,8 +69,7 @@ def fused_fp8_grouped_gemm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor,
                          f"b8 {tuple(b8.shape)}, sb {tuple(sb.shape)}, offs {tuple(offs.shape)} do not agree "
                          "(want a8 [T, K], sa [T], b8 [E, N, K], sb [E, N], offs [E])")
     interp = a8.device.type == "cpu"
-    # H100 sweep (2026-11-24, 256 experts x 256 rows): 128 x 256 x 128 tiles, 8 warps, 4 stages were fastest for
-    # both expert GEMMs (gate+up 1.30x, down 0.97x the speed of torch's BF16 grouped GEMM)
+    # tiles, warps and stages from the sweep in benchmarks/NOTES_kernels.md
     BM, BN = (16, 16) if interp else (128, 256)
     BK = next((b for b in ((32,) if interp else (128, 64, 32)) if K % b == 0), None)
     if BK is None:

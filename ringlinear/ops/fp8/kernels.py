@@ -19,8 +19,8 @@ _EPS = 1e-12
 @triton.jit
 def _div(a, b):
     # `/` compiles to the GPU's fast division (within 2 ulp of IEEE; exact in the interpreter): a value at an
-    # e4m3 rounding tie can land one step away from torch's. IEEE `tl.math.div_rn` made these memory-bound
-    # kernels 2-2.5x slower on the H100 (2026-11-23), so the GPU tests allow rare one-step differences.
+    # e4m3 rounding tie can land one step away from torch's, which the GPU tests allow (IEEE division costs these
+    # memory-bound kernels 2-2.5x: benchmarks/NOTES_kernels.md).
     return a / b
 
 
@@ -241,9 +241,9 @@ def _quant_block_kernel(w_ptr, y_ptr, s_ptr, N, K, BN: tl.constexpr, BK: tl.cons
 
 def quantize_blocks(w: torch.Tensor, transpose: bool = False):
     """128x128-block e4m3 quantization in one pass. w: [N, K] (both % 128 == 0) -> (w8 [N, K], scale
-    [N/128, K/128]) and, with `transpose`, also w8^T [K, N] contiguous (its block scales are scale^T; a byte
-    copy: an in-kernel transposed fp8 store gave corrupt bytes on the H100 with Triton 3.6, 2026-11-24);
-    reference `quantize_128x128`."""
+    [N/128, K/128]) and, with `transpose`, also w8^T [K, N] contiguous (its block scales are scale^T; a byte copy,
+    because Triton 3.6 writes corrupt bytes from an in-kernel transposed fp8 store on Hopper); reference
+    `quantize_128x128`."""
     if w.dim() != 2 or w.shape[0] % BLOCK or w.shape[1] % BLOCK:
         raise ValueError(f"quantize_blocks: need [N, K] with N, K % 128 == 0, got {tuple(w.shape)}")
     w = w.contiguous()
