@@ -196,15 +196,19 @@ def cmd_convert(args) -> int:
 # ---- training, RL, serving --------------------------------------------------------------------
 
 
-def cmd_train(args) -> int:
-    from ringlinear.train.train_config import TrainConfig
-
+def _job_config(cls: type, args):
+    """`cls` from `--config FILE`, `--set` items and flags; a bad value ends the command with its message."""
     try:
-        cfg = config_from_args(TrainConfig, args, _read_json(args.config))
+        return config_from_args(cls, args, _read_json(args.config))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def cmd_train(args) -> int:
+    from ringlinear.train.train_config import TrainConfig
     from ringlinear.train.trainer import Trainer
 
+    cfg = _job_config(TrainConfig, args)
     hist = Trainer(cfg).fit()
     if hist and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(dict(hist[-1])))
@@ -212,14 +216,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_rl(args) -> int:
+    from ringlinear.rl.loop import RLRun
     from ringlinear.rl.rl_config import RLConfig
 
-    try:
-        cfg = config_from_args(RLConfig, args, _read_json(args.config))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    from ringlinear.rl.loop import RLRun
-
+    cfg = _job_config(RLConfig, args)
     run = RLRun(cfg)
     hist = run.run()
     if hist:
@@ -304,21 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-gb", type=float, default=4.0, help="largest shard size in GiB")
     sp.set_defaults(fn=cmd_init)
 
+    from ringlinear.rl.rl_config import RLConfig
     from ringlinear.train.train_config import TrainConfig
 
-    sp = sub.add_parser("train", help="pre-train or fine-tune (BF16 or --fp8, FSDP2 under torchrun)")
-    sp.add_argument("--config", help="JSON file of TrainConfig fields (flags and --set override it)")
-    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field (JSON value)")
-    add_config_flags(sp, TrainConfig)
-    sp.set_defaults(fn=cmd_train)
-
-    from ringlinear.rl.rl_config import RLConfig
-
-    sp = sub.add_parser("rl", help="RL (GRPO/PPO) with engine rollouts and trainer updates aligned; reward curve")
-    sp.add_argument("--config", help="JSON file of RLConfig fields (flags and --set override it)")
-    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field (JSON value)")
-    add_config_flags(sp, RLConfig, aliases={"out_dir": ["--out"]})
-    sp.set_defaults(fn=cmd_rl)
+    for name, cls, fn, text, aliases in (
+            ("train", TrainConfig, cmd_train, "pre-train or fine-tune (BF16 or --fp8, FSDP2 under torchrun)", {}),
+            ("rl", RLConfig, cmd_rl, "RL (GRPO/PPO) with engine rollouts and trainer updates aligned; reward curve",
+             {"out_dir": ["--out"]})):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--config", help=f"JSON file of {cls.__name__} fields (flags and --set override it)")
+        sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field (JSON value)")
+        add_config_flags(sp, cls, aliases=aliases)
+        sp.set_defaults(fn=fn)
 
     from ringlinear.engine.engine_config import EngineConfig
 

@@ -49,7 +49,7 @@ def target_config(src: RingLinearConfig, layer_group_size: int, group_norm_size:
     return src.replace(layer_group_size=layer_group_size, group_norm_size=gns, linear_silu=False, extra=extra)
 
 
-def _expand_qkv(w: torch.Tensor, H: int, Hkv: int, D: int) -> torch.Tensor:
+def expand_qkv_heads(w: torch.Tensor, H: int, Hkv: int, D: int) -> torch.Tensor:
     """GQA qkv weight [(H + 2 Hkv) D, hidden] -> MHA [3 H D, hidden], each KV head repeated H/Hkv times
     (the order of heads that share it)."""
     q, k, v = w.split([H * D, Hkv * D, Hkv * D], dim=0)
@@ -90,7 +90,7 @@ def convert_softmax_to_hybrid(src_path: str, out_path: str, layer_group_size: in
             elif layer_linear and hf_name.endswith("attention.g_norm.weight"):
                 piece.fill_(2.0)
             elif layer_linear and hf_name.endswith("attention.query_key_value.weight"):
-                piece.copy_(_expand_qkv(read(hf_name), H, Hkv, D))
+                piece.copy_(expand_qkv_heads(read(hf_name), H, Hkv, D))
                 used.add(hf_name)
             else:
                 piece.copy_(read(hf_name))

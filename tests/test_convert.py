@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ringlinear.config import preset
-from ringlinear.convert import _expand_qkv, convert_softmax_to_hybrid
+from ringlinear.convert import convert_softmax_to_hybrid, expand_qkv_heads
 from ringlinear.hf import load_model, save_model
 from ringlinear.model import init_model
 
@@ -38,10 +38,10 @@ def _eval(model):
     return sum(model.loss(*_batch(seed=10_000 + i))["lm_loss"].item() for i in range(4)) / 4
 
 
-def test_expand_qkv_repeats_kv_heads():
+def testexpand_qkv_heads_repeats_kv_heads():
     H, Hkv, D, hidden = 4, 2, 3, 5
     w = torch.randn((H + 2 * Hkv) * D, hidden)
-    out = _expand_qkv(w, H, Hkv, D).view(3, H, D, hidden)
+    out = expand_qkv_heads(w, H, Hkv, D).view(3, H, D, hidden)
     k = w[H * D : (H + Hkv) * D].view(Hkv, D, hidden)
     assert torch.equal(out[0], w[: H * D].view(H, D, hidden))
     assert torch.equal(out[1, 0], k[0]) and torch.equal(out[1, 1], k[0]) and torch.equal(out[1, 2], k[1])

@@ -118,8 +118,7 @@ def run_one(sc: StudyConfig, width: int, g: int, dataset, task, heldout) -> dict
                          "num_key_value_heads", "head_dim", "layer_group_size", "group_norm_size", "num_experts",
                          "num_experts_per_tok", "n_group", "topk_group", "num_nextn_predict_layers",
                          "initializer_range")})
-    dataset.epoch, dataset.index = 0, 0
-    dataset._order = dataset._make_order()
+    dataset.rewind()
     trainer = Trainer(tc, dataset=dataset)
 
     def measure(model, rows: int) -> dict[str, float]:

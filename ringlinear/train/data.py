@@ -111,6 +111,11 @@ class PackedDataset:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.num_rows, generator=g)
 
+    def rewind(self) -> None:
+        """Back to the first row of epoch 0 (the order a fresh dataset with this seed has)."""
+        self.epoch, self.index = 0, 0
+        self._order = self._make_order()
+
     def next_row_ids(self, n: int) -> list[int]:
         out = []
         for _ in range(n):
