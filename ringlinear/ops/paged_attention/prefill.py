@@ -49,7 +49,7 @@ def _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, bt_row, t, seq_len, qpos, hk, s
                  qk_scale, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  INTERPRET: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over keys [t * BLOCK_N, (t + 1) * BLOCK_N). Unmasked tiles lie wholly inside every
-    row's causal window and below seq_len; MASKED tiles (the diagonal, the sequence's end) mask both."""
+    row's causal window; MASKED tiles (the diagonal) apply the causal mask and read no page past seq_len."""
     pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     if MASKED:
@@ -72,8 +72,8 @@ def _attend_tile(q, acc, m_i, l_i, k_ptr, v_ptr, bt_row, t, seq_len, qpos, hk, s
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2 units
-    if MASKED:
-        s = tl.where((pos[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
+    if MASKED:  # a stored row has qpos < seq_len, so the causal test also drops the keys past the sequence
+        s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
     # every row saw key 0 in tile 0 (qpos >= 0), so m_i is finite from then on and no exp2(-inf + inf) occurs
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
