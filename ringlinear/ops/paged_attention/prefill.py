@@ -185,7 +185,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if Dk != D:
         raise ValueError(f"paged_prefill_attention: k_cache head dim {Dk} != q head dim {D}")
     if not (_is_pow2(D) and 16 <= D <= 256):
-        raise ValueError(f"paged_prefill_attention: head dim D (q.shape[-1]) must be a power of two in 16..256, got {D}")
+        raise ValueError(f"paged_prefill_attention: head dim D (q.shape[-1]) must be a power of two in 16..256, "
+                         f"got {D}")
     if not _is_pow2(bs):
         raise ValueError(f"paged_prefill_attention: block_size (k_cache.shape[1]) must be a power of two, got {bs}")
     if H % Hkv:
