@@ -111,3 +111,17 @@ def test_bad_arguments_are_named(change, match):
     q, kc, vc, bt, cu, sl = _setup([3], [5], args["H"], args["Hkv"], args["D"], args["bs"], torch.float32)
     with pytest.raises(ValueError, match=match):
         paged_prefill_attention(q, kc, vc, bt, cu, sl, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,D,bs", [(torch.bfloat16, 128, 16), (torch.float16, 64, 64), (torch.float32, 128, 16),
+                                        (torch.bfloat16, 256, 8)])
+def test_compiled_kernel_at_engine_sizes(dtype, D, bs):
+    """Compiled (pipelined) loops over thousands of keys: a long chunk, chunks after long prefixes, decode rows."""
+    prefixes, chunks = [0, 3000, 5003, 17, 900], [2500, 1024, 1, 333, 1]
+    q, kc, vc, bt, cu, sl = _setup(prefixes, chunks, 16, 4, D, bs, dtype, seed=4)
+    ref = naive_paged_prefill_attention(q, kc, vc, bt, cu, sl, D**-0.5)
+    out = paged_prefill_attention(q, kc, vc, bt, cu, sl, D**-0.5, max_seqlen_q=max(chunks),
+                                  out=torch.full_like(q, float("nan")))
+    assert rel(out, ref) < (2e-5 if dtype == torch.float32 else 1e-2)
