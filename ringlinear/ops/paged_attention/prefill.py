@@ -152,6 +152,13 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_q_ptr, lens_ptr
                                          s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, qk_scale, D, BS, BLOCK_N, True,
                                          INTERPRET, DOT_PREC)
     o = acc / l_i[:, None]
+    if INTERPRET:
+        if o_ptr.dtype.element_ty == tl.bfloat16:
+            # the interpreter truncates fp32 -> bf16 (twice the error, all toward zero); round to nearest even on
+            # the bits first, as the GPU's conversion does, so CPU tests see the GPU's numerics
+            bits = o.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            o = bits.to(tl.float32, bitcast=True)
     tl.store(o_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
 
