@@ -21,8 +21,8 @@ import triton
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
-from ringlinear.engine.cache import prefix_chunk_attention
 from ringlinear.layers.attention_context import causal_attention
+from ringlinear.ops.attention import prefix_chunk_attention
 from ringlinear.ops.paged_attention.naive import naive_paged_prefill_attention
 from ringlinear.ops.paged_attention.prefill import PrefillConfig, default_config, paged_prefill_attention
 

@@ -62,12 +62,13 @@ class LLMEngine:
                                              "the memory budget or lower it")
             limit = layout.max_cached_tokens
         self.max_model_len = limit
+        cache.set_max_model_len(limit)
         if self.device.type == "cuda" and not config.enforce_eager:
             if forced_backend() == "torch":
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
                     print("[ringlinear engine] backend torch: decode runs eagerly (no CUDA graphs)")
             else:
-                self.runner.capture(config.max_num_seqs, limit, config.verbose)
+                self.runner.capture(config.max_num_seqs, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []

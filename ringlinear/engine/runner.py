@@ -49,7 +49,7 @@ class ModelRunner:
         self.cache = HybridCache(self.config, layout, self.device, self.kv_dtype)
         return self.cache
 
-    def capture(self, max_batch: int, max_model_len: int, verbose: bool = True) -> None:
+    def capture(self, max_batch: int, verbose: bool = True) -> None:
         """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""
         from ringlinear.engine.cuda_graphs import DecodeGraphs
 
@@ -60,7 +60,7 @@ class ModelRunner:
                   "sized on the host (bf16 runs grouped GEMMs); decode runs eagerly", flush=True)
             return
         try:
-            self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down
             self.graphs = None
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
@@ -76,9 +76,9 @@ class ModelRunner:
                 and all(n == 1 for _, n in batch)):
             return self.graphs.run(batch)
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         ctx = self.cache.context(batch)
-        ends = ctx.cu_seqlens[1:].long() - 1
-        rows = ends[torch.tensor(sampling_rows, dtype=torch.long, device=self.device)]
-        return self.model(input_ids, ctx, logits_indices=rows)
+        b = ctx._bounds
+        rows = torch.tensor([b[i + 1] - 1 for i in sampling_rows], dtype=torch.long)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.model(input_ids, ctx, logits_indices=rows.to(self.device, non_blocking=True))
 

@@ -24,14 +24,22 @@ from ringlinear.ops.lightning import lightning_attn, lightning_decode
 class AttentionContext:
     """Base: packed layout. Subclasses implement the two attention calls."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor, bounds: list[int] | None = None):
+        """cu_seqlens: [N+1] int32; positions: [T]; bounds: cu_seqlens as a host list, when the caller has it
+        (otherwise read back from cu_seqlens on first use)."""
         self.cu_seqlens = cu_seqlens
         self.positions = positions
-        self._bounds = cu_seqlens.tolist()
+        self._host_bounds = bounds
+
+    @property
+    def _bounds(self) -> list[int]:
+        if self._host_bounds is None:
+            self._host_bounds = self.cu_seqlens.tolist()
+        return self._host_bounds
 
     @property
     def num_seqs(self) -> int:
-        return len(self._bounds) - 1
+        return self.cu_seqlens.shape[0] - 1
 
     @functools.cached_property
     def max_len(self) -> int:

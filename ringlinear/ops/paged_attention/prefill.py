@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ringlinear.ops.lightning.chunk import _interpreting
+from ringlinear.ops.backend import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -167,7 +167,7 @@ def _is_pow2(x: int) -> bool:
     return x >= 1 and x & (x - 1) == 0
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def fused_paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
                             config: PrefillConfig | None = None) -> torch.Tensor:
@@ -234,7 +234,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, float(scale) * LOG2E, N,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        REP=REP, D=D, BS=bs, BLOCK_M=cfg.block_m, BLOCK_Q=BLOCK_Q, BLOCK_N=cfg.block_n, INTERPRET=_interpreting(),
+        REP=REP, D=D, BS=bs, BLOCK_M=cfg.block_m, BLOCK_Q=BLOCK_Q, BLOCK_N=cfg.block_n, INTERPRET=interpreting(),
         # fp32: three-pass TF32 (fp32-level error, as in the decode kernel); bf16/fp16 operands ignore it
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
