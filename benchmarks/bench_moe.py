@@ -16,6 +16,7 @@ import itertools
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,28 @@ def fused_route(layer: Layer, x, m, counters):
                              counters=counters)
 
 
+def base_step(layers, m, x):
+    for la in layers:
+        idx, w = baseline_route(la, x, m)
+        routed_experts(x, idx, w, la.w_gate, la.w_up, la.w_down)
+
+
+def fused_step(layers, m, x, counters, config):
+    for la in layers:
+        idx, w = fused_route(la, x, m, counters)
+        fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=config)
+
+
+def moe_step(layers, x, routes, config):
+    for la, (idx, w) in zip(layers, routes):
+        fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=config)
+
+
+def route_step(route, layers, m, x, *extra):
+    for la in layers:
+        route(la, x, m, *extra)
+
+
 def correctness(m: dict, layer: Layer, T: int) -> dict:
     x = torch.randn(T, m["H"], device=DEV).to(torch.bfloat16)
     idx, w = fused_route(layer, x, m, None)
@@ -126,32 +149,13 @@ def rows_for(name: str, m: dict, layers: list[Layer], tokens: list[int], bw: flo
         counters = router_counters(T, DEV)
         routes = [fused_route(la, x, m, counters) for la in layers]
 
-        def base_step():
-            for la in layers:
-                idx, w = baseline_route(la, x, m)
-                routed_experts(x, idx, w, la.w_gate, la.w_up, la.w_down)
-
-        def fused_step():
-            for la in layers:
-                idx, w = fused_route(la, x, m, counters)
-                fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=config)
-
-        def fused_moe_only():
-            for la, (idx, w) in zip(layers, routes):
-                fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=config)
-
-        def base_route_only():
-            for la in layers:
-                baseline_route(la, x, m)
-
-        def fused_route_only():
-            for la in layers:
-                fused_route(la, x, m, counters)
-
         nbytes = touched_bytes(m, layers, x)
         row = {"model": name, "T": T, "expert_MB": nbytes / 1e6}
-        for key, fn in (("base", base_step), ("fused", fused_step), ("fused_moe_only", fused_moe_only),
-                        ("base_route", base_route_only), ("fused_route", fused_route_only)):
+        fns = {"base": partial(base_step, layers, m, x), "fused": partial(fused_step, layers, m, x, counters, config),
+               "fused_moe_only": partial(moe_step, layers, x, routes, config),
+               "base_route": partial(route_step, baseline_route, layers, m, x),
+               "fused_route": partial(route_step, fused_route, layers, m, x, counters)}
+        for key, fn in fns.items():
             row[f"{key}_us"] = bench(fn) * 1e3 / L
             graph = graph_of(fn)
             row[f"{key}_graph_us"] = bench(graph.replay) * 1e3 / L if graph is not None else float("nan")
@@ -175,11 +179,7 @@ def breakdown(m: dict, layers: list[Layer], T: int, config: FusedMoEConfig) -> d
     x = torch.randn(T, m["H"], device=DEV).to(torch.bfloat16)
     counters = router_counters(T, DEV)
 
-    def step():
-        for la in layers:
-            idx, w = fused_route(la, x, m, counters)
-            fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=config)
-
+    step = partial(fused_step, layers, m, x, counters, config)
     step()
     torch.cuda.synchronize()
     iters = 10
@@ -217,10 +217,7 @@ def sweep(name: str, m: dict, layers: list[Layer], tokens: list[int], bw: float)
     def score(cfg):
         fracs = {}
         for T, x, routes, nbytes in cases:
-            def run():
-                for la, (idx, w) in zip(layers, routes):
-                    fused_moe(x, idx, w, la.w_gate, la.w_up, la.w_down, config=cfg)
-            fracs[T] = nbytes / (bench(run, rep=50) * 1e-3 / len(layers)) / bw
+            fracs[T] = nbytes / (bench(partial(moe_step, layers, x, routes, cfg), rep=50) * 1e-3 / len(layers)) / bw
         return min(fracs.values()), fracs
 
     best = FusedMoEConfig()
