@@ -166,8 +166,8 @@ def rows_for(name: str, m: dict, layers: list[Layer], tokens: list[int], bw: flo
         rows.append(row)
         print(f"  {name:5s} T={T:4d} {row['expert_MB']:8.1f} MB | base {row['base_us']:8.1f} / "
               f"{row['base_graph_us']:8.1f} us ({row['base_graph_frac']:.2f}) | fused {row['fused_us']:8.1f} / "
-              f"{row['fused_graph_us']:8.1f} us ({row['fused_graph_frac']:.2f}) | fused_moe {row['fused_moe_only_us']:8.1f}"
-              f" / {row['fused_moe_only_graph_us']:8.1f} us ({row['fused_moe_only_graph_frac']:.2f}) | route "
+              f"{row['fused_graph_us']:8.1f} us ({row['fused_graph_frac']:.2f}) | fused_moe "
+              f"{row['fused_moe_only_us']:8.1f} / {row['fused_moe_only_graph_us']:8.1f} us ({row['fused_moe_only_graph_frac']:.2f}) | route "
               f"{row['base_route_graph_us']:6.1f} -> {row['fused_route_graph_us']:6.1f} us", flush=True)
     return rows
 

@@ -94,6 +94,19 @@ def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, N, E, NUM_BLOCKS,
         c0 += C
 
 
+@triton.jit
+def _load_tile(ptrs, rmask, cmask, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr, POLICY: tl.constexpr):
+    # a [R, C] tile, masking only the dims that have a tail (a mask-free K keeps the loads vectorised)
+    if EVEN_R and EVEN_C:
+        return tl.load(ptrs, eviction_policy=POLICY)
+    elif EVEN_C:
+        return tl.load(ptrs, mask=rmask[:, None], other=0.0, eviction_policy=POLICY)
+    elif EVEN_R:
+        return tl.load(ptrs, mask=cmask[None, :], other=0.0, eviction_policy=POLICY)
+    else:
+        return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0, eviction_policy=POLICY)
+
+
 def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_idx [T, k] -> (sorted_ids [max_blocks * block_m] int32, block_expert [max_blocks] int32), on the device
     with no host sync. Pair p = t*k + j; expert e's pairs sit in ascending p order in its own run of whole blocks
@@ -115,8 +128,9 @@ def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> t
 
 @triton.jit
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, N, stride_x, stride_we, stride_wi,
-                    H: tl.constexpr, FF: tl.constexpr, TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    H: tl.constexpr, FF: tl.constexpr, TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
     # h[block rows, n tile] = silu(x W_gate[e]^T) * (x W_up[e]^T), all BM rows (padding rows give 0)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(FF, BN)
@@ -137,15 +151,11 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, 
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, H, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0, mask=real[:, None], other=0.0)
-            bg = tl.load(wg_ptr + w_off + k0, mask=nmask[:, None], other=0.0)
-            bu = tl.load(wu_ptr + w_off + k0, mask=nmask[:, None], other=0.0)
-        else:
-            kmask = (k0 + kk < H)[None, :]
-            a = tl.load(a_ptrs + k0, mask=real[:, None] & kmask, other=0.0)
-            bg = tl.load(wg_ptr + w_off + k0, mask=nmask[:, None] & kmask, other=0.0)
-            bu = tl.load(wu_ptr + w_off + k0, mask=nmask[:, None] & kmask, other=0.0)
+        kmask = k0 + kk < H
+        # weights stream through once (evict first); x rows are reread by every program of the block
+        a = _load_tile(a_ptrs + k0, real, kmask, False, EVEN_K, "evict_last")
+        bg = _load_tile(wg_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
+        bu = _load_tile(wu_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
         acc_g = _dot(a, tl.trans(bg), acc_g, DOT_PREC, UPCAST)
         acc_u = _dot(a, tl.trans(bu), acc_u, DOT_PREC, UPCAST)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -155,8 +165,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, 
 
 @triton.jit
 def _down_kernel(h_ptr, wd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N, stride_we, stride_wh,
-                 H: tl.constexpr, FF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 H: tl.constexpr, FF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     # ys[pair, n tile] = w_pair * (h[row] W_down[e]^T) in fp32, for the block's real pairs
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BN)
@@ -175,13 +185,9 @@ def _down_kernel(h_ptr, wd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N,
     w_off = e.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wh + kk[None, :]
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, FF, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0)
-            b = tl.load(wd_ptr + w_off + k0, mask=nmask[:, None], other=0.0)
-        else:
-            kmask = (k0 + kk < FF)[None, :]
-            a = tl.load(a_ptrs + k0, mask=kmask, other=0.0)
-            b = tl.load(wd_ptr + w_off + k0, mask=nmask[:, None] & kmask, other=0.0)
+        kmask = k0 + kk < FF
+        a = _load_tile(a_ptrs + k0, m < BM, kmask, True, EVEN_K, "")  # every row of h was written
+        b = _load_tile(wd_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
         acc = _dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
     w = tl.load(tw_ptr + pair, mask=real, other=0.0).to(tl.float32)
     pair = tl.where(real, pair, 0).to(tl.int64)
@@ -279,13 +285,13 @@ def fused_moe(
     bn, bk = config.gate_up_block_n, config.gate_up_block_k
     _gate_up_kernel[(nb * triton.cdiv(ff, bn),)](
         x, w_gate, w_up, h, sorted_ids, block_expert, N, x.stride(0), w_gate.stride(0), w_gate.stride(1),
-        H=H, FF=ff, TOP_K=k, BM=BM, BN=bn, BK=bk, EVEN_K=H % bk == 0, DOT_PREC=prec, UPCAST=upcast,
-        num_warps=config.gate_up_warps, num_stages=config.gate_up_stages)
+        H=H, FF=ff, TOP_K=k, BM=BM, BN=bn, BK=bk, EVEN_N=ff % bn == 0, EVEN_K=H % bk == 0, DOT_PREC=prec,
+        UPCAST=upcast, num_warps=config.gate_up_warps, num_stages=config.gate_up_stages)
     bn, bk = config.down_block_n, config.down_block_k
     _down_kernel[(nb * triton.cdiv(H, bn),)](
         h, w_down, tw, ys, sorted_ids, block_expert, N, w_down.stride(0), w_down.stride(1),
-        H=H, FF=ff, BM=BM, BN=bn, BK=bk, EVEN_K=ff % bk == 0, DOT_PREC=prec, UPCAST=upcast,
-        num_warps=config.down_warps, num_stages=config.down_stages)
+        H=H, FF=ff, BM=BM, BN=bn, BK=bk, EVEN_N=H % bn == 0, EVEN_K=ff % bk == 0, DOT_PREC=prec,
+        UPCAST=upcast, num_warps=config.down_warps, num_stages=config.down_stages)
     bh = min(1024, triton.next_power_of_2(H))
     _sum_slots_kernel[(T, triton.cdiv(H, bh))](ys, idx, out, H, E, TOP_K=k, BH=bh, UPCAST=upcast, num_warps=4)
     return out
