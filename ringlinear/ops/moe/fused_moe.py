@@ -49,48 +49,60 @@ def max_blocks(T: int, k: int, E: int, block_m: int) -> int:
 
 
 @triton.jit
-def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, N, E, NUM_BLOCKS,
+def _chunk_ids(idx_ptr, i, N, E):
+    # expert ids of pairs i; `ok` drops lanes past N and ids outside [0, E) (clamped to 0 so histograms stay in range)
+    ex = tl.load(idx_ptr + i, mask=i < N, other=0).to(tl.int32)
+    ok = (i < N) & (ex >= 0) & (ex < E)
+    return tl.where(ok, ex, 0), ok
+
+
+@triton.jit
+def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, cursor_ptr, N, E, NUM_BLOCKS,
                   BM: tl.constexpr, E_PAD: tl.constexpr, C: tl.constexpr, FILL: tl.constexpr):
     # One program. sorted[p] = pair index t*k + j at padded position p (N = padding), pairs in (expert, pair)
     # order; expert e owns positions [start_e, start_e + cdiv(count_e, BM) * BM). block_expert[b] = owner of
     # block b, or -1 past the last block (those programs return at once). Out-of-range ids are left out.
+    # Everything is integer counting in a fixed order: the result does not depend on scheduling.
     e = tl.arange(0, E_PAD)
     cc = tl.arange(0, C)
+    fb = tl.arange(0, FILL)
     counts = tl.zeros([E_PAD], tl.int32)
     c0 = 0
     while c0 < N:  # while loops: the interpreter cannot take a runtime bound in range()
-        ex = tl.load(idx_ptr + c0 + cc, mask=c0 + cc < N, other=-1).to(tl.int32)
-        counts += tl.sum((ex[None, :] == e[:, None]).to(tl.int32), axis=1)
+        ex, ok = _chunk_ids(idx_ptr, c0 + cc, N, E)
+        counts += tl.histogram(ex, E_PAD, mask=ok)
         c0 += C
     padded = (counts + BM - 1) // BM * BM
-    end = tl.cumsum(padded, axis=0)
-    start = end - padded
-    block_end = end // BM
+    start = tl.cumsum(padded, axis=0) - padded
     n_blocks = tl.sum(padded, axis=0) // BM
-    fb = tl.arange(0, FILL)
-    b0 = 0
+    # block -> expert: each expert writes its own blocks, the tail gets -1
+    nb = padded // BM
+    j = 0
+    while j < tl.max(nb, axis=0):
+        tl.store(block_expert_ptr + start // BM + j, e, mask=j < nb)
+        j += 1
+    b0 = n_blocks
     while b0 < NUM_BLOCKS:
-        b = b0 + fb
-        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, owner, -1), mask=b < NUM_BLOCKS)
+        tl.store(block_expert_ptr + b0 + fb, -1 + 0 * fb, mask=b0 + fb < NUM_BLOCKS)
         b0 += FILL
     p0 = 0
     while p0 < n_blocks * BM:
-        p = p0 + fb
-        tl.store(sorted_ptr + p, N + 0 * p, mask=p < n_blocks * BM)
+        tl.store(sorted_ptr + p0 + fb, N + 0 * fb, mask=p0 + fb < n_blocks * BM)
         p0 += FILL
-    tl.debug_barrier()  # the padding fill lands before the pairs overwrite their slots
-    cursor = start
+    # pairs: slot = start of its expert + pairs of that expert before it (earlier chunks: the cursor in
+    # cursor_ptr, gathered by id; this chunk: a [C, C] compare)
+    tl.store(cursor_ptr + e, start)
+    tl.debug_barrier()  # padding and cursor land before the pairs are placed
     c0 = 0
     while c0 < N:
         i = c0 + cc
-        ex = tl.load(idx_ptr + i, mask=i < N, other=-1).to(tl.int32)
-        ok = (i < N) & (ex >= 0) & (ex < E)
-        rank = tl.sum(((ex[:, None] == ex[None, :]) & (cc[None, :] < cc[:, None])).to(tl.int32), axis=1)
-        onehot = ex[:, None] == e[None, :]  # [C, E_PAD]
-        base = tl.sum(tl.where(onehot, cursor[None, :], 0), axis=1)
+        ex, ok = _chunk_ids(idx_ptr, i, N, E)
+        rank = tl.sum(((ex[:, None] == ex[None, :]) & ok[None, :] & (cc[None, :] < cc[:, None])).to(tl.int32), axis=1)
+        base = tl.load(cursor_ptr + ex, mask=ok, other=0)
         tl.store(sorted_ptr + base + rank, i, mask=ok)
-        cursor += tl.sum(onehot.to(tl.int32), axis=0)
+        tl.debug_barrier()  # every gather of this chunk before the cursor moves
+        tl.store(cursor_ptr + e, tl.load(cursor_ptr + e) + tl.histogram(ex, E_PAD, mask=ok))
+        tl.debug_barrier()
         c0 += C
 
 
@@ -115,14 +127,13 @@ def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> t
     T, k = topk_idx.shape
     n = T * k
     nb = max_blocks(T, k, num_experts, block_m)
+    e_pad = triton.next_power_of_2(num_experts)
     sorted_ids = _empty((nb * block_m,), torch.int32, topk_idx.device)
     block_expert = _empty((nb,), torch.int32, topk_idx.device)
+    cursor = _empty((e_pad,), torch.int32, topk_idx.device)
     if nb:
-        e_pad = triton.next_power_of_2(num_experts)
-        # C pairs per step: [C, E_PAD] compare tiles of at most 8192 entries
-        _align_kernel[(1,)](topk_idx.contiguous().view(-1), sorted_ids, block_expert, n, num_experts, nb, BM=block_m,
-                            E_PAD=e_pad, C=max(16, min(64, 8192 // e_pad)), FILL=256,
-                            num_warps=8 if e_pad >= 256 else 4)
+        _align_kernel[(1,)](topk_idx.contiguous().view(-1), sorted_ids, block_expert, cursor, n, num_experts, nb,
+                            BM=block_m, E_PAD=e_pad, C=64, FILL=256, num_warps=4)
     return sorted_ids, block_expert
 
 

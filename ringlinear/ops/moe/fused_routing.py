@@ -28,7 +28,7 @@ class RouterConfig:
     block_e: int = 16
     block_h: int = 64
     split_h: int = 256
-    num_warps: int | None = None  # None: 4, or 8 when the [BLOCK_T, E] choice tile is large
+    num_warps: int | None = None  # None: 4, or 8 from 256 experts (the [BLOCK_T, E] choice tile)
 
 
 def router_counters(T: int, device) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT: t
     r3 = rows[:, None, None].to(tl.int64)
     m3 = rmask[:, None, None] & valid
     logit = tl.zeros([BT, GP, GSP], tl.float32)
-    for sp in tl.static_range(S_H):  # the partial sums, in split order
+    for sp in range(S_H):  # the partial sums, in split order
         logit += tl.load(part_ptr + (sp * T + r3) * E + e, mask=m3, other=0.0, cache_modifier=".cg")
     score = tl.sigmoid(logit)
     choice = score
@@ -216,7 +216,7 @@ def fused_router_topk(
     part = _empty((s_h, T, E), torch.float32, x.device)
     gs = E // n_group
     gp, gsp = triton.next_power_of_2(n_group), triton.next_power_of_2(gs)
-    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp > 4096 else 4)
+    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
     grid = (triton.cdiv(E, config.block_e) * s_h, n_tb)
     _router_kernel[grid](
         x, weight, expert_bias if expert_bias is not None else weight, part, counters, idx, wt,
