@@ -68,7 +68,7 @@ def test_fused_moe_repeated_id_and_int32_ids():
     assert rel(out, naive_moe(x, idx, w, wg, wu, wd)) < 1e-5
 
 
-@pytest.mark.parametrize("T,k,E,bm", [(1, 4, 16, 16), (17, 2, 4, 16), (9, 8, 64, 32), (6, 3, 5, 16)])
+@pytest.mark.parametrize("T,k,E,bm", [(1, 4, 16, 16), (17, 2, 4, 16), (9, 8, 64, 32), (6, 3, 5, 16), (256, 8, 256, 16)])
 def test_alignment(T, k, E, bm):
     g = torch.Generator().manual_seed(T)
     idx = torch.randint(0, E, (T, k), generator=g)
@@ -153,6 +153,8 @@ def test_fused_moe_bad_arguments():
         fused_moe(x, idx.float(), w, wg, wu, wd)
     with pytest.raises(ValueError, match="config.gate_up_block_k"):
         fused_moe(x, idx, w, wg, wu, wd, config=FusedMoEConfig(gate_up_block_k=48))
+    with pytest.raises(ValueError, match="MAX_PAIRS"):
+        fused_moe(x.new_zeros(2049, 32), idx.new_zeros(2049, 4), w.new_zeros(2049, 4), wg, wu, wd)
     with pytest.raises(ValueError, match="out must be"):
         fused_moe(x, idx, w, wg, wu, wd, out=torch.empty(2, 31, device=DEV))
 

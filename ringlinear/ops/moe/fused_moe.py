@@ -36,6 +36,9 @@ class FusedMoEConfig:
     down_stages: int = 4
 
 
+MAX_PAIRS = 8192  # T * k: the alignment sorts all pairs in one program (keys pack the pair index in 16 bits)
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Every buffer the op allocates comes from here (tests swap in a poisoning allocator)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -49,36 +52,28 @@ def max_blocks(T: int, k: int, E: int, block_m: int) -> int:
 
 
 @triton.jit
-def _chunk_ids(idx_ptr, i, N, E):
-    # expert ids of pairs i; `ok` drops lanes past N and ids outside [0, E) (clamped to 0 so histograms stay in range)
-    ex = tl.load(idx_ptr + i, mask=i < N, other=0).to(tl.int32)
-    ok = (i < N) & (ex >= 0) & (ex < E)
-    return tl.where(ok, ex, 0), ok
-
-
-@triton.jit
-def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, cursor_ptr, N, E, NUM_BLOCKS,
-                  BM: tl.constexpr, E_PAD: tl.constexpr, C: tl.constexpr, FILL: tl.constexpr):
+def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, off_ptr, N, E, NUM_BLOCKS,
+                  BM: tl.constexpr, E_PAD: tl.constexpr, NP: tl.constexpr, FILL: tl.constexpr):
     # One program. sorted[p] = pair index t*k + j at padded position p (N = padding), pairs in (expert, pair)
     # order; expert e owns positions [start_e, start_e + cdiv(count_e, BM) * BM). block_expert[b] = owner of
     # block b, or -1 past the last block (those programs return at once). Out-of-range ids are left out.
-    # Everything is integer counting in a fixed order: the result does not depend on scheduling.
+    # Integer counting and one sort of the unique keys (expert, pair): nothing depends on scheduling.
+    r = tl.arange(0, NP)
     e = tl.arange(0, E_PAD)
-    cc = tl.arange(0, C)
     fb = tl.arange(0, FILL)
-    counts = tl.zeros([E_PAD], tl.int32)
-    c0 = 0
-    while c0 < N:  # while loops: the interpreter cannot take a runtime bound in range()
-        ex, ok = _chunk_ids(idx_ptr, c0 + cc, N, E)
-        counts += tl.histogram(ex, E_PAD, mask=ok)
-        c0 += C
+    ex = tl.load(idx_ptr + r, mask=r < N, other=0).to(tl.int32)
+    ok = (r < N) & (ex >= 0) & (ex < E)
+    ex = tl.where(ok, ex, 0)
+    counts = tl.histogram(ex, E_PAD, mask=ok)
     padded = (counts + BM - 1) // BM * BM
-    start = tl.cumsum(padded, axis=0) - padded
+    start = tl.cumsum(padded, axis=0) - padded  # first padded slot of each expert
+    first = tl.cumsum(counts, axis=0) - counts  # rank of each expert's first pair in the sorted order
     n_blocks = tl.sum(padded, axis=0) // BM
+    tl.store(off_ptr + e, start - first)
     # block -> expert: each expert writes its own blocks, the tail gets -1
     nb = padded // BM
     j = 0
-    while j < tl.max(nb, axis=0):
+    while j < tl.max(nb, axis=0):  # while loops: the interpreter cannot take a runtime bound in range()
         tl.store(block_expert_ptr + start // BM + j, e, mask=j < nb)
         j += 1
     b0 = n_blocks
@@ -89,21 +84,13 @@ def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, cursor_ptr, N, E, NUM_B
     while p0 < n_blocks * BM:
         tl.store(sorted_ptr + p0 + fb, N + 0 * fb, mask=p0 + fb < n_blocks * BM)
         p0 += FILL
-    # pairs: slot = start of its expert + pairs of that expert before it (earlier chunks: the cursor in
-    # cursor_ptr, gathered by id; this chunk: a [C, C] compare)
-    tl.store(cursor_ptr + e, start)
-    tl.debug_barrier()  # padding and cursor land before the pairs are placed
-    c0 = 0
-    while c0 < N:
-        i = c0 + cc
-        ex, ok = _chunk_ids(idx_ptr, i, N, E)
-        rank = tl.sum(((ex[:, None] == ex[None, :]) & ok[None, :] & (cc[None, :] < cc[:, None])).to(tl.int32), axis=1)
-        base = tl.load(cursor_ptr + ex, mask=ok, other=0)
-        tl.store(sorted_ptr + base + rank, i, mask=ok)
-        tl.debug_barrier()  # every gather of this chunk before the cursor moves
-        tl.store(cursor_ptr + e, tl.load(cursor_ptr + e) + tl.histogram(ex, E_PAD, mask=ok))
-        tl.debug_barrier()
-        c0 += C
+    tl.debug_barrier()  # padding and offsets land before the pairs are placed
+    # sorted rank q of pair (e, p) -> slot start_e + (q - first_e)
+    key = tl.sort(tl.where(ok, (ex << 16) | r, 0x7FFFFFFF))
+    placed = key != 0x7FFFFFFF
+    ke = key >> 16
+    slot = tl.load(off_ptr + ke, mask=placed, other=0) + r
+    tl.store(sorted_ptr + slot, key & 0xFFFF, mask=placed)
 
 
 @triton.jit
@@ -127,13 +114,17 @@ def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> t
     T, k = topk_idx.shape
     n = T * k
     nb = max_blocks(T, k, num_experts, block_m)
+    if n > MAX_PAIRS or num_experts > 32767:
+        raise ValueError(f"align_by_expert: topk_idx has {n} pairs over {num_experts} experts; the one-program sort "
+                         f"takes at most {MAX_PAIRS} pairs and 32767 experts (this is the decode path)")
     e_pad = triton.next_power_of_2(num_experts)
     sorted_ids = _empty((nb * block_m,), torch.int32, topk_idx.device)
     block_expert = _empty((nb,), torch.int32, topk_idx.device)
-    cursor = _empty((e_pad,), torch.int32, topk_idx.device)
+    offsets = _empty((e_pad,), torch.int32, topk_idx.device)
     if nb:
-        _align_kernel[(1,)](topk_idx.contiguous().view(-1), sorted_ids, block_expert, cursor, n, num_experts, nb,
-                            BM=block_m, E_PAD=e_pad, C=64, FILL=256, num_warps=4)
+        np_ = triton.next_power_of_2(n)
+        _align_kernel[(1,)](topk_idx.contiguous().view(-1), sorted_ids, block_expert, offsets, n, num_experts, nb,
+                            BM=block_m, E_PAD=e_pad, NP=np_, FILL=256, num_warps=4 if np_ <= 2048 else 8)
     return sorted_ids, block_expert
 
 
@@ -235,6 +226,9 @@ def _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config):
     if topk_idx.dim() != 2 or topk_idx.shape[0] != T or topk_weight.shape != topk_idx.shape:
         raise ValueError(f"fused_moe: topk_idx and topk_weight must be [T={T}, k], got {tuple(topk_idx.shape)} and "
                          f"{tuple(topk_weight.shape)}")
+    if T * topk_idx.shape[1] > MAX_PAIRS:
+        raise ValueError(f"fused_moe: topk_idx {tuple(topk_idx.shape)} has {T * topk_idx.shape[1]} pairs, more than "
+                         f"MAX_PAIRS = {MAX_PAIRS} (the decode path; use routed_experts for larger batches)")
     if topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fused_moe: topk_idx must be int32 or int64, got {topk_idx.dtype}")
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
@@ -269,8 +263,9 @@ def fused_moe(
 ) -> torch.Tensor:
     """x: [T, H]; topk_idx [T, k] (int32/int64, in [0, E)), topk_weight [T, k]; w_gate, w_up: [E, I, H];
     w_down: [E, H, I] (x's dtype: bf16 on the GPU, fp32 or bf16 in tests) -> [T, H] in x's dtype (written into
-    `out` when given). Any H and I; duplicate ids in a row count twice. Meant for decode batches (T*k up to a few
-    thousand): the alignment is one program doing O(T*k*E) compares."""
+    `out` when given). Any H and I; duplicate ids in a row count twice; ids outside [0, E) add nothing. The decode
+    path: T*k at most MAX_PAIRS = 8192 (the alignment sorts all pairs in one program); larger batches belong to
+    `routed_experts`."""
     config = config or FusedMoEConfig()
     _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config)
     T, H = x.shape
