@@ -1,5 +1,6 @@
 """Fused routed SwiGLU experts for decode: y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t), e = idx_tj,
-reading each touched expert's weights once per call (Triton; cf. vLLM's fused_moe, on our stacked layout).
+reading each touched expert's weights once per block of up to BLOCK_M of its pairs, i.e. once per call at decode
+sizes (Triton; the scheme of vLLM's fused_moe, on our stacked, unconcatenated weights).
 
 Four launches, none reading back to the host (CUDA-graph safe): (1) one program sorts the T*k (token, slot) pairs
 by expert, stably, into BLOCK_M-padded blocks in fixed-size buffers; (2) program (block, I tile) computes the gate
