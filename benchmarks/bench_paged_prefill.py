@@ -21,10 +21,10 @@ import triton
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
-from ringlinear.layers.attention_context import causal_attention
-from ringlinear.ops.attention import prefix_chunk_attention
+from ringlinear.ops.attention import causal_attention, prefix_chunk_attention
 from ringlinear.ops.paged_attention.naive import naive_paged_prefill_attention
-from ringlinear.ops.paged_attention.prefill import PrefillConfig, default_config, paged_prefill_attention
+from ringlinear.ops.paged_attention.prefill import PrefillConfig, default_config
+from ringlinear.ops.paged_attention.prefill import fused_paged_prefill_attention as paged_prefill_attention
 
 H, HKV, D, BS = 16, 4, 128, 16
 DTYPE = torch.bfloat16

@@ -6,9 +6,10 @@ every output element written (the output buffer starts as NaN)."""
 import pytest
 import torch
 
-from ringlinear.layers.attention_context import causal_attention
+from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.paged_attention.naive import naive_paged_prefill_attention
-from ringlinear.ops.paged_attention.prefill import PrefillConfig, paged_prefill_attention
+from ringlinear.ops.paged_attention.prefill import PrefillConfig
+from ringlinear.ops.paged_attention.prefill import fused_paged_prefill_attention as paged_prefill_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ringlinear.ops.lightning.chunk import _cast, _dot, _interpreting
+from ringlinear.ops.backend import interpreting
+from ringlinear.ops.triton_common import exact_dot, round_cast
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, 
         a = _load_tile(a_ptrs + k0, real, kmask, False, EVEN_K, "evict_last")
         bg = _load_tile(wg_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
         bu = _load_tile(wu_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
-        acc_g = _dot(a, tl.trans(bg), acc_g, DOT_PREC, UPCAST)
-        acc_u = _dot(a, tl.trans(bu), acc_u, DOT_PREC, UPCAST)
+        acc_g = exact_dot(a, tl.trans(bg), acc_g, DOT_PREC, UPCAST)
+        acc_u = exact_dot(a, tl.trans(bu), acc_u, DOT_PREC, UPCAST)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h_ptr + (blk * BM + m)[:, None].to(tl.int64) * FF + n[None, :], _cast(h, h_ptr.dtype.element_ty, UPCAST),
+    tl.store(h_ptr + (blk * BM + m)[:, None].to(tl.int64) * FF + n[None, :], round_cast(h, h_ptr.dtype.element_ty, UPCAST),
              mask=nmask[None, :])
 
 
@@ -191,7 +192,7 @@ def _down_kernel(h_ptr, wd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N,
         kmask = k0 + kk < FF
         a = _load_tile(a_ptrs + k0, m < BM, kmask, True, EVEN_K, "")  # every row of h was written
         b = _load_tile(wd_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
-        acc = _dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
+        acc = exact_dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
     w = tl.load(tw_ptr + pair, mask=real, other=0.0).to(tl.float32)
     pair = tl.where(real, pair, 0).to(tl.int64)
     tl.store(ys_ptr + pair[:, None] * H + n[None, :], acc * w[:, None], mask=real[:, None] & nmask[None, :])
@@ -209,7 +210,7 @@ def _sum_slots_kernel(ys_ptr, idx_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BH: t
         ex = tl.load(idx_ptr + t * TOP_K + j)
         ok = (ex >= 0) & (ex < E)
         acc += tl.load(ys_ptr + (t * TOP_K + j) * H + hh, mask=hm & ok, other=0.0)
-    tl.store(out_ptr + t * H + hh, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=hm)
+    tl.store(out_ptr + t * H + hh, round_cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=hm)
 
 
 def _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config):
@@ -287,7 +288,7 @@ def fused_moe(
     nb = block_expert.numel()
     h = _empty((nb * BM, ff), x.dtype, dev)
     ys = _empty((N, H), torch.float32, dev)
-    upcast = _interpreting()
+    upcast = interpreting()
     prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
     bn, bk = config.gate_up_block_n, config.gate_up_block_k
     _gate_up_kernel[(nb * triton.cdiv(ff, bn),)](
