@@ -10,7 +10,6 @@ sequences an `AttentionContext` describes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ringlinear.config import RingLinearConfig
@@ -21,6 +20,7 @@ from ringlinear.layers.moe import MoE, Router, SwiGLU
 from ringlinear.layers.norms import RMSNorm
 from ringlinear.layers.softmax_attention import SoftmaxAttention
 from ringlinear.ops.cross_entropy import linear_cross_entropy
+from ringlinear.ops.matmul import mm_fp32_out
 
 IGNORE_INDEX = -100
 
@@ -33,11 +33,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = SoftmaxAttention(config, layer_idx) if softmax else LightningAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = moe
         self.mlp = MoE(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.attention(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, decode=ctx.is_decode) if self.is_moe else self.mlp(h))
 
 
 class MTPModule(nn.Module):
@@ -130,8 +132,10 @@ class RingLinearForCausalLM(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits from final-normed hidden states (lm_head in fp32, as the report's RL alignment needs)."""
-        return F.linear(hidden.float(), self.lm_head_weight.float())
+        """fp32 logits from final-normed hidden states: the lm_head's bf16 weights with fp32 accumulation and output
+        (the report's fp32 lm_head: an fp32 GEMM of the same values up to summation order, no fp32 weight copy)."""
+        w = self.lm_head_weight
+        return mm_fp32_out(hidden.to(w.dtype), w.t())
 
     def forward(
         self,

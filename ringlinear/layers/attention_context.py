@@ -22,7 +22,10 @@ from ringlinear.ops.lightning import lightning_attn, lightning_decode
 
 
 class AttentionContext:
-    """Base: packed layout. Subclasses implement the two attention calls."""
+    """Base: packed layout. Subclasses implement the two attention calls. `is_decode`: every sequence adds one
+    token (the engine's decode step: layers may take their small-batch kernels)."""
+
+    is_decode = False
 
     def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor, bounds: list[int] | None = None):
         """cu_seqlens: [N+1] int32; positions: [T]; bounds: cu_seqlens as a host list, when the caller has it

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ringlinear.ops.moe import expert_counts, grouped_topk, routed_experts
+from ringlinear.ops.backend import use_triton
+from ringlinear.ops.moe import DECODE_MAX_PAIRS, expert_counts, grouped_topk, routed_experts
 from ringlinear.ops.swiglu import swiglu
 
 
@@ -66,9 +67,20 @@ class MoE(nn.Module):
             SwiGLU(Hd, config.shared_expert_intermediate_size, config.use_bias) if config.num_shared_experts > 0 else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx, w = self.gate(x)
-        out = routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """x: [T, hidden]. `decode`: a decode step's few tokens, which take the fused small-batch kernels on the
+        Triton backend (router + top-k in one kernel, experts reading each touched expert's weights once)."""
+        if decode and not torch.is_grad_enabled() and use_triton(x) and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS:
+            from ringlinear.ops.moe.fused_moe import fused_moe
+            from ringlinear.ops.moe.fused_routing import fused_router_topk
+
+            g = self.gate
+            idx, w = fused_router_topk(x, g.weight, g.expert_bias, g.top_k, g.n_group, g.topk_group,
+                                       g.norm_topk_prob, g.routed_scaling_factor)
+            out = fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+        else:
+            idx, w = self.gate(x)
+            out = routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

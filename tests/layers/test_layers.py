@@ -100,3 +100,27 @@ def test_padded_causal_attention_matches_per_sequence(lens):
     torch.testing.assert_close(o, ref)
     for a, r in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
         torch.testing.assert_close(a, r)
+
+
+def test_moe_decode_path_takes_the_fused_kernels_and_matches(monkeypatch):
+    """A decode step's MoE (no grad, Triton backend) runs the fused router + experts and equals the grouped path."""
+    import ringlinear.ops.moe.fused_moe as fm
+    from ringlinear.config import preset
+    from ringlinear.layers.moe import MoE
+    from ringlinear.ops.backend import use_backend
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    moe = MoE(cfg).float()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.gate.expert_bias.normal_(0, 0.1)
+    x = torch.randn(5, cfg.hidden_size)
+    calls = []
+    real = fm.fused_moe
+    monkeypatch.setattr(fm, "fused_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), use_backend("triton"):
+        fused = moe(x, decode=True)
+        grouped = moe(x)
+    assert calls == [1]
+    assert ((fused - grouped).norm() / grouped.norm()).item() < 1e-5

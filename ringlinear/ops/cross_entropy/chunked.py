@@ -11,61 +11,11 @@ chunk of fp32 logits (`chunk_rows x V`) plus dW in fp32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ringlinear.ops.backend import fused_cross_entropy_enabled
 from ringlinear.ops.cross_entropy.naive import naive_softmax_ce_grad
-
-
-@functools.cache
-def _mm_f32_ok(device: torch.device) -> bool:
-    """Whether this build has the bf16 x bf16 -> fp32 GEMM (`torch.mm(..., out_dtype=)`) on `device`."""
-    try:
-        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-@functools.cache
-def _addmm_f32_ok(device: torch.device) -> bool:
-    """Whether this build accumulates a bf16 x bf16 product into an fp32 tensor in place (`addmm(out_dtype=)`)."""
-    try:
-        c = torch.zeros(16, 16, device=device)
-        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
-        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-        return bool(c[0, 0] == 16)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def _acc_mm_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b in fp32 (acc None: a @ b). On CUDA the sum is the GEMM's epilogue (beta = 1, in place): no
-    separate read-add-write of `acc`, which for the lm_head's [157K, 2048] fp32 gradient is 3.9 GB a chunk."""
-    if acc is None:
-        return _mm_f32(a, b)
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _addmm_f32_ok(a.device):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc.add_(_mm_f32(a, b))
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and fp32 output, on tensor cores for bf16/fp16 CUDA inputs."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        if _mm_f32_ok(a.device):
-            return torch.mm(a, b, out_dtype=torch.float32)
-        # bf16/fp16 values are exact in TF32, so a TF32 GEMM of the upcast inputs keeps every product exact
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            return a.float() @ b.float()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    return a.float() @ b.float()
+from ringlinear.ops.matmul import addmm_fp32_out, mm_fp32_out
 
 
 def default_chunk_rows(vocab: int, budget_elems: int = 1 << 28) -> int:
@@ -88,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, T, chunk_rows):
             e = min(T, s + chunk_rows)
             h = hidden[s:e]
-            logits = _mm_f32(h, wt)  # [c, V] fp32
+            logits = mm_fp32_out(h, wt)  # [c, V] fp32
             # per-row loss and (softmax - onehot) / n in the input dtype: one Triton kernel, or its reference
             ce = naive_softmax_ce_grad
             if fused:
@@ -96,8 +46,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rl, g = ce(logits, labels[s:e], inv_n, ignore_index, hidden.dtype if need_grad else None)
             loss += rl.sum()
             if need_grad:
-                dh[s:e] = _mm_f32(g, weight).to(hidden.dtype)
-                dw = _acc_mm_f32(dw, g.t(), h)
+                dh[s:e] = mm_fp32_out(g, weight).to(hidden.dtype)
+                dw = addmm_fp32_out(dw, g.t(), h)
         if need_grad:
             if dw is None:  # no tokens
                 dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)

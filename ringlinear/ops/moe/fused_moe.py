@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ringlinear.ops.backend import interpreting
+from ringlinear.ops.moe import DECODE_MAX_PAIRS as MAX_PAIRS
 from ringlinear.ops.triton_common import exact_dot, round_cast
 
 
@@ -37,8 +38,6 @@ class FusedMoEConfig:
     down_warps: int = 4
     down_stages: int = 4
 
-
-MAX_PAIRS = 8192  # T * k: the alignment sorts all pairs in one program (keys pack the pair index in 16 bits)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
