@@ -8,7 +8,11 @@ times are scaled by 64 / dense-layers, said in the table). One run, same engine,
   a prefill: the work of a decode step is the same), tokens/s over `--decode-steps` engine steps; B = 8 for
   every model, and the largest batch the cache admits (capped at 64);
 - floor: bytes one decode step must read (activated weights, with the experts B tokens touch; KV; state read
-  + write) over the copy bandwidth measured in this run, against the measured step time.
+  + write) over the copy bandwidth measured in this run, against the measured step time, at B = 8 and B = 64;
+- host: the part of a decode step that is not GPU work (step wall time - the replayed graph's GPU time);
+- prefill MFU: (2 x activated non-embedding parameters + attention FLOPs) per token x tok/s over the bf16 GEMM
+  rate measured in this run;
+- --profile: a kernel-time table of eager decode steps (top kernels per step) for the hybrid at B = 8.
 
     python benchmarks/bench_serving.py --json out.json            (CUDA)
     python benchmarks/bench_serving.py --quick                     (CPU smoke run, tiny preset)
@@ -70,6 +74,33 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 4 * 20 / (time.perf_counter() - t0)
 
 
+def gemm_rate(device) -> float:
+    """Measured dense bf16 GEMM rate, FLOP/s (8192^3, random data)."""
+    if device.type != "cuda":
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
+
+
+def prefill_flops_per_token(config, C: int) -> float:
+    """Forward FLOPs per prompt token of a C-token prefill: 2 x activated non-embedding parameters, plus per
+    softmax layer QK^T and PV over C/2 keys on average (4 H D C/2), per linear layer the chunked form (state
+    update and readout 4 H D^2, intra-chunk 4 H D x 64/2)."""
+    from ringlinear.accounting import model_stats
+
+    s = model_stats(config)
+    H, D = config.num_attention_heads, config.head_dim
+    n_soft, n_lin = config.layer_types.count("softmax"), config.layer_types.count("linear")
+    return 2 * s.active_params + n_soft * 4 * H * D * C / 2 + n_lin * (4 * H * D * D + 4 * H * D * 32)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -106,7 +137,8 @@ def fill_running(engine: LLMEngine, B: int, C: int) -> list[Sequence]:
     return seqs
 
 
-def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> float:
+def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> tuple[float, float | None]:
+    """(seconds per decode step of B sequences at context C, GPU seconds of the step's graph replay or None)."""
     seqs = fill_running(engine, B, C)
     engine.step()  # warm-up
     sync(device)
@@ -115,10 +147,52 @@ def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> floa
         engine.step()
     sync(device)
     dt = (time.perf_counter() - t0) / steps
+    gpu = None
+    graphs = engine.runner.graphs
+    if graphs is not None and B <= graphs.max_batch:
+        g = graphs.graphs[next(s for s in graphs.sizes if s >= B)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        start.record()
+        for _ in range(steps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        gpu = start.elapsed_time(end) / 1e3 / steps
     for s in seqs:
         engine.abort_request(s.request_id)
     engine.step()
-    return dt
+    return dt, gpu
+
+
+def profile_decode(engine: LLMEngine, B: int, C: int, steps: int, top: int = 25) -> list[dict]:
+    """Kernel time per eager decode step (graphs off), the `top` kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    seqs = fill_running(engine, B, C)
+    engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    for s in seqs:
+        engine.abort_request(s.request_id)
+    engine.step()
+    engine.runner.graphs = graphs
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.key and not e.key.startswith("ProfilerStep"):
+            rows.append({"kernel": e.key[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    print(f"\nkernel time per eager decode step, B={B}, context {C}: {total:.2f} ms in "
+          f"{sum(r['calls_per_step'] for r in rows):.0f} kernels")
+    for r in rows[:top]:
+        print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f} x  {r['kernel']}")
+    return [{"total_ms_per_step": total}] + rows[:top]
 
 
 def max_batch(engine: LLMEngine, C: int, cap: int) -> int:
@@ -144,7 +218,8 @@ def decode_floor_bytes(config, B: int, C: int, dtype_bytes: int = 2) -> float:
     return weights + B * (C * kv + 2 * state)
 
 
-def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) -> list[dict]:
+def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0, flops_rate=float("nan"),
+              profiles=None) -> list[dict]:
     print(f"\n== {name}: {config.num_hidden_layers} layers, building random weights on {device}", flush=True)
     model = random_model(config, device, dtype)
     engine = LLMEngine(EngineConfig(device=str(device), max_num_seqs=args.max_batch,
@@ -161,19 +236,29 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) 
             print(row, flush=True)
             continue
         row["prefill_tok_s"] = prefill_tps(engine, C, device) / layer_scale
-        for tag, B in (("b8", min(8, max_batch(engine, C, args.max_batch))), ("max", max_batch(engine, C, args.max_batch))):
-            dt = decode_step_s(engine, B, C, args.decode_steps, device) * layer_scale
+        row["prefill_mfu"] = row["prefill_tok_s"] * prefill_flops_per_token(config, C) / flops_rate
+        mb = max_batch(engine, C, args.max_batch)
+        for tag, B in (("b8", min(8, mb)), ("b64", min(64, mb)), ("max", mb)):
+            if tag == "b64" and B <= 8:
+                continue
+            dt, gpu = decode_step_s(engine, B, C, args.decode_steps, device)
+            dt *= layer_scale
             row[f"decode_{tag}_batch"] = B
             row[f"decode_{tag}_tok_s"] = B / dt
             row[f"decode_{tag}_step_ms"] = dt * 1e3
-            if tag == "b8" and engine.runner.graphs is not None:  # the same step without graphs, same run
+            if gpu is not None:
+                row[f"decode_{tag}_host_ms"] = (dt - gpu * layer_scale) * 1e3
+            if tag == "b8" and engine.runner.graphs is not None and not args.skip_eager:  # same step without graphs
                 graphs, engine.runner.graphs = engine.runner.graphs, None
-                row["decode_b8_step_ms_eager"] = decode_step_s(engine, B, C, args.decode_steps, device) * layer_scale * 1e3
+                row["decode_b8_step_ms_eager"] = decode_step_s(engine, B, C, args.decode_steps, device)[0] \
+                    * layer_scale * 1e3
                 engine.runner.graphs = graphs
-            if tag == "b8":
+            if tag in ("b8", "b64"):
                 floor = decode_floor_bytes(config, B, C) * layer_scale / bw
-                row["decode_b8_floor_ms"] = floor * 1e3
-                row["decode_b8_floor_ratio"] = dt / floor
+                row[f"decode_{tag}_floor_ms"] = floor * 1e3
+                row[f"decode_{tag}_floor_ratio"] = dt / floor
+        if profiles is not None and device.type == "cuda" and C == contexts[0]:
+            profiles[name] = profile_decode(engine, min(8, mb), C, 3)
         rows.append(row)
         print(row, flush=True)
     del engine, model
@@ -183,8 +268,8 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0) 
     return rows
 
 
-def report(rows: list[dict], bw: float) -> None:
-    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s")
+def report(rows: list[dict], bw: float, rate: float = float("nan")) -> None:
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
     by = {(r["model"], r["context"]): r for r in rows}
     ctxs = sorted({r["context"] for r in rows})
     hdr = ("context | hybrid prefill tok/s | twin | dense32B* | hybrid/twin | hybrid/dense | decode B=8 tok/s hybrid | "
@@ -207,7 +292,13 @@ def report(rows: list[dict], bw: float) -> None:
               f"{g(h, c, 'decode_max_tok_s') / g(t, c, 'decode_max_tok_s'):.2f}x | "
               f"{g(h, c, 'decode_b8_floor_ratio'):.2f}x | "
               f"{g(h, c, 'decode_b8_step_ms'):.1f} / {g(h, c, 'decode_b8_step_ms_eager'):.1f}")
-    print("* dense 32B shape: measured with a slice of its layers, times scaled to 64 layers")
+    print("* dense 32B shape: a projection, measured with a slice of its layers, times scaled to 64 layers")
+    print("\ncontext | hybrid prefill MFU | twin | B=8 step/floor | B=64 step/floor | host ms/step B=8 | B=64 | max B")
+    for c in ctxs:
+        h, t = "hybrid", "softmax-twin"
+        print(f"{c} | {g(h, c, 'prefill_mfu'):.1%} | {g(t, c, 'prefill_mfu'):.1%} | {g(h, c, 'decode_b8_floor_ratio'):.2f}x | "
+              f"{g(h, c, 'decode_b64_floor_ratio'):.2f}x | {g(h, c, 'decode_b8_host_ms'):.2f} | "
+              f"{g(h, c, 'decode_b64_host_ms'):.2f} | {g(h, c, 'decode_max_host_ms'):.2f}")
 
 
 def main():
@@ -222,6 +313,8 @@ def main():
     ap.add_argument("--cpu-cache-gib", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true", help="tiny preset, short contexts (CPU smoke run)")
     ap.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--skip-eager", action="store_true", help="no eager (graphs off) B=8 comparison")
+    ap.add_argument("--profile", action="store_true", help="kernel-time table of eager decode steps (first context)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -238,6 +331,8 @@ def main():
         contexts = [256, 1024]
         args.decode_steps, args.chunk, args.max_batch = 3, 256, 8
     bw = copy_bandwidth(device)
+    rate = gemm_rate(device)
+    profiles = {} if args.profile else None
     models = {
         "hybrid": (base, 1.0),
         "softmax-twin": (base.replace(layer_group_size=1), 1.0),
@@ -248,7 +343,7 @@ def main():
     for name in args.models.split(","):
         cfg, scale = models[name]
         try:
-            rows += run_model(name, cfg, contexts, args, device, dtype, bw, scale)
+            rows += run_model(name, cfg, contexts, args, device, dtype, bw, scale, rate, profiles)
         except Exception as e:  # noqa: BLE001 - report what ran; the failure is printed and recorded
             import traceback
 
@@ -259,10 +354,10 @@ def main():
                 torch.cuda.empty_cache()
         if args.json:  # after every model, so a run cut short keeps what it measured
             meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "copy_Bps": bw, "args": vars(args)}
+                    "torch": torch.__version__, "copy_Bps": bw, "bf16_gemm_flops": rate, "args": vars(args)}
             with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    report(rows, bw)
+                json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=2)
+    report(rows, bw, rate)
 
 
 if __name__ == "__main__":

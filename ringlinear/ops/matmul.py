@@ -42,12 +42,31 @@ def addmm_fp32_out(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -
     return acc.add_(mm_fp32_out(a, b))
 
 
+class _MmFp32Out(torch.autograd.Function):
+    """`a @ b` with fp32 output from bf16/fp16 operands; the backward's products in fp32, rounded to each
+    operand's dtype (as autograd through the upcast fp32 GEMM gives them)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.mm(a, b, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        ga = (g @ b.float().t()).to(a.dtype) if ctx.needs_input_grad[0] else None
+        gb = (a.float().t() @ g).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and fp32 output, on tensor cores for bf16/fp16 CUDA inputs."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
         if _mm_out_fp32_supported(a.device):
+            if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+                return _MmFp32Out.apply(a, b)
             return torch.mm(a, b, out_dtype=torch.float32)
         # bf16/fp16 values are exact in TF32, so a TF32 GEMM of the upcast inputs keeps every product exact
         prev = torch.backends.cuda.matmul.allow_tf32
