@@ -11,6 +11,7 @@ checkpoint are not used.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -349,6 +350,10 @@ class BailingMoeLinearV2DecoderLayer(nn.Module):
 
 # transformers >= 5 names the cache `cache` in model outputs and inputs, older versions `past_key_values`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Router tensors stay fp32 in a bf16/fp16 load (router_dtype). transformers 4.x matches these entries as whole module
+# names, 5.x (transformers.core_model_loading) as patterns searched in parameter names.
+ROUTER_FP32 = ([r"mlp\.gate\.weight", r"mlp\.gate\.expert_bias"]
+               if importlib.util.find_spec("transformers.core_model_loading") else ["gate"])
 
 
 # ---- cache ---------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ class BailingMoeLinearV2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["BailingMoeLinearV2DecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"^model\.mtp\."]  # MTP modules: training and drafting only
-    _keep_in_fp32_modules_strict = [r"mlp\.gate\.weight", r"mlp\.gate\.expert_bias"]  # router_dtype fp32
+    _keep_in_fp32_modules_strict = ROUTER_FP32
     _is_stateful = True
 
     @torch.no_grad()
