@@ -88,7 +88,7 @@ def test_transformers_loads_checkpoint_and_logits_equal(tmp_path, overrides):
 
 def test_generate_with_cache_equals_our_greedy_decoding(tmp_path):
     """generate: one prefill then one token per forward through the remote code's cache; greedy tokens equal ours,
-    also for a left-padded batch (padding neither enters a linear state nor is attended to)."""
+    also for a left-padded batch (padding neither enters a linear state nor is attended to); beam search too."""
     m = _model(preset("tiny"))
     save_model(m, tmp_path / "ck")
     hf, _ = _hf(tmp_path / "ck")
@@ -106,6 +106,9 @@ def test_generate_with_cache_equals_our_greedy_decoding(tmp_path):
     mask = (batch != 256).long()
     out = hf.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=256)
     assert out[0, 4:].tolist() == _greedy(m, a, 4) and out[1].tolist() == _greedy(m, b, 4)
+    # beam search reorders the cache between steps: same beams as recomputing everything each step
+    beams = [hf.generate(b[None], max_new_tokens=4, num_beams=3, do_sample=False, use_cache=c) for c in (True, False)]
+    assert torch.equal(*beams)
 
 
 def test_padding_anywhere_leaves_the_cache_as_without_it(tmp_path):

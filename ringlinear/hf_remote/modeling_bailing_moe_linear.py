@@ -440,28 +440,23 @@ class BailingMoeLinearV2Model(BailingMoeLinearV2PreTrainedModel):
         B, T = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
 
-        valid = None
+        # which new positions are real tokens (the mask may cover the past too: its last T columns are the new ones)
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         if attention_mask is not None:
-            mask = attention_mask.bool()
-            if mask.shape[1] not in (T, past + T):
-                raise ValueError(f"attention_mask covers {mask.shape[1]} positions: need {T} or past + new = {past + T}")
-            valid = mask[:, -T:]
-        if position_ids is None:
-            base = cache.next_position if cache is not None and cache.next_position is not None else \
-                torch.zeros(B, dtype=torch.long, device=x.device)
-            counts = valid.long().cumsum(1) if valid is not None else torch.arange(1, T + 1, device=x.device)[None]
-            position_ids = (base[:, None] + counts - 1).clamp(min=0)
-            next_position = base + (valid.long().sum(1) if valid is not None else T)
+            if attention_mask.shape[1] not in (T, past + T):
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions: need {T} or "
+                                 f"past + new = {past + T}")
+            valid = attention_mask[:, -T:].bool()
+        all_valid = valid if past == 0 else torch.cat([cache.valid, valid], 1)
+        if position_ids is None:  # each sequence counts its real tokens
+            base = cache.next_position if past else torch.zeros(B, dtype=torch.long, device=x.device)
+            position_ids = (base[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+            next_position = base + valid.long().sum(1)
         else:
             position_ids = position_ids[:, -T:].to(x.device).expand(B, T)
             next_position = position_ids[:, -1] + 1
-        all_valid = torch.cat([cache.valid, valid if valid is not None else torch.ones(B, T, dtype=torch.bool,
-                                                                                       device=x.device)], 1) \
-            if cache is not None and cache.valid is not None else (
-                valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device))
-        padded = not bool(all_valid.all())
-        lin_valid = valid if padded else None
-        key_valid = all_valid if padded else None
+        padded = not bool(all_valid.all())  # no padding anywhere: the plain causal paths
+        lin_valid, key_valid = (valid, all_valid) if padded else (None, None)
 
         presents = {}
         for layer in self.layers:
