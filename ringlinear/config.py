@@ -185,8 +185,8 @@ class RingLinearConfig:
 
         if kind == "default":
             return
-        if "factor" not in rs or rs["factor"] is None and not (kind == "yarn"
-                                                               and rs.get("original_max_position_embeddings")):
+        derived = kind == "yarn" and bool(rs.get("original_max_position_embeddings"))
+        if "factor" not in rs or (rs["factor"] is None and not derived):
             bad("factor", "required: a number >= 1 (yarn: null means max_position_embeddings / "
                 "original_max_position_embeddings)")
         number("factor", lambda v: v >= 1, "must be a number >= 1")
@@ -318,9 +318,9 @@ UNIMPLEMENTED_FIELDS: dict[str, tuple[Callable[[RingLinearConfig, Any], bool], s
     "moe_router_enable_shared_expert": (lambda c, v: v is True, "true (set num_shared_experts=0 for none)"),
     "scoring_func": (lambda c, v: v == c.score_function, "the value of score_function"),
     "topk_method": (lambda c, v: v == "noaux_tc", "'noaux_tc' (group-limited top-k with a selection-only bias)"),
-    "embedding_dropout": (lambda c, v: v == 0, "0.0 (ringlinear trains without dropout)"),
-    "attention_dropout": (lambda c, v: v == 0, "0.0 (ringlinear trains without dropout)"),
-    "output_dropout": (lambda c, v: v == 0, "0.0 (ringlinear trains without dropout)"),
+    "embedding_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
+    "attention_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
+    "output_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
     "original_max_position_embeddings": (_original_max_agrees, "with a yarn rope_scaling, the value of "
                                          "rope_scaling.original_max_position_embeddings (set it there)"),
     "rope_parameters": (_rope_parameters_agree, "an object agreeing with rope_theta, partial_rotary_factor and "

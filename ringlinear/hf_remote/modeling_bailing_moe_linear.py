@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_bailing_moe_linear import BailingMoeLinearV2Config
 
@@ -427,8 +427,8 @@ class BailingMoeLinearV2Model(BailingMoeLinearV2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
-        """input_ids: [B, T]; attention_mask: [B, past + T] or [B, T] (0 = padding); returns (final-normed hidden
-        [B, T, hidden], cache or None)."""
+        """input_ids: [B, T]; attention_mask: [B, past + T] or [B, T] (0 = padding) -> final-normed hidden states
+        [B, T, hidden] and the cache (when use_cache)."""
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, BailingMoeLinearCache):
             if cache.get_seq_length() > 0:
@@ -466,7 +466,7 @@ class BailingMoeLinearV2Model(BailingMoeLinearV2PreTrainedModel):
         if use_cache:
             cache = cache if cache is not None else BailingMoeLinearCache()
             cache.layers, cache.valid, cache.next_position = presents, all_valid, next_position
-        return x, (cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache if use_cache else None})
 
 
 class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, GenerationMixin):
@@ -495,8 +495,8 @@ class BailingMoeLinearV2ForCausalLM(BailingMoeLinearV2PreTrainedModel, Generatio
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
         """fp32 logits [B, T, V] (the last `logits_to_keep` positions when > 0); `labels` [B, T] give the
         next-token cross entropy (-100 ignored)."""
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, past_key_values, inputs_embeds,
-                                   use_cache)
+        out = self.model(input_ids, attention_mask, position_ids, cache, past_key_values, inputs_embeds, use_cache)
+        hidden, cache = out.last_hidden_state, getattr(out, CACHE_FIELD)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         weight = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
