@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,7 +32,7 @@ class RingLinearConfig(ConfigBase):
     hidden_size: int = 2048
     intermediate_size: int = 5120
     moe_intermediate_size: int = 512
-    moe_shared_expert_intermediate_size: int | None = 512
+    moe_shared_expert_intermediate_size: int | None = None  # None: moe_intermediate_size (per shared expert)
     num_hidden_layers: int = 20
     num_attention_heads: int = 16
     num_key_value_heads: int = 4
@@ -116,7 +118,7 @@ class RingLinearConfig(ConfigBase):
         need(0.0 < self.partial_rotary_factor <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim >= 2,
              "partial_rotary_factor", f"must be in (0, 1] and give an even rotary dim (head_dim={self.head_dim})")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
-        need(self.rope_scaling is None, "rope_scaling", "only null is supported (the released models use none)")
+        self._check_rope_scaling()
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.use_rmsnorm, "use_rmsnorm", "only true is supported (Ring-linear uses RMSNorm)")
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
@@ -140,8 +142,77 @@ class RingLinearConfig(ConfigBase):
             need(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
                  f"topk_group * experts-per-group must be >= num_experts_per_tok={self.num_experts_per_tok}")
             need(self.moe_intermediate_size >= 1, "moe_intermediate_size", "must be >= 1")
+            need(self.moe_shared_expert_intermediate_size is None
+                 or (isinstance(self.moe_shared_expert_intermediate_size, int)
+                     and self.moe_shared_expert_intermediate_size >= 1),
+                 "moe_shared_expert_intermediate_size", "must be null (= moe_intermediate_size) or an integer >= 1")
             need(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
         need(self.num_experts >= 0, "num_experts", "must be >= 0 (0 = dense model)")
+        self._check_unimplemented_fields()
+
+    def _check_rope_scaling(self) -> None:
+        """`rope_scaling` as transformers reads it: null, or an object with `rope_type` (or the older `type`) and
+        the fields of that type (`ROPE_SCALING_KEYS`); `ringlinear.layers.rotary.rope_frequencies` computes it."""
+        rs = self.rope_scaling
+        if rs is None:
+            return
+
+        def bad(key: str, allowed: str) -> None:
+            raise ConfigError(f"config field rope_scaling.{key}={rs.get(key)!r}: {allowed}")
+
+        types = ", ".join(repr(t) for t in ROPE_SCALING_KEYS)
+        if not isinstance(rs, dict) or not ({"type", "rope_type"} & set(rs)):
+            raise ConfigError(f"config field rope_scaling={rs!r}: must be null or an object with rope_type one of {types}")
+        if "type" in rs and "rope_type" in rs and rs["type"] != rs["rope_type"]:
+            bad("type", f"differs from rope_scaling.rope_type={rs['rope_type']!r}; give one of them")
+        key = "rope_type" if "rope_type" in rs else "type"
+        kind = rs[key]
+        if kind not in ROPE_SCALING_KEYS:
+            bad(key, f"allowed types: {types}")
+        allowed = {"type", "rope_type", "rope_theta", "partial_rotary_factor", *ROPE_SCALING_KEYS[kind]}
+        for k in rs:
+            if k not in allowed:
+                bad(k, f"not a field of rope_type {kind!r}; allowed: {', '.join(sorted(allowed))}")
+        for k in ("rope_theta", "partial_rotary_factor"):  # transformers v5 repeats them inside; must agree
+            if k in rs and rs[k] != getattr(self, k):
+                bad(k, f"must equal the top-level {k}={getattr(self, k)!r}")
+
+        def number(k: str, ok, allowed: str) -> None:
+            v = rs.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or not ok(v)):
+                bad(k, allowed)
+
+        if kind == "default":
+            return
+        derived = kind == "yarn" and bool(rs.get("original_max_position_embeddings"))
+        if "factor" not in rs or (rs["factor"] is None and not derived):
+            bad("factor", "required: a number >= 1 (yarn: null means max_position_embeddings / "
+                "original_max_position_embeddings)")
+        number("factor", lambda v: v >= 1, "must be a number >= 1")
+        if kind == "dynamic" and self.rotary_dim <= 2:
+            bad("rope_type", f"dynamic NTK needs a rotary dim > 2, got {self.rotary_dim}")
+        if kind != "yarn":
+            return
+        omp = rs.get("original_max_position_embeddings")
+        if omp is not None and (isinstance(omp, bool) or not isinstance(omp, int) or omp < 1):
+            bad("original_max_position_embeddings", "must be an integer >= 1 (the pre-training context length)")
+        number("attention_factor", lambda v: v > 0, "must be a number > 0")
+        number("beta_fast", lambda v: v > 0, "must be a number > 0")
+        number("beta_slow", lambda v: v > 0, "must be a number > 0")
+        number("mscale", lambda v: v >= 0, "must be a number >= 0")
+        number("mscale_all_dim", lambda v: v >= 0, "must be a number >= 0")
+        if (rs.get("beta_fast") or 32) < (rs.get("beta_slow") or 1):
+            bad("beta_fast", f"must be >= beta_slow={rs.get('beta_slow') or 1} (defaults 32 and 1)")
+        if "truncate" in rs and not isinstance(rs["truncate"], bool):
+            bad("truncate", "must be true or false")
+
+    def _check_unimplemented_fields(self) -> None:
+        """Fields other implementations read (`UNIMPLEMENTED_FIELDS`) that this model has no switch for: refused
+        unless they hold the value that means what ringlinear computes (then kept verbatim in `extra`)."""
+        for name, (ok, allowed) in UNIMPLEMENTED_FIELDS.items():
+            if name in self.extra and not ok(self, self.extra[name]):
+                raise ConfigError(f"config field {name}={self.extra[name]!r}: only {allowed} is supported")
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,9 +254,81 @@ class RingLinearConfig(ConfigBase):
 
 
 
+# rope_scaling types and the fields each takes, as transformers' `_validate_<type>_rope_parameters` lists them
+# (transformers 5.24, modeling_rope_utils.py); `type` is the older spelling of `rope_type`.
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+}
+
+
+def _layer_list_matches(cfg: RingLinearConfig, value: Any) -> bool:
+    names = {"softmax": ("attention", "full_attention"), "linear": ("linear_attention",)}
+    return (isinstance(value, list) and len(value) == cfg.num_hidden_layers
+            and all(v in names[t] for v, t in zip(value, cfg.layer_types)))
+
+
+def _rope_signature(cfg: RingLinearConfig, d: dict | None) -> tuple:
+    """(type, scaling fields) of a rope_scaling / rope_parameters object, transformers' defaults filled in."""
+    d = dict(d or {})
+    kind = d.pop("rope_type", d.pop("type", "default"))
+    for k in ("rope_theta", "partial_rotary_factor"):
+        d.pop(k, None)
+    if kind == "yarn":
+        d.setdefault("original_max_position_embeddings", cfg.max_position_embeddings)
+    return kind, sorted((k, v) for k, v in d.items() if v is not None)
+
+
+def _rope_parameters_agree(cfg: RingLinearConfig, v: Any) -> bool:
+    return (isinstance(v, dict) and v.get("rope_theta", cfg.rope_theta) == cfg.rope_theta
+            and v.get("partial_rotary_factor", cfg.partial_rotary_factor) == cfg.partial_rotary_factor
+            and _rope_signature(cfg, v) == _rope_signature(cfg, cfg.rope_scaling))
+
+
+def _original_max_agrees(cfg: RingLinearConfig, v: Any) -> bool:
+    # transformers lets a top-level original_max_position_embeddings override the one inside a yarn rope_scaling
+    rs = cfg.rope_scaling or {}
+    return rs.get("rope_type", rs.get("type")) != "yarn" or v == rs.get("original_max_position_embeddings")
+
+
+# Fields of config.json that other implementations read and ringlinear has no switch for: name ->
+# (holds the value that means what ringlinear computes, what is allowed). Sources: SGLang
+# python/sglang/srt/models/bailing_moe_linear.py and configs/bailing_moe_linear.py, vLLM
+# model_executor/layers/mamba/linear/bailing_linear_attn.py and models/bailing_moe_linear.py, the MLX port
+# mlx_lm/models/bailing_moe_linear.py, sgl-jax's Bailing hybrid config, transformers' RoPE standardisation.
+UNIMPLEMENTED_FIELDS: dict[str, tuple[Callable[[RingLinearConfig, Any], bool], str]] = {
+    "linear_rope": (lambda c, v: v is True, "true (RoPE in the linear layers too)"),
+    "rotary_dim": (lambda c, v: v == c.rotary_dim, "head_dim * partial_rotary_factor (set partial_rotary_factor)"),
+    "use_linear_silu": (lambda c, v: v is c.linear_silu, "the value of linear_silu (set linear_silu)"),
+    "num_linear_key_value_heads": (lambda c, v: v == c.num_attention_heads,
+                                   "num_attention_heads (the linear layers are multi-head, one KV head per head)"),
+    "layers_block_type": (_layer_list_matches, "the layout layer_group_size gives ('linear_attention' / 'attention')"),
+    "layer_types": (_layer_list_matches, "the layout layer_group_size gives ('linear_attention' / 'full_attention')"),
+    "full_attention_type": (lambda c, v: v is None, "null (the softmax layers are GQA; MLA is not implemented)"),
+    "using_split_qkv_in_self_attention": (lambda c, v: v is False, "false (one fused query_key_value)"),
+    "rope_traditional": (lambda c, v: v is False, "false (NeoX rotate-half RoPE)"),
+    "norm_head": (lambda c, v: v is False, "false (plain lm_head)"),
+    "norm_softmax": (lambda c, v: v is False, "false"),
+    "moe_router_enable_routed_scaling": (lambda c, v: v is True, "true (routed_scaling_factor always applies)"),
+    "moe_router_enable_shared_expert": (lambda c, v: v is True, "true (set num_shared_experts=0 for none)"),
+    "scoring_func": (lambda c, v: v == c.score_function, "the value of score_function"),
+    "topk_method": (lambda c, v: v == "noaux_tc", "'noaux_tc' (group-limited top-k with a selection-only bias)"),
+    "embedding_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
+    "attention_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
+    "output_dropout": (lambda c, v: v is None or v == 0, "0.0 (ringlinear trains without dropout)"),
+    "original_max_position_embeddings": (_original_max_agrees, "with a yarn rope_scaling, the value of "
+                                         "rope_scaling.original_max_position_embeddings (set it there)"),
+    "rope_parameters": (_rope_parameters_agree, "an object agreeing with rope_theta, partial_rotary_factor and "
+                        "rope_scaling (transformers v5 writes both; set rope_scaling)"),
+}
+
+
 def _ring_mini() -> RingLinearConfig:
     # Published config.json of inclusionAI/Ring-mini-linear-2.0.
-    return RingLinearConfig()
+    return RingLinearConfig(moe_shared_expert_intermediate_size=512)
 
 
 def _ring_flash() -> RingLinearConfig:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ringlinear.config import RingLinearConfig
 from ringlinear.files import write_atomically
+from ringlinear.hf_remote import remote_code_files
 from ringlinear.model import RingLinearForCausalLM, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -140,6 +141,7 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype=None, progre
                 dst = targets[mname] if e is None else targets[mname][e]
                 dst.copy_(f.get_tensor(disk_name))
     model.reset_buffers()
+    model.source_path = os.path.abspath(path)  # where save_model finds the checkpoint's own remote code
     return model
 
 
@@ -148,7 +150,8 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype=None, progre
 def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4 * 1024**3,
                extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write `model` in the HF layout at `path`, replacing any previous checkpoint there only once the new
-    one is complete. `extra_files`: file name -> text/bytes written beside (tokenizer files, ...)."""
+    one is complete. `extra_files`: file name -> text/bytes written beside (tokenizer files, ...). The transformers
+    remote code and `auto_map` come along (`ringlinear.hf_remote`): ours, or the checkpoint's own when it has one."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -165,7 +168,8 @@ def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4
             total += nbytes
 
     def write(tmp: str) -> None:
-        model.config.save(tmp)
+        config, code = remote_code_files(model.config, path, getattr(model, "source_path", None))
+        config.save(tmp)
         n = len(shards)
         weight_map = {}
         for i, shard in enumerate(shards):
@@ -175,7 +179,7 @@ def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4
         if n > 1:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        for fname, content in (extra_files or {}).items():
+        for fname, content in {**code, **(extra_files or {})}.items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(os.path.join(tmp, fname), mode) as f:
                 f.write(content)

@@ -18,6 +18,18 @@ def test_info_matches_published_counts(capsys, name, total, active):
     assert len(s["layer_types"]) in (20, 32)
 
 
+def test_info_with_yarn_512k(capsys):
+    """The model card's 512K context: RoPE extended 4x with YaRN from 128K; same parameters and cache figures."""
+    assert main(["info", "--preset", "ring-mini-linear-2.0", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    yarn = '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}'
+    assert main(["info", "--preset", "ring-mini-linear-2.0", "--set", f"rope_scaling={yarn}",
+                 "--set", "max_position_embeddings=524288", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
+    with pytest.raises(SystemExit, match=r"rope_scaling\.rope_type='ntk'"):
+        main(["info", "--preset", "ring-mini-linear-2.0", "--set", 'rope_scaling={"rope_type": "ntk", "factor": 2}'])
+
+
 def test_ring_mini_memory_figures(capsys):
     main(["info", "--preset", "ring-mini-linear-2.0", "--json"])
     s = json.loads(capsys.readouterr().out)

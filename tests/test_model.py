@@ -1,5 +1,7 @@
 """Model-level invariants of the hybrid decoder (CPU, fp32, tiny preset)."""
 
+import math
+
 import pytest
 import torch
 
@@ -122,3 +124,21 @@ def test_tied_embeddings_share_weight():
     assert m.lm_head is None and "lm_head.weight" not in m.state_dict()
     logits = m(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 320) and logits.dtype == torch.float32
+
+
+def test_yarn_prefill_equals_single_token_steps():
+    """A 4x YaRN model keeps the prefill == token-by-token decode invariant, and the scaling reaches the
+    logits (both layer kinds rotate with the scaled frequencies and the attention factor)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    m = init_model(preset("tiny", rope_scaling=yarn, max_position_embeddings=4096), seed=0, dtype="float32").eval()
+    plain = init_model(preset("tiny"), seed=0, dtype="float32").eval()
+    for layer in m.model.layers:
+        assert layer.attention.rotary.attention_factor == pytest.approx(0.1 * math.log(4) + 1)
+    torch.manual_seed(6)
+    ids = torch.randint(0, 320, (23,))
+    with torch.no_grad():
+        full = m(ids)
+        cache = DenseCache(m.config, 1, "cpu")
+        steps = torch.cat([m(ids[t : t + 1], cache.extend([0], [1])) for t in range(len(ids))])
+        assert (full - plain(ids)).abs().max() > 1e-3 * full.abs().max()
+    assert (full - steps).abs().max() < 1e-4 * full.abs().max()

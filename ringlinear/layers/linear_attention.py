@@ -33,7 +33,8 @@ class LightningAttention(nn.Module):
             self.query_layernorm = RMSNorm(D, config.rms_norm_eps)
             self.key_layernorm = RMSNorm(D, config.rms_norm_eps)
         self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
         self.register_buffer("decay", self._decay(), persistent=False)
 
     def _decay(self) -> torch.Tensor:

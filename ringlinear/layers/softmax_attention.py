@@ -26,7 +26,8 @@ class SoftmaxAttention(nn.Module):
         if self.use_qk_norm:
             self.query_layernorm = RMSNorm(D, config.rms_norm_eps)
             self.key_layernorm = RMSNorm(D, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
 
     def reset_buffers(self) -> None:
         self.rotary.reset_buffers()

@@ -3,7 +3,7 @@ the trainer -> weights copied to the engine in memory -> log. Writes `history.js
 per step), `reward.png` (the reward curve) and `config.json` under `out_dir`.
 
 Separate processes (trainer and engine on different GPUs or hosts): after each step the trainer writes the
-policy with `ringlinear.checkpoint.save_model(model, DIR)` and the engine process calls
+policy with `ringlinear.hf.save_model(model, DIR)` and the engine process calls
 `RolloutWorker.load_checkpoint(DIR)` (or starts with `LLM(DIR)`); the rollout batch travels back as token
 ids, logprobs and rewards. In one process, as here, `RolloutWorker.load_weights` copies device to device.
 """

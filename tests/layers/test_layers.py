@@ -124,3 +124,14 @@ def test_moe_decode_path_takes_the_fused_kernels_and_matches(monkeypatch):
         grouped = moe(x)
     assert calls == [1]
     assert ((fused - grouped).norm() / grouped.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_top1_routing_renormalises_when_norm_topk_prob(norm):
+    """k = 1 follows norm_topk_prob as SGLang and vLLM do: renormalised, the one weight is routed_scaling_factor;
+    otherwise it is the chosen expert's sigmoid score times the factor."""
+    torch.manual_seed(4)
+    logits = torch.randn(20, 16)
+    idx, w = grouped_topk(logits, None, 1, 4, 2, norm, 2.5)
+    want = torch.full((20, 1), 2.5) if norm else torch.sigmoid(logits).gather(1, idx) * 2.5
+    torch.testing.assert_close(w, want)

@@ -2,7 +2,9 @@
 
 scores = sigmoid(logits); choose with scores + bias: keep the `topk_group` groups whose top-2 biased
 scores sum highest, then the top-k experts inside them; weight with the unbiased scores, renormalised
-to sum 1 (`norm_topk_prob`), times `routed_scaling_factor`.
+to sum 1 (`norm_topk_prob`, for any k as SGLang and vLLM do: with k = 1 the weight is 1), times
+`routed_scaling_factor`. (The HF remote code of the Bailing MoE family renormalises when k > 1 whatever
+`norm_topk_prob` says and never when k = 1; the released models have k = 8 and `norm_topk_prob` true.)
 """
 
 from __future__ import annotations
@@ -32,6 +34,6 @@ def grouped_topk(
         choice = choice.masked_fill(~group_mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
     topk_idx = choice.topk(top_k, dim=-1).indices.sort(dim=-1).values
     weight = scores.gather(1, topk_idx)
-    if norm_topk_prob and top_k > 1:
+    if norm_topk_prob:
         weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
     return topk_idx, weight * routed_scaling_factor
