@@ -1,9 +1,9 @@
 """Triton kernels of the fused inference norms, forward only, each one launch that reads its inputs once and
 writes each output once, computing in fp32 (see `naive.py` for the compositions they replace):
 
-- `fused_qk_norm_rope`: program (token block, block of HEADS_PER_PROGRAM heads) of q, k or v; a head row is
-  held as its rotary halves x1, x2 and the rest, so RoPE needs no permutation and cos/sin are computed once per
-  (token, frequency) for all heads of the program.
+- `fused_qk_norm_rope`: program (token block, block of HEADS_PER_PROGRAM heads of q, k or v), looping over its
+  heads; a head row is held as its rotary halves x1, x2 and the rest, so RoPE needs no permutation, and cos/sin
+  are computed once per (token, frequency) for all heads of the program.
 - `fused_group_rmsnorm_gate`: program (row block, group).
 - `fused_add_rmsnorm`: program (row block), the whole row in registers.
 
@@ -25,10 +25,11 @@ from ringlinear.ops.fused_norms import (
 )
 from ringlinear.ops.triton_common import round_cast
 
-# elements per program tile (rows per tile = TILE // padded row width), heads per qk_norm_rope program (the
-# largest power of two up to this that divides both head counts). Fixed: interpreter-safe and batch-invariant;
-# not yet swept on the device (benchmarks/bench_fused_norms.py times them).
-CONFIG = {"TILE": 1024, "HEADS_PER_PROGRAM": 4}
+# Elements per row-block tile (rows = TILE // padded row width); qk_norm_rope: elements per head tile (tokens =
+# QK_TILE // padded head width) and heads per program (the largest power of two up to HEADS_PER_PROGRAM dividing
+# both head counts), looped over so cos/sin are computed once for them. Fixed: interpreter-safe and
+# batch-invariant; not yet swept on the device (benchmarks/bench_fused_norms.py times them).
+CONFIG = {"TILE": 1024, "QK_TILE": 512, "HEADS_PER_PROGRAM": 4}
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -50,41 +51,30 @@ def _silu(x):
 
 
 @triton.jit
-def _store_head(out_ptr, y1, y2, yr, rt, lh, T, NH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                BH: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
-    # y1, y2, yr: [BT, HB, BH | BR] fp32 -> out[t, lh, :] of a contiguous [T, NH, D] tensor, rounded once
-    c1 = tl.arange(0, BH)[None, None, :]
-    cr = tl.arange(0, BR)[None, None, :]
-    tm = (rt < T)[:, None, None]
-    base = out_ptr + rt.to(tl.int64)[:, None, None] * (NH * D) + (lh * D)[None, :, None]
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(base + c1, round_cast(y1, dt, UPCAST), mask=tm & (c1 < HALF))
-    tl.store(base + HALF + c1, round_cast(y2, dt, UPCAST), mask=tm & (c1 < HALF))
-    tl.store(base + 2 * HALF + cr, round_cast(yr, dt, UPCAST), mask=tm & (cr < D - 2 * HALF))
-
-
-@triton.jit
-def _norm_rope_store(x1, x2, xr, w_ptr, pos_ptr, freq_ptr, out_ptr, rt, lh, T, eps, scaling, NH: tl.constexpr,
-                     D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    c1 = tl.arange(0, BH)
-    cr = tl.arange(0, BR)
+def _norm_rope_head(src, w_ptr, dst, cos, sin, m1, mr, eps, D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr,
+                    BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, SILU: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    # one head of BT tokens: src/dst point at its row starts ([BT, 1]); the row is held as its rotary halves
+    # x1, x2 ([BT, BH]) and the rest xr ([BT, BR]), so RoPE pairs sit in the same registers
+    c1 = tl.arange(0, BH)[None, :]
+    cr = tl.arange(0, BR)[None, :]
+    x1 = tl.load(src + c1, mask=m1, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + c1, mask=m1, other=0.0).to(tl.float32)
+    xr = tl.load(src + 2 * HALF + cr, mask=mr, other=0.0).to(tl.float32)
+    if SILU:
+        x1, x2, xr = _silu(x1), _silu(x2), _silu(xr)
     if NORM:  # h * rsqrt(mean(h^2) + eps) * w, as naive_rmsnorm
-        ss = tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2) + tl.sum(xr * xr, axis=2)
-        rstd = (1.0 / tl.sqrt(ss / D + eps))[:, :, None]
-        w1 = tl.load(w_ptr + c1, mask=c1 < HALF, other=0.0).to(tl.float32)[None, None, :]
-        w2 = tl.load(w_ptr + HALF + c1, mask=c1 < HALF, other=0.0).to(tl.float32)[None, None, :]
-        wr = tl.load(w_ptr + 2 * HALF + cr, mask=cr < D - 2 * HALF, other=0.0).to(tl.float32)[None, None, :]
-        x1 = x1 * rstd * w1
-        x2 = x2 * rstd * w2
-        xr = xr * rstd * wr
-    # angles as RotaryEmbedding: fp32(position) * inv_freq, one rounding; cos, sin once per (token, frequency)
-    pos = tl.load(pos_ptr + rt, mask=rt < T, other=0).to(tl.float32)
-    freq = tl.load(freq_ptr + c1, mask=c1 < HALF, other=0.0).to(tl.float32)
-    angle = pos[:, None] * freq[None, :]
-    cos = (tl.cos(angle) * scaling)[:, None, :]
-    sin = (tl.sin(angle) * scaling)[:, None, :]
-    _store_head(out_ptr, x1 * cos - x2 * sin, x2 * cos + x1 * sin, xr, rt, lh, T, NH, D, HALF, BH, BR, UPCAST)
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1) + tl.sum(xr * xr, axis=1)
+        rstd = (1.0 / tl.sqrt(ss / D + eps))[:, None]
+        x1 = x1 * rstd * tl.load(w_ptr + c1, mask=c1 < HALF, other=0.0).to(tl.float32)
+        x2 = x2 * rstd * tl.load(w_ptr + HALF + c1, mask=c1 < HALF, other=0.0).to(tl.float32)
+        xr = xr * rstd * tl.load(w_ptr + 2 * HALF + cr, mask=cr < D - 2 * HALF, other=0.0).to(tl.float32)
+    if ROPE:
+        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    dt: tl.constexpr = dst.dtype.element_ty
+    tl.store(dst + c1, round_cast(x1, dt, UPCAST), mask=m1)
+    tl.store(dst + HALF + c1, round_cast(x2, dt, UPCAST), mask=m1)
+    tl.store(dst + 2 * HALF + cr, round_cast(xr, dt, UPCAST), mask=mr)
 
 
 @triton.jit
@@ -92,28 +82,36 @@ def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, pos_ptr, freq_ptr, q_ptr, k_pt
                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
                          HB: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, NORM_Q: tl.constexpr,
                          NORM_K: tl.constexpr, SILU: tl.constexpr, UPCAST: tl.constexpr):
-    # heads [head0, head0 + HB) of the row: all q (head0 < H), all k, or all v (HB divides H and HKV)
+    # heads [head0, head0 + HB) of BT tokens: all q (head0 < H), all k, or all v (HB divides H and HKV)
     rt = tl.program_id(0) * BT + tl.arange(0, BT)
     head0 = tl.program_id(1) * HB
-    rh = tl.arange(0, HB)
-    c1 = tl.arange(0, BH)[None, None, :]
-    cr = tl.arange(0, BR)[None, None, :]
-    tm = (rt < T)[:, None, None]
-    m1 = tm & (c1 < HALF)
-    base = qkv_ptr + rt.to(tl.int64)[:, None, None] * stride_t + ((head0 + rh) * D)[None, :, None]
-    x1 = tl.load(base + c1, mask=m1, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + c1, mask=m1, other=0.0).to(tl.float32)
-    xr = tl.load(base + 2 * HALF + cr, mask=tm & (cr < D - 2 * HALF), other=0.0).to(tl.float32)
-    if SILU:
-        x1, x2, xr = _silu(x1), _silu(x2), _silu(xr)
-    if head0 < H:
-        _norm_rope_store(x1, x2, xr, qw_ptr, pos_ptr, freq_ptr, q_ptr, rt, head0 + rh, T, eps, scaling, H, D, HALF,
-                         BH, BR, NORM_Q, UPCAST)
-    elif head0 < H + HKV:
-        _norm_rope_store(x1, x2, xr, kw_ptr, pos_ptr, freq_ptr, k_ptr, rt, head0 - H + rh, T, eps, scaling, HKV, D,
-                         HALF, BH, BR, NORM_K, UPCAST)
+    tm = (rt < T)[:, None]
+    m1 = tm & (tl.arange(0, BH)[None, :] < HALF)
+    mr = tm & (tl.arange(0, BR)[None, :] < D - 2 * HALF)
+    t64 = rt.to(tl.int64)[:, None]
+    src = qkv_ptr + t64 * stride_t + head0 * D
+    if head0 < H + HKV:
+        # angles as RotaryEmbedding: fp32(position) * inv_freq, one rounding; cos, sin once for the HB heads
+        pos = tl.load(pos_ptr + rt, mask=rt < T, other=0).to(tl.float32)
+        freq = tl.load(freq_ptr + tl.arange(0, BH), mask=tl.arange(0, BH) < HALF, other=0.0).to(tl.float32)
+        angle = pos[:, None] * freq[None, :]
+        cos = tl.cos(angle) * scaling
+        sin = tl.sin(angle) * scaling
+        if head0 < H:
+            dst = q_ptr + t64 * (H * D) + head0 * D
+            for j in tl.static_range(HB):
+                _norm_rope_head(src + j * D, qw_ptr, dst + j * D, cos, sin, m1, mr, eps, D, HALF, BH, BR, NORM_Q,
+                                True, SILU, UPCAST)
+        else:
+            dst = k_ptr + t64 * (HKV * D) + (head0 - H) * D
+            for j in tl.static_range(HB):
+                _norm_rope_head(src + j * D, kw_ptr, dst + j * D, cos, sin, m1, mr, eps, D, HALF, BH, BR, NORM_K,
+                                True, SILU, UPCAST)
     else:
-        _store_head(v_ptr, x1, x2, xr, rt, head0 - H - HKV + rh, T, HKV, D, HALF, BH, BR, UPCAST)
+        dst = v_ptr + t64 * (HKV * D) + (head0 - H - HKV) * D
+        for j in tl.static_range(HB):
+            _norm_rope_head(src + j * D, qw_ptr, dst + j * D, 0.0, 0.0, m1, mr, eps, D, HALF, BH, BR, False, False,
+                            SILU, UPCAST)
 
 
 def heads_per_program(num_heads: int, num_kv_heads: int) -> int:
@@ -141,13 +139,13 @@ def fused_qk_norm_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
     half = rotary_dim // 2
     BH, BR = triton.next_power_of_2(half), triton.next_power_of_2(max(1, D - rotary_dim))
     HB = heads_per_program(H, HKV)
-    BT = _pow2_floor(CONFIG["TILE"] // (HB * (2 * BH + BR)))
+    BT = _pow2_floor(CONFIG["QK_TILE"] // (2 * BH + BR))
     grid = (triton.cdiv(T, BT), (H + 2 * HKV) // HB)
     _qk_norm_rope_kernel[grid](
         qkv, q_weight if q_weight is not None else qkv, k_weight if k_weight is not None else qkv,
         positions.contiguous(), inv_freq.contiguous(), q, k, v, T, qkv.stride(0), float(eps), float(attention_scaling),
         H=H, HKV=HKV, D=D, HALF=half, BT=BT, HB=HB, BH=BH, BR=BR, NORM_Q=q_weight is not None,
-        NORM_K=k_weight is not None, SILU=bool(silu), UPCAST=interpreting(), num_warps=_warps(BT * HB * (2 * BH + BR)))
+        NORM_K=k_weight is not None, SILU=bool(silu), UPCAST=interpreting(), num_warps=_warps(BT * (2 * BH + BR)))
     return q, k, v
 
 
