@@ -4,8 +4,11 @@ writes each output once, computing in fp32 (see `naive.py` for the compositions 
 - `fused_qk_norm_rope`: program (token block, block of HEADS_PER_PROGRAM heads of q, k or v), looping over its
   heads; a head row is held as its rotary halves x1, x2 and the rest, so RoPE needs no permutation, and cos/sin
   are computed once per (token, frequency) for all heads of the program.
-- `fused_group_rmsnorm_gate`: program (row block, group).
-- `fused_add_rmsnorm`: program (row block), the whole row in registers.
+- `fused_group_rmsnorm_gate`: program (row block, group); rounds to the dtype where the layer does (the norm's
+  output, the sigmoid, the product), so bf16 results are the layer's bits up to last-place differences in
+  rsqrt/exp (rounding once instead would leave ~65% of them equal).
+- `fused_add_rmsnorm`: program (row block), the whole row in registers; the sum is rounded to the dtype (the
+  residual stream) before the norm reads it.
 
 Tiles depend on the widths only, never on T, so a token's outputs are the same bits whatever batch holds it.
 No host reads: every launch can be captured in a CUDA graph.
