@@ -156,12 +156,22 @@ def cmd_study_ratio(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from ringlinear.engine.llm import EngineConfig
+    from ringlinear.serve import ServerConfig, serve
+
     try:
-        from ringlinear.engine.server import serve
+        engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                     max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                     gpu_memory_utilization=args.gpu_memory_utilization)
+        server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                     served_model_name=args.served_model_name, allowed_hosts=args.allowed_host,
+                                     cors_allow_origins=args.cors_allow_origin or [])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        serve(engine_config, server_config)
     except ImportError as e:
         raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
-    try:
-        serve(args)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
@@ -231,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched together")
     sp.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="fraction of GPU memory for weights + cache")
+    sp.add_argument("--served-model-name", default=None, help="the model name clients use (default: the directory's)")
+    sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
+    sp.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                    help="a Host header name to answer (repeatable; '*': any); default: loopback names when "
+                         "--host is a loopback address, else any")
+    sp.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
+                    help="a web origin allowed to call the API from a browser (repeatable; default: none)")
     sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("study", help="studies: `study ratio` (hybrid ratio: loss, recall, cost)")

@@ -18,7 +18,8 @@ from ringlinear.checkpoint import init_model, save_model  # noqa: E402
 from ringlinear.config import preset  # noqa: E402
 from ringlinear.engine.llm import LLM, EngineConfig, LLMEngine  # noqa: E402
 from ringlinear.engine.sequence import SamplingParams  # noqa: E402
-from ringlinear.engine.server import AsyncLLMEngine, build_app  # noqa: E402
+from ringlinear.serve.app import build_app  # noqa: E402
+from ringlinear.serve.async_engine import AsyncLLMEngine  # noqa: E402
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files  # noqa: E402
 
 MAX_LEN = 2048
