@@ -33,6 +33,15 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(app, server_config: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings from `server_config`: address, log level, keep-alive, graceful shutdown, connections."""
+    return uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+        timeout_keep_alive=server_config.keep_alive_timeout_s,
+        timeout_graceful_shutdown=server_config.graceful_shutdown_timeout_s + FINAL_MESSAGES_S,
+        limit_concurrency=server_config.max_connections)
+
+
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     """Serve the checkpoint of `engine_config` over HTTP as `server_config` says, until a signal ends it."""
     server_config.validate()
@@ -40,12 +49,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
                                   server_config.request_timeout_s)
     app = build_app(async_engine, server_config)
     try:
-        config = uvicorn.Config(
-            app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-            timeout_keep_alive=server_config.keep_alive_timeout_s,
-            timeout_graceful_shutdown=server_config.graceful_shutdown_timeout_s + FINAL_MESSAGES_S,
-            limit_concurrency=server_config.max_connections)
-        server = GracefulServer(config, async_engine, server_config.graceful_shutdown_timeout_s)
+        server = GracefulServer(uvicorn_config(app, server_config), async_engine,
+                                server_config.graceful_shutdown_timeout_s)
         print(f"serving {app.state.limits.model_name} (max_model_len {async_engine.max_model_len}) at "
               f"http://{server_config.host}:{server_config.port}/v1", flush=True)
         server.run()

@@ -19,6 +19,7 @@ from ringlinear.engine.llm import EngineConfig, LLMEngine
 from ringlinear.serve.app import build_app
 from ringlinear.serve.async_engine import AsyncLLMEngine
 from ringlinear.serve.config import ServerConfig
+from ringlinear.serve.server import uvicorn_config
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
 
 MAX_LEN = 2048
@@ -35,17 +36,18 @@ def write_checkpoint(d) -> str:
 
 
 @contextlib.contextmanager
-def running_server(ckpt: str, server_config: ServerConfig | None = None, max_waiting: int | None = None,
-                   request_timeout_s: float | None = None, **engine_kw):
-    """A server on 127.0.0.1 (any free port): SimpleNamespace(url, client, engine: AsyncLLMEngine, app)."""
-    kw = {**ENGINE_KW, **engine_kw}
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=ckpt, device="cpu", **kw)), max_waiting, request_timeout_s)
-    app = build_app(engine, server_config)
+def running_server(ckpt: str, server_config: ServerConfig | None = None, **engine_kw):
+    """A server on 127.0.0.1 (any free port), set up as `serve()` sets it up: SimpleNamespace(url, client,
+    engine: AsyncLLMEngine, app)."""
+    cfg = server_config or ServerConfig(log_level="warning")
+    llm_engine = LLMEngine(EngineConfig(model=ckpt, device="cpu", **{**ENGINE_KW, **engine_kw}))
+    engine = AsyncLLMEngine(llm_engine, cfg.max_waiting_requests, cfg.request_timeout_s)
+    app = build_app(engine, cfg)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(app, cfg))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     client = httpx.Client(base_url=url, timeout=60.0)
