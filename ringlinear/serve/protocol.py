@@ -184,8 +184,6 @@ def sampling_params(body: dict, limits: Limits, max_tokens: int, max_tokens_name
             is_int(t) and 0 <= t < limits.vocab_size for t in stop_ids)):
         raise bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
                                     f"[0, {limits.vocab_size}), got {show(stop_ids)}")
-    if max_tokens > limits.max_model_len:
-        raise bad(max_tokens_name, f"must be at most max_model_len={limits.max_model_len}, got {max_tokens}")
     try:
         return SamplingParams(
             temperature=get_number(body, "temperature", 1.0, 0.0, 100.0),
@@ -227,7 +225,8 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     if get_bool(body, "echo", False):
         raise bad("echo", "is not supported by this server (only false is accepted)")
     logprobs = get_int(body, "logprobs", None, 0, 20)
-    params = sampling_params(body, limits, get_int(body, "max_tokens", 16, 1), "max_tokens", logprobs is not None)
+    max_tokens = get_int(body, "max_tokens", 16, 1, limits.max_model_len)
+    params = sampling_params(body, limits, max_tokens, "max_tokens", logprobs is not None)
     return CompletionRequest(prompt, params, stream, include_usage)
 
 
@@ -270,9 +269,11 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
             raise bad("chat_template_kwargs", f"may not set '{key}' (the server sets it)")
     if not all(valid_unicode(s) for s in _strings(kwargs)):
         raise bad("chat_template_kwargs", "holds a string that is not valid Unicode (a lone surrogate)")
-    name, max_tokens = "max_tokens", get_int(body, "max_tokens", None, 1)
-    if max_tokens is None:
-        name, max_tokens = "max_completion_tokens", get_int(body, "max_completion_tokens", None, 1)
+    # max_tokens is the older name of max_completion_tokens: both are checked, max_tokens wins when both are set
+    max_tokens = get_int(body, "max_tokens", None, 1, limits.max_model_len)
+    max_completion_tokens = get_int(body, "max_completion_tokens", None, 1, limits.max_model_len)
+    name = "max_tokens" if max_tokens is not None else "max_completion_tokens"
+    max_tokens = max_tokens if max_tokens is not None else max_completion_tokens
     params = sampling_params(body, limits, 1 if max_tokens is None else max_tokens, name, logprobs)
     return ChatRequest(messages, params, stream, include_usage, max_tokens is None, kwargs)
 
