@@ -190,7 +190,7 @@ def test_user_text_never_becomes_control_tokens(server, monkeypatch):
 
 
 SEEDS = [2**64, 2**63, -(2**63) - 1, 10**100]
-BAD = [  # (path, body, param): each was a 500 or accepted before
+BAD = [  # (path, body, param): most were a 500 or accepted before; the rest guard the same rules
     *[("/v1/completions", {"prompt": "hi", "seed": s}, "seed") for s in SEEDS],
     *[("/v1/chat/completions", {"messages": CHAT, "seed": s}, "seed") for s in SEEDS],
     ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
