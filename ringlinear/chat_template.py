@@ -170,7 +170,7 @@ class RenderedChat:
 
     def encode(self) -> list[int]:
         c = self.controls
-        ids = c.tokenizer.encode(self.pieces[0], add_special_tokens=False).ids
+        ids = _ids(c.tokenizer, self.pieces[0])
         for k, piece in enumerate(self.pieces[1:], start=1):
             if not piece:
                 continue
@@ -185,11 +185,17 @@ class RenderedChat:
     def _encode_piece(self, tokenizer, piece: str) -> list[int]:
         # after a newline, so that a SentencePiece tokenizer adds no prefix space in mid-text; the newline is
         # removed again (transformers' way)
-        ids = tokenizer.encode("\n" + piece, add_special_tokens=False).ids
+        ids = _ids(tokenizer, "\n" + piece)
         nl = self.controls.newline
         if ids[: len(nl)] == nl:
             return ids[len(nl):]
-        return tokenizer.encode(piece, add_special_tokens=False).ids
+        return _ids(tokenizer, piece)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, no special tokens added. encode_batch, unlike encode, releases the GIL while it works,
+    so a long conversation does not stall the threads that serve other requests."""
+    return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def render_chat(tokenizer, source: str, messages: list[dict], add_generation_prompt: bool = True,

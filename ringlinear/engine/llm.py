@@ -130,8 +130,8 @@ class LLMEngine:
         completion prompt). Chat messages go through `apply_chat_template`, which does not do that."""
         if self.tokenizer is None:
             raise RequestError("prompt", "this engine has no tokenizer: pass token ids")
-        try:
-            return self.tokenizer.encode(text).ids
+        try:  # encode_batch, unlike encode, releases the GIL: a long text does not stall the engine's other threads
+            return self.tokenizer.encode_batch([text])[0].ids
         except TypeError:  # the tokenizer takes only valid Unicode text
             raise RequestError("prompt", "is not valid Unicode text (a lone surrogate?)") from None
 

@@ -103,7 +103,7 @@ async def _admit(request: Request, rid: str, parse: Callable, encode: Callable) 
         raise P.APIError(429, str(e), kind="rate_limit_error") from None
     try:
         cfg: ServerConfig = state.config
-        body = await parse_json(await read_body(request, cfg.max_request_body_bytes, cfg.request_body_timeout_s))
+        body = parse_json(await read_body(request, cfg.max_request_body_bytes, cfg.request_body_timeout_s))
         req = parse(body, state.limits)
         ids = await encode(state.prompts, req)
         try:

@@ -68,7 +68,8 @@ class AsyncLLMEngine:
     # ---- admission ----------------------------------------------------------------------------------
     def reserve(self, request_id: str) -> None:
         """Admit a request (before its body is read or its prompt tokenised); `EngineBusy` when full. The admission
-        ends with `release`, which the engine does itself once the request is added."""
+        ends with `release`: the engine thread releases it when an added request finishes, fails or is aborted; a
+        caller that does not get as far as `add` releases it itself."""
         with self._cv:
             if self.max_admitted is not None and len(self._admitted) >= self.max_admitted:
                 raise EngineBusy(f"the server holds {len(self._admitted)} requests, as many as it admits: retry later")

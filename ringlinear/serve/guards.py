@@ -96,14 +96,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-async def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object (NaN and Infinity are read as numbers, for the fields' checks to refuse by name).
-    A large body is parsed in a worker thread so the event loop keeps serving other requests."""
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object. NaN and Infinity are read as numbers, for the fields' checks to refuse by name.
+    (json.loads holds the GIL wherever it runs; the body size limit is what bounds its time.)"""
     try:
-        if len(raw) > 1 << 16:
-            body = await asyncio.to_thread(json.loads, raw)
-        else:
-            body = json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

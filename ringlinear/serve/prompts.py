@@ -1,5 +1,5 @@
 """Prompts to token ids, off the engine thread and the event loop: a small thread pool renders chat templates
-and tokenises, so a long prompt never stalls other requests' streams. A text whose UTF-8 size exceeds
+and tokenises (with the GIL released, `LLMEngine.encode`), so a long prompt never stalls other requests' streams. A text whose UTF-8 size exceeds
 max_model_len x the longest token's bytes cannot fit whatever it tokenises to, and is refused before tokenising;
 the exact length check follows tokenising."""
 
