@@ -233,14 +233,17 @@ def cmd_rl(args) -> int:
 
 def cmd_serve(args) -> int:
     from ringlinear.engine.engine_config import EngineConfig
+    from ringlinear.serve import ServerConfig, serve
 
     try:
-        from ringlinear.engine.server import serve
+        engine_config = config_from_args(EngineConfig, args)
+        server_config = config_from_args(ServerConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        serve(engine_config, server_config)
     except ImportError as e:
         raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
-    try:
-        engine_config = config_from_args(EngineConfig, args)
-        serve(engine_config, args.host, args.port)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
@@ -318,11 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
 
     from ringlinear.engine.engine_config import EngineConfig
+    from ringlinear.serve.config import ServerConfig
 
-    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8000)
+    sp = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, "
+                                      "/v1/chat/completions, /v1/models, /health)")
     add_config_flags(sp, EngineConfig, required=("model",))
+    add_config_flags(sp, ServerConfig, aliases={"allowed_hosts": ["--allowed-host"],
+                                                "cors_allow_origins": ["--cors-allow-origin"]})
     sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("convert", help="turn a softmax-only checkpoint into a Ring-linear hybrid")

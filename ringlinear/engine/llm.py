@@ -4,6 +4,7 @@ SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layou
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -84,24 +85,61 @@ class LLMEngine:
 
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it are parsed as special tokens (as vLLM does for a
+        completion prompt). Chat messages go through `apply_chat_template`, which does not do that."""
         if self.tokenizer is None:
             raise RequestError("prompt", "this engine has no tokenizer: pass token ids")
-        return self.tokenizer.encode(text).ids
+        try:  # encode_batch, unlike encode, releases the GIL: a long text does not stall the engine's other threads
+            return self.tokenizer.encode_batch([text])[0].ids
+        except TypeError:  # the tokenizer takes only valid Unicode text
+            raise RequestError("prompt", "is not valid Unicode text (a lone surrogate?)") from None
 
     def decode(self, ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True,
+                            template_kwargs: dict | None = None, max_text_bytes: int | None = None) -> str | list[int]:
+        """The checkpoint's chat template applied to `messages` (rendered in a sandbox, `ringlinear.chat_template`),
+        as text, or with `tokenize` as token ids in which the messages' text never becomes a special token (feed
+        those ids, not the text, to the engine). `template_kwargs` reach the template (enable_thinking=...). With
+        `tokenize`, a rendering longer than `max_text_bytes` (UTF-8) is refused before it is tokenised."""
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages", "must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str)
+                                                  or m.get("content") is None and m.get("tool_calls"))
+            if not content_ok or not isinstance(m.get("role"), str):
                 raise RequestError("messages", f"message {i} must have string fields 'role' and 'content'")
         if self._chat_template is None:
             raise RequestError("messages", "the checkpoint's tokenizer has no chat_template")
-        import jinja2
+        from ringlinear import chat_template
 
-        return jinja2.Template(self._chat_template).render(messages=messages, add_generation_prompt=True)
+        try:
+            if not tokenize:
+                return chat_template.render(self._chat_template, messages, add_generation_prompt,
+                                            {**self._chat_special_tokens, **(template_kwargs or {})})
+            rendered = chat_template.render_chat(self.tokenizer, self._chat_template, messages, add_generation_prompt,
+                                                 self._chat_special_tokens, template_kwargs)
+        except chat_template.ChatTemplateError as e:
+            raise RequestError("messages", str(e)) from None
+        if max_text_bytes is not None and rendered.num_bytes > max_text_bytes:
+            raise RequestError("messages", f"render to {rendered.num_bytes} bytes of text, more than "
+                                           f"{max_text_bytes} (surely over the maximum length {self.max_model_len})")
+        return rendered.encode()
+
+    @functools.cached_property
+    def _chat_special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... of tokenizer_config.json, which chat templates read (as transformers passes)."""
+        from ringlinear.tokenizer import tokenizer_config
+
+        cfg = tokenizer_config(self.engine_config.model) if self.engine_config.model else {}
+        out = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = cfg.get(name)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                out[name] = value
+        return out
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
@@ -124,7 +162,10 @@ class LLMEngine:
                                          f"maximum length {self.max_model_len}")
         seq = Sequence(request_id, ids, params, arrival=next(self._arrivals))
         if params.seed is not None:
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            try:
+                seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            except (ValueError, RuntimeError):  # outside what a 64-bit generator seed holds
+                raise RequestError("seed", f"must be in [-2**63, 2**64), got {params.seed}") from None
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -151,10 +192,20 @@ class LLMEngine:
             seq.num_computed += n
         if rows:
             seqs = [batch[i][0] for i in rows]
-            tokens, logps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
-            for seq, tok, lp in zip(seqs, tokens, logps):
-                self._append(seq, tok, lp)
-                outputs.append(RequestOutput.of(seq))
+            tokens, logps, errors = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                           self._generator)
+            for seq, tok, lp, error in zip(seqs, tokens, logps, errors):
+                if error is None:
+                    try:
+                        self._append(seq, tok, lp)
+                    except Exception as e:  # this sequence's bad luck must not end the others
+                        error = f"{type(e).__name__}: {e}"
+                if error is not None:  # finish it alone: its client gets the error, the batch goes on
+                    self.scheduler.finish(seq, "error")
+                    self._seqs.pop(seq.request_id, None)
+                out = RequestOutput.of(seq)
+                out.error = error
+                outputs.append(out)
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
@@ -226,4 +277,4 @@ class LLM:
         return [done[r] for r in ids]
 
     def chat(self, conversations: list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
-        return self.generate([self.engine.apply_chat_template(c) for c in conversations], params)
+        return self.generate([self.engine.apply_chat_template(c, tokenize=True) for c in conversations], params)

@@ -119,8 +119,9 @@ class RequestOutput:
     logprobs: list[float] | None
     text: str  # generated text so far (stop strings cut)
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" while finished, else None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" while finished, else None
     num_preemptions: int = 0
+    error: str | None = None  # why the request failed (finish_reason "error"); it concerns this request only
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestOutput:

@@ -3,100 +3,17 @@ checkpoint: greedy completions equal the offline engine, streamed deltas add up 
 concurrent requests equal each alone, bad input is a 4xx naming the field, a client that leaves is aborted."""
 
 import json
-import socket
 import threading
-import time
-from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from ringlinear.config import preset  # noqa: E402
-from ringlinear.engine.llm import LLM, EngineConfig, LLMEngine  # noqa: E402
+from _serving import CHAT, GREEDY, MAX_LEN, sse, wait_idle  # noqa: E402
+
 from ringlinear.engine.sequence import SamplingParams  # noqa: E402
-from ringlinear.engine.server import AsyncLLMEngine, build_app  # noqa: E402
-from ringlinear.hf import save_model  # noqa: E402
-from ringlinear.model import init_model  # noqa: E402
-from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files  # noqa: E402
-
-MAX_LEN = 2048
-ENGINE_KW = dict(max_model_len=MAX_LEN, cpu_cache_gib=0.05, verbose=False)
-GREEDY = {"temperature": 0, "ignore_eos": True, "max_tokens": 8}
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-server")
-    save_model(init_model(preset("tiny"), seed=1), str(d))
-    for name, text in tokenizer_files(byte_level_tokenizer()).items():
-        (d / name).write_text(text)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def offline(ckpt):
-    return LLM(ckpt, device="cpu", **ENGINE_KW)
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=ckpt, device="cpu", **ENGINE_KW)))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    client = httpx.Client(base_url=url, timeout=60.0)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.05)
-    yield SimpleNamespace(url=url, client=client, engine=engine)
-    client.close()
-    srv.should_exit = True
-    thread.join(10)
-    engine.shutdown()
-    sock.close()
-
-
-def sse(lines) -> list:
-    """SSE `data:` payloads as dicts, the final `[DONE]` as None."""
-    events = []
-    for line in lines:
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            events.append(None if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def engine_idle(engine: AsyncLLMEngine) -> bool:
-    """No unfinished request and every cache block and state slot free (checked on the engine thread)."""
-    def check():
-        cache = engine.engine.scheduler.cache
-        return (not engine.engine.has_unfinished_requests() and cache.num_free_blocks() == cache.layout.num_blocks
-                and len(cache.free_slots) == cache.layout.num_slots)
-
-    return engine.call(check).result(timeout=30)
-
-
-def wait_idle(engine: AsyncLLMEngine, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not engine_idle(engine):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_health_and_models(server, ckpt):
