@@ -79,6 +79,12 @@ def graph_of(fn):
         return None
 
 
+def graph_time(fn) -> float:
+    """Microseconds per replay of `fn` captured in a CUDA graph (eager when capture fails)."""
+    graph = graph_of(fn)
+    return bench(graph.replay if graph is not None else fn) * 1e3
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy of 1 GiB, bytes read + written per second (as bench_serving.copy_bandwidth)."""
     n = 1 << 28
@@ -243,6 +249,28 @@ def sweep(name: str, m: dict, layers: list[Layer], tokens: list[int], bw: float)
     return {"best": asdict(best), "best_fracs": best_fracs, "log": log}
 
 
+def router_sweep(name: str, m: dict, layers: list[Layer], tokens: list[int]) -> list[dict]:
+    """Router time per layer (CUDA graph of `layers` routers) over RouterConfig variants, fused and gemm logits."""
+    from ringlinear.ops.moe.fused_routing import RouterConfig
+
+    variants = [RouterConfig(), RouterConfig(logits="gemm"), RouterConfig(num_warps=4)]
+    variants += [RouterConfig(block_e=be, split_h=sh, num_warps=w) for be in (32, 64) for sh in (512, 1024)
+                 for w in (4, 8)]
+    out = []
+    for T in tokens:
+        x = torch.randn(T, m["H"], device=DEV, dtype=torch.bfloat16)
+        base = graph_time(lambda x=x: [baseline_route(la, x, m) for la in layers]) / len(layers)
+        print(f"  {name} router T={T}: today's path {base:.1f} us/layer", flush=True)
+        for cfg in variants:
+            def run(x=x, cfg=cfg):
+                return [fused_router_topk(x, la.router, la.bias, m["k"], m["n_group"], m["topk_group"], True,
+                                          m["scale"], config=cfg) for la in layers]
+            t = graph_time(run) / len(layers)
+            out.append({"T": T, "config": asdict(cfg), "us_per_layer": t, "today_us_per_layer": base})
+            print(f"    {t:7.1f} us/layer  {cfg}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mini,flash")
@@ -250,6 +278,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers per timed step (own weights each)")
     ap.add_argument("--sweep", action="store_true", help="search fused_moe tilings first and time with the best")
     ap.add_argument("--sweep-tokens", default="8,64")
+    ap.add_argument("--router-sweep", action="store_true", help="time router configs (fused / gemm logits) only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -263,6 +292,9 @@ def main() -> None:
     for name in args.models.split(","):
         m = MODELS[name]
         layers = make_layers(m, args.layers)
+        if args.router_sweep:
+            result["router_sweep"] = router_sweep(name, m, layers, tokens)
+            continue
         checks = [correctness(m, layers[0], T) for T in (1, 64)]
         result["checks"][name] = checks
         for c in checks:

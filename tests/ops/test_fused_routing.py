@@ -163,3 +163,17 @@ def test_router_bad_arguments(kwargs, match):
     args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
     with pytest.raises(ValueError, match=match):
         fused_router_topk(x, w, args["bias"], args["top_k"], args["n_group"], args["topk_group"], **kwargs)
+
+
+@pytest.mark.parametrize("T,H,E,k,G,TG", CASES[:4])
+def test_router_gemm_logits_mode_matches_reference(T, H, E, k, G, TG):
+    """The "gemm" mode (logits from one fp32 GEMM, then the choice kernel) chooses as the reference does."""
+    from ringlinear.ops.moe.fused_routing import RouterConfig
+
+    x, w, b = _inputs(T, H, E, torch.float32, bias=True)
+    idx, wt = fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=RouterConfig(logits="gemm"))
+    ref_idx, ref_wt = naive_router_topk(x, w, b, k, G, TG, True, 2.5)
+    assert torch.equal(idx, ref_idx)
+    _check_weights(wt, ref_wt)
+    with pytest.raises(ValueError, match="config.logits='cublas'"):
+        fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=RouterConfig(logits="cublas"))

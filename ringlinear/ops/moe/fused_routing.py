@@ -29,6 +29,9 @@ class RouterConfig:
     block_h: int = 64
     split_h: int = 256
     num_warps: int | None = None  # None: 4, or 8 from 256 experts (the [BLOCK_T, E] choice tile)
+    # "fused": logits and choice in one kernel (batch-invariant); "gemm": logits from one cuBLAS fp32 GEMM, then
+    # the choice kernel (cuBLAS picks its algorithm by T, so a token's logits may differ in the last bit with T)
+    logits: str = "fused"
 
 
 def router_counters(T: int, device) -> torch.Tensor:
@@ -111,6 +114,15 @@ def _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT: t
 
 
 @triton.jit
+def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, T, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr,
+                   GSP: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, NEG: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    _choose(logits_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rows < T, T, E, scale, BT, HAS_BIAS, K, N_GROUP, TOPK_GROUP,
+            GS, GP, GSP, RENORM, 1, NEG)
+
+
+@triton.jit
 def _router_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, cnt_ptr, idx_ptr, wt_ptr, T, H, E, stride_x, stride_w, scale,
                    HAS_BIAS: tl.constexpr, K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                    GS: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr, RENORM: tl.constexpr,
@@ -171,6 +183,8 @@ def _check(x, weight, expert_bias, top_k, n_group, topk_group, counters, config)
                                  or counters.device != x.device):
         raise ValueError(f"fused_router_topk: counters must be int32 zeros on {x.device} with at least "
                          f"cdiv(T, {BLOCK_T}) = {triton.cdiv(x.shape[0], BLOCK_T)} entries (see router_counters)")
+    if config.logits not in ("fused", "gemm"):
+        raise ValueError(f"fused_router_topk: config.logits={config.logits!r} must be 'fused' or 'gemm'")
     for name in ("block_e", "block_h"):
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
@@ -209,14 +223,21 @@ def fused_router_topk(
     if weight.stride(1) != 1:
         raise ValueError("fused_router_topk: weight needs a unit stride on H")
     n_tb = triton.cdiv(T, BLOCK_T)
+    gs = E // n_group
+    gp, gsp = triton.next_power_of_2(n_group), triton.next_power_of_2(gs)
+    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
+    if config.logits == "gemm":
+        logits = torch.mm(x.float(), weight.t())
+        _select_kernel[(n_tb,)](
+            logits, expert_bias if expert_bias is not None else weight, idx, wt, T, E, float(routed_scaling_factor),
+            HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
+            RENORM=bool(norm_topk_prob), BT=BLOCK_T, NEG=_NEG, num_warps=num_warps)
+        return idx, wt
     if counters is None:
         counters = torch.zeros(n_tb, dtype=torch.int32, device=x.device)
     split_h = min(config.split_h, triton.cdiv(H, config.block_h) * config.block_h)
     s_h = triton.cdiv(H, split_h)
     part = _empty((s_h, T, E), torch.float32, x.device)
-    gs = E // n_group
-    gp, gsp = triton.next_power_of_2(n_group), triton.next_power_of_2(gs)
-    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
     grid = (triton.cdiv(E, config.block_e) * s_h, n_tb)
     _router_kernel[grid](
         x, weight, expert_bias if expert_bias is not None else weight, part, counters, idx, wt,
