@@ -125,6 +125,8 @@ class RequestOutput:
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestOutput:
-        return cls(seq.request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
+        # the prompt list is shared, not copied: an output is made for every sequence at every step, and copying a
+        # long prompt each time would make a step's host work grow with the context
+        return cls(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
                    list(seq.logprobs) if seq.params.logprobs else None, seq.text, seq.is_finished,
                    seq.finish_reason, seq.num_preemptions)

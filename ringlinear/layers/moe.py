@@ -72,11 +72,13 @@ class MoE(nn.Module):
         Triton backend (router + top-k in one kernel, experts reading each touched expert's weights once)."""
         if decode and not torch.is_grad_enabled() and use_triton(x) and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS:
             from ringlinear.ops.moe.fused_moe import fused_moe
-            from ringlinear.ops.moe.fused_routing import fused_router_topk
+            from ringlinear.ops.moe.fused_routing import RouterConfig, fused_router_topk
 
             g = self.gate
+            # logits from one cuBLAS fp32 GEMM, then the one-token-per-program choice kernel (the fastest on the
+            # H200 at decode sizes: benchmarks/NOTES_kernels.md)
             idx, w = fused_router_topk(x, g.weight, g.expert_bias, g.top_k, g.n_group, g.topk_group,
-                                       g.norm_topk_prob, g.routed_scaling_factor)
+                                       g.norm_topk_prob, g.routed_scaling_factor, config=RouterConfig(logits="gemm"))
             out = fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
         else:
             idx, w = self.gate(x)

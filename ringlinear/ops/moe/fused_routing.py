@@ -114,12 +114,50 @@ def _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT: t
 
 
 @triton.jit
-def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, T, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
+def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
                    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr,
-                   GSP: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, NEG: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    _choose(logits_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rows < T, T, E, scale, BT, HAS_BIAS, K, N_GROUP, TOPK_GROUP,
-            GS, GP, GSP, RENORM, 1, NEG)
+                   GSP: tl.constexpr, RENORM: tl.constexpr):
+    # One token per program, fp32 scores on a [GP, GSP] grid (expert e = g * GS + j); a pick is the highest score
+    # among the experts not yet taken, ties to the lowest index (NaN scores count as -inf, so a NaN token still
+    # picks k distinct experts and gets NaN weights).
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GP)[:, None]
+    j = tl.arange(0, GSP)[None, :]
+    e = g * GS + j
+    valid = (g < N_GROUP) & (j < GS)
+    score = tl.sigmoid(tl.load(logits_ptr + t * E + e, mask=valid, other=0.0))
+    c = score
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    c = tl.where(valid & (c == c), c, float("-inf"))
+    BIG: tl.constexpr = GP * GSP + GP
+    if N_GROUP > 1:
+        m1 = tl.max(c, axis=1)
+        i1 = tl.min(tl.where(c == m1[:, None], j, BIG), axis=1)
+        m2 = tl.max(tl.where(j == i1[:, None], float("-inf"), c), axis=1)
+        gi = tl.arange(0, GP)
+        gs = tl.where(gi < N_GROUP, m1 + m2, float("-inf"))
+        gs = tl.where(gs == gs, gs, float("-inf"))
+        keep = gi < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            m = tl.max(tl.where(keep, float("-inf"), gs), axis=0)
+            pick = tl.min(tl.where((gs == m) & ~keep & (gi < N_GROUP), gi, BIG), axis=0)
+            keep = keep | (gi == pick)
+        c = tl.where(keep[:, None], c, float("-inf"))
+    chosen = e < 0
+    for _ in tl.static_range(K):
+        m = tl.max(tl.max(tl.where(chosen, float("-inf"), c), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where((c == m) & ~chosen & valid, e, BIG), axis=1), axis=0)
+        chosen = chosen | (e == pick)
+    w = tl.where(chosen, score, 0.0)
+    if RENORM:
+        w = w / (tl.sum(tl.sum(w, axis=1), axis=0) + 1e-20)
+    w = w * scale
+    ci = chosen.to(tl.int32)
+    per_group = tl.sum(ci, axis=1)
+    slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(ci, axis=1) - 1
+    tl.store(idx_ptr + t * K + slot, e.to(tl.int64), mask=chosen)
+    tl.store(wt_ptr + t * K + slot, w, mask=chosen)
 
 
 @triton.jit
@@ -228,10 +266,10 @@ def fused_router_topk(
     num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
     if config.logits == "gemm":
         logits = torch.mm(x.float(), weight.t())
-        _select_kernel[(n_tb,)](
-            logits, expert_bias if expert_bias is not None else weight, idx, wt, T, E, float(routed_scaling_factor),
+        _select_kernel[(T,)](
+            logits, expert_bias if expert_bias is not None else weight, idx, wt, E, float(routed_scaling_factor),
             HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
-            RENORM=bool(norm_topk_prob), BT=BLOCK_T, NEG=_NEG, num_warps=num_warps)
+            RENORM=bool(norm_topk_prob), num_warps=1 if gp * gsp <= 512 else 4)
         return idx, wt
     if counters is None:
         counters = torch.zeros(n_tb, dtype=torch.int32, device=x.device)
