@@ -42,9 +42,9 @@ class DecoderLayer(nn.Module):
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, decode=ctx.is_decode) if self.is_moe else self.mlp(h))
 
-    def decode_forward(self, delta: torch.Tensor | None, residual: torch.Tensor, ctx: AttentionContext
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for decode steps with each residual add fused into the norm after it (`add_rmsnorm`):
+    def inference_forward(self, delta: torch.Tensor | None, residual: torch.Tensor, ctx: AttentionContext
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for engine forwards with each residual add fused into the norm after it (`add_rmsnorm`):
         takes the previous layer's MLP output `delta` (None for the first layer) and the residual stream before it;
         returns this layer's MLP output and the residual stream before that (their sum is `forward`'s output)."""
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -53,7 +53,7 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = add_rmsnorm(delta, residual, n1.weight, n1.eps)
         h, residual = add_rmsnorm(self.attention(h, ctx), residual, n2.weight, n2.eps)
-        return (self.mlp(h, decode=True) if self.is_moe else self.mlp(h)), residual
+        return (self.mlp(h, decode=ctx.is_decode, inference=True) if self.is_moe else self.mlp(h)), residual
 
 
 class MTPModule(nn.Module):
@@ -89,10 +89,10 @@ class RingLinearModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids: [T] packed -> last hidden state before the final norm, [T, hidden]."""
         x = self.word_embeddings(input_ids)
-        if ctx.is_decode:
+        if ctx.inference:
             delta = None
             for layer in self.layers:
-                delta, x = layer.decode_forward(delta, x, ctx)
+                delta, x = layer.inference_forward(delta, x, ctx)
             return x if delta is None else x + delta
         for layer in self.layers:
             x = layer(x, ctx)

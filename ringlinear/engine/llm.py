@@ -75,6 +75,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []
         self._arrivals = itertools.count()
         self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.last_step_host_s = 0.0
         if config.verbose:
             print(f"[ringlinear engine] {self.model_name} on {self.device} ({dtype}): cache "
                   f"{layout.total_bytes / 2**30:.2f} GiB = {layout.num_slots} state slots "
@@ -182,18 +183,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by its tokens of this step; sample where a prompt or the last
         token was just computed. Returns the outputs of requests that got a token or finished."""
+        t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
         logits = self.runner.execute(batch, rows)
+        launched = time.perf_counter()  # the forward is queued on the device; what follows waits for it
         for seq, n in batch:
             seq.num_computed += n
+        sampled = launched
         if rows:
             seqs = [batch[i][0] for i in rows]
             tokens, logps, errors = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                            self._generator)
+            sampled = time.perf_counter()
             for seq, tok, lp, error in zip(seqs, tokens, logps, errors):
                 if error is None:
                     try:
@@ -206,6 +211,9 @@ class LLMEngine:
                 out = RequestOutput.of(seq)
                 out.error = error
                 outputs.append(out)
+        # host work of this step: scheduling and launching, then turning the sampled tokens into outputs (the
+        # device's forward and the sampler's wait for it are not host work)
+        self.last_step_host_s = (launched - t0) + (time.perf_counter() - sampled)
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:

@@ -46,10 +46,10 @@ class LightningAttention(nn.Module):
         self.rotary.reset_buffers()
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        """x: [T, hidden] packed tokens of ctx's sequences -> [T, hidden]. Decode steps (`ctx.is_decode`) run the
+        """x: [T, hidden] packed tokens of ctx's sequences -> [T, hidden]. Engine forwards (`ctx.inference`) run the
         fused kernels of `ringlinear.ops.fused_norms` (the same composition in one kernel each)."""
-        if ctx.is_decode:
-            return self._decode_forward(x, ctx)
+        if ctx.inference:
+            return self._inference_forward(x, ctx)
         T = x.shape[0]
         qkv = self.query_key_value(x).float().view(T, 3 * self.num_heads, self.head_dim)
         if self.linear_silu:
@@ -63,7 +63,7 @@ class LightningAttention(nn.Module):
         o = self.g_norm(o.reshape(T, -1)) * torch.sigmoid(self.g_proj(x))
         return self.dense(o)
 
-    def _decode_forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+    def _inference_forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         H, D = self.num_heads, self.head_dim
         q, k, v = qk_norm_rope(
             self.query_key_value(x), H, H, D, self.query_layernorm.weight if self.use_qk_norm else None,

@@ -34,10 +34,10 @@ class SoftmaxAttention(nn.Module):
         self.rotary.reset_buffers()
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; decode steps (`ctx.is_decode`) run QK-norm + RoPE as one fused kernel
+        """x: [T, hidden] -> [T, hidden]; engine forwards (`ctx.inference`) run QK-norm + RoPE as one fused kernel
         (`ringlinear.ops.fused_norms.qk_norm_rope`, the same composition)."""
         T = x.shape[0]
-        if ctx.is_decode:
+        if ctx.inference:
             n = self.query_layernorm if self.use_qk_norm else None
             q, k, v = qk_norm_rope(self.query_key_value(x), self.num_heads, self.num_kv_heads, self.head_dim,
                                    n.weight if n else None, self.key_layernorm.weight if n else None,
