@@ -210,9 +210,8 @@ def router_sweep(name: str, m: dict, layers: list[Layer], tokens: list[int]) -> 
     """Router time per layer (CUDA graph of `layers` routers) over RouterConfig variants, fused and gemm logits."""
     from ringlinear.ops.moe.fused_routing import RouterConfig
 
-    variants = [RouterConfig(), RouterConfig(logits="gemm"), RouterConfig(num_warps=4)]
-    variants += [RouterConfig(block_e=be, split_h=sh, num_warps=w) for be in (32, 64) for sh in (512, 1024)
-                 for w in (4, 8)]
+    variants = [RouterConfig(), RouterConfig(logits="gemm")]
+    variants += [RouterConfig(logits="split", block_e=be, split_h=sh) for be in (16, 32, 64) for sh in (128, 256, 512)]
     out = []
     for T in tokens:
         x = torch.randn(T, m["H"], device=DEV, dtype=torch.bfloat16)
