@@ -60,3 +60,28 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids == b.token_ids
         assert max(abs(x[s].logprob - y[s].logprob) for s, x, y in zip(a.token_ids, a.logprobs, b.logprobs)) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_cache_and_fork_on_cuda(tmp_path):
+    """bf16 under CUDA graphs: a prompt sent again resumes from its end-of-prompt snapshot (mid-block) and gives the
+    same tokens and logprobs, bitwise (the same kernels on the same cache contents); a group of n = 4 forks the
+    prompt and equals its members sent alone, each resuming from the cache."""
+    cfg = preset("small")
+    save_model(init_model(cfg, seed=5), str(tmp_path))
+    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64,
+              verbose=False)
+    assert llm.engine.runner.graphs is not None and llm.engine.scheduler.prefix is not None
+    prompt = list(range(7, 306))  # 299 tokens: chunked, its snapshot at 298 lies mid-block
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    cold, hit = llm.generate([prompt], sp)[0], llm.generate([prompt], sp)[0]
+    assert cold.num_cached_tokens == 0 and hit.num_cached_tokens == len(prompt) - 1
+    a, b = cold.outputs[0], hit.outputs[0]
+    assert a.token_ids == b.token_ids and [x[t].logprob for t, x in zip(a.token_ids, a.logprobs)] == \
+        [y[t].logprob for t, y in zip(b.token_ids, b.logprobs)]
+    seeded = dict(temperature=1.0, top_k=50, max_tokens=12, ignore_eos=True, logprobs=0)
+    [group] = llm.generate([prompt], SamplingParams(n=4, seed=9, **seeded))
+    for i, c in enumerate(group.outputs):
+        alone = llm.generate([prompt], SamplingParams(seed=9 + i, **seeded))[0]
+        assert alone.num_cached_tokens == len(prompt) - 1
+        assert alone.outputs[0].token_ids == c.token_ids
