@@ -267,7 +267,7 @@ class LLMEngine:
         of a request with n > 1, its prompt just computed, samples all n choices from its logits (choice i with
         its own generator) and is forked into the other n - 1."""
         reqs = [self._requests[s.request_id] for s in seqs]
-        rows = [i for i, (s, r) in enumerate(zip(seqs, reqs)) for _ in range(s.seats)]
+        rows = [i for i, s in enumerate(seqs) for _ in range(s.seats)]  # n rows for a sequence to fork
         choices = [c for s in seqs for c in range(s.seats)]
         if len(rows) != len(seqs):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
