@@ -134,6 +134,33 @@ def test_preemption_resumes_from_its_snapshot(ckpt):
     assert_all_free(on)
 
 
+def test_forked_group_under_preemption(ckpt):
+    """A group of 2 and a single request in 3 slots and 14 blocks: choices are preempted (a forked choice recomputes
+    from a snapshot of its own) and still equal the same requests with caching off; aborting a group before its
+    fork ends all of its choices."""
+    gib = budget_gib(3, 14, 6)
+    kw = dict(max_num_seqs=3, cpu_cache_gib=gib, max_num_batched_tokens=64, **KW)
+    on, off = LLM(ckpt, **kw), LLM(ckpt, enable_prefix_caching=False, **kw)
+    prompts = [list(range(20, 31)), list(range(50, 59))]
+    for sampling in (GREEDY, SEEDED):
+        sp = [SamplingParams(max_tokens=20, seed=4, **sampling), SamplingParams(n=2, max_tokens=20, seed=5, **sampling)]
+        got, ref = on.generate(prompts, sp), off.generate(prompts, sp)
+        assert on.engine.scheduler.num_preemptions > 0
+        for a, b in zip(got, ref):
+            assert len(a.outputs) == len(b.outputs)
+            for i in range(len(a.outputs)):
+                assert_same(result(a, i), result(b, i))
+    assert_all_free(on)
+    eng = on.engine
+    eng.add_request("g", A, SamplingParams(n=3, max_tokens=5))
+    eng.step()  # the prompt's first chunk: not forked yet
+    eng.abort_request("g")
+    [out] = eng.step()
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["abort"] * 3
+    assert [c.index for c in out.outputs] == [0, 1, 2] and not eng.has_unfinished_requests()
+    assert_all_free(on)
+
+
 def test_full_cache_evicts_and_keeps_serving(ckpt):
     gib = budget_gib(2, 24, 3)  # 2 slots, 24 blocks, 3 snapshots
     on = LLM(ckpt, max_num_seqs=2, cpu_cache_gib=gib, max_num_batched_tokens=32, **KW)
