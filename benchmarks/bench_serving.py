@@ -9,7 +9,8 @@ times are scaled by 64 / dense-layers, said in the table). One run, same engine,
   every model, and the largest batch the cache admits (capped at 64);
 - floor: bytes one decode step must read (activated weights, with the experts B tokens touch; KV; state read
   + write) over the copy bandwidth measured in this run, against the measured step time, at B = 8 and B = 64;
-- host: the part of a decode step that is not GPU work (step wall time - the replayed graph's GPU time);
+- host: a decode step's host work (scheduling, building and launching the batch, turning sampled tokens into
+  outputs; `LLMEngine.last_step_host_s`), beside the replayed graph's GPU time;
 - prefill MFU: (2 x activated non-embedding parameters + attention FLOPs) per token x tok/s over the bf16 GEMM
   rate measured in this run;
 - --profile: a kernel-time table of eager decode steps (top kernels per step) for the hybrid at B = 8.
@@ -143,10 +144,13 @@ def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> tupl
     engine.step()  # warm-up
     sync(device)
     t0 = time.perf_counter()
+    host = 0.0
     for _ in range(steps):
         engine.step()
+        host += engine.last_step_host_s
     sync(device)
     dt = (time.perf_counter() - t0) / steps
+    engine.bench_host_s = host / steps
     gpu = None
     graphs = engine.runner.graphs
     if graphs is not None and B <= graphs.max_batch:
@@ -165,6 +169,19 @@ def decode_step_s(engine: LLMEngine, B: int, C: int, steps: int, device) -> tupl
     return dt, gpu
 
 
+def profile_prefill(engine: LLMEngine, C: int, top: int = 20) -> list[dict]:
+    """Kernel time of one C-token prefill (after a warm-up prefill of the same length), the `top` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefill_tps(engine, C, engine.device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        prefill_tps(engine, C, engine.device)
+    wall = time.perf_counter() - t0
+    return _kernel_table(prof, 1, f"one {C}-token prefill (wall {wall * 1e3:.1f} ms under the profiler)", top)
+
+
 def profile_decode(engine: LLMEngine, B: int, C: int, steps: int, top: int = 25) -> list[dict]:
     """Kernel time per eager decode step (graphs off), the `top` kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
@@ -181,15 +198,19 @@ def profile_decode(engine: LLMEngine, B: int, C: int, steps: int, top: int = 25)
         engine.abort_request(s.request_id)
     engine.step()
     engine.runner.graphs = graphs
+    return _kernel_table(prof, steps, f"eager decode step, B={B}, context {C}", top)
+
+
+def _kernel_table(prof, steps: int, what: str, top: int) -> list[dict]:
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.key and not e.key.startswith("ProfilerStep"):
             rows.append({"kernel": e.key[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps})
+    rows = [r for r in rows if not r["kernel"].startswith(("aten::", "cuda", "Memcpy", "Memset")) or "Memcpy" in r["kernel"]]
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
-    print(f"\nkernel time per eager decode step, B={B}, context {C}: {total:.2f} ms in "
-          f"{sum(r['calls_per_step'] for r in rows):.0f} kernels")
+    print(f"\nkernel time per {what}: {total:.2f} ms in {sum(r['calls_per_step'] for r in rows):.0f} kernels")
     for r in rows[:top]:
         print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f} x  {r['kernel']}")
     return [{"total_ms_per_step": total}] + rows[:top]
@@ -249,8 +270,9 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0, 
             row[f"decode_{tag}_batch"] = B
             row[f"decode_{tag}_tok_s"] = B / dt
             row[f"decode_{tag}_step_ms"] = dt * 1e3
+            row[f"decode_{tag}_host_ms"] = engine.bench_host_s * 1e3  # scheduling, launch, outputs
             if gpu is not None:
-                row[f"decode_{tag}_host_ms"] = (dt - gpu * layer_scale) * 1e3
+                row[f"decode_{tag}_gpu_ms"] = gpu * layer_scale * 1e3
             if tag == "b8" and engine.runner.graphs is not None and not args.skip_eager:  # same step without graphs
                 graphs, engine.runner.graphs = engine.runner.graphs, None
                 row["decode_b8_step_ms_eager"] = decode_step_s(engine, B, C, args.decode_steps, device)[0] \
@@ -262,6 +284,7 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0, 
                 row[f"decode_{tag}_floor_ratio"] = dt / floor
         if profiles is not None and device.type == "cuda" and C == contexts[0]:
             profiles[name] = profile_decode(engine, min(8, mb), C, 3)
+            profiles[name + "-prefill"] = profile_prefill(engine, C)
         rows.append(row)
         print(row, flush=True)
     del engine, model

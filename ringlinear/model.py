@@ -20,6 +20,7 @@ from ringlinear.layers.moe import MoE, Router, SwiGLU
 from ringlinear.layers.norms import RMSNorm
 from ringlinear.layers.softmax_attention import SoftmaxAttention
 from ringlinear.ops.cross_entropy import linear_cross_entropy
+from ringlinear.ops.fused_norms import add_rmsnorm
 from ringlinear.ops.matmul import mm_fp32_out
 
 IGNORE_INDEX = -100
@@ -40,6 +41,19 @@ class DecoderLayer(nn.Module):
         x = x + self.attention(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, decode=ctx.is_decode) if self.is_moe else self.mlp(h))
+
+    def inference_forward(self, delta: torch.Tensor | None, residual: torch.Tensor, ctx: AttentionContext
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for engine forwards with each residual add fused into the norm after it (`add_rmsnorm`):
+        takes the previous layer's MLP output `delta` (None for the first layer) and the residual stream before it;
+        returns this layer's MLP output and the residual stream before that (their sum is `forward`'s output)."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if delta is None:
+            h = n1(residual)
+        else:
+            h, residual = add_rmsnorm(delta, residual, n1.weight, n1.eps)
+        h, residual = add_rmsnorm(self.attention(h, ctx), residual, n2.weight, n2.eps)
+        return (self.mlp(h, decode=ctx.is_decode, inference=True) if self.is_moe else self.mlp(h)), residual
 
 
 class MTPModule(nn.Module):
@@ -75,6 +89,11 @@ class RingLinearModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids: [T] packed -> last hidden state before the final norm, [T, hidden]."""
         x = self.word_embeddings(input_ids)
+        if ctx.inference:
+            delta = None
+            for layer in self.layers:
+                delta, x = layer.inference_forward(delta, x, ctx)
+            return x if delta is None else x + delta
         for layer in self.layers:
             x = layer(x, ctx)
         return x

@@ -264,6 +264,7 @@ class PagedContext(AttentionContext):
         self.cache = cache
         self.slots = slots
         self.is_decode = is_decode
+        self.inference = True
         self._max_q = max_len
         if cache.kv:
             bs = cache.block_size

@@ -91,6 +91,7 @@ class LLMEngine:
         self.history = TokenHistory(layout.num_slots, self.config.vocab_size, self.device)
         self._arrivals = itertools.count()
         self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.last_step_host_s = 0.0
         if config.verbose:
             if cache.prefix is not None:
                 prefix = (f"; prefix cache: {layout.num_snapshots} state snapshots "
@@ -240,6 +241,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by its tokens of this step; sample where a prompt or the last
         token was just computed. Returns the outputs of requests that got a token or finished."""
+        t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         if not batch:
@@ -247,19 +249,23 @@ class LLMEngine:
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
         prompt_rows, token_rows = self._prompt_logprob_rows(batch)
         logits = self.runner.execute(batch, rows, token_rows or None)
-        if token_rows:
-            self._prompt_logprobs(prompt_rows, logits[len(rows):])
-            logits = logits[: len(rows)]
         for seq, n in batch:
             seq.num_computed += n
         prefix = self.scheduler.prefix
         if prefix is not None:  # right after the forward, before a slot or a last block changes
             prefix.take([seq for seq, _ in batch if prefix.due(seq)])
+        launched = self._sampled_at = time.perf_counter()  # the forward is queued; what follows waits for it
+        if token_rows:
+            self._prompt_logprobs(prompt_rows, logits[len(rows):])
+            logits = logits[: len(rows)]
         touched: dict[str, Request] = {}
         if rows:
             seqs = [batch[i][0] for i in rows]
             self._sample(seqs, logits, touched)
         outputs.extend(RequestOutput.of(req) for req in touched.values())
+        # host work of this step: scheduling and launching, then turning the sampled tokens into outputs (the
+        # device's forward and the sampler's wait for it are not host work)
+        self.last_step_host_s = (launched - t0) + (time.perf_counter() - self._sampled_at)
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, Request]) -> None:
@@ -280,6 +286,7 @@ class LLMEngine:
                       for i, c in zip(rows, choices)]
         out = sample(logits, params, generators, self._generator,
                      num_outputs=[s.num_outputs for s in samplers], stop_ids=stop_ids, penalties=penalties)
+        self._sampled_at = time.perf_counter()
         owners = list(samplers)  # the sequence each row's token goes to
         for i, seq in enumerate(seqs):
             if seq.seats > 1:

@@ -260,7 +260,9 @@ class RequestOutput:
         outs = [CompletionOutput.of(s) for s in req.seqs]
         error = next((s.error for s in req.seqs if s.error is not None), None)
         prompt_lp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return cls(req.request_id, req.prompt, list(req.prompt_token_ids), prompt_lp, outs, req.is_finished,
+        # the prompt list is shared, not copied: an output is made for every request at every step, and copying a
+        # long prompt each time would make a step's host work grow with the context
+        return cls(req.request_id, req.prompt, req.prompt_token_ids, prompt_lp, outs, req.is_finished,
                    req.num_cached_tokens, sum(s.num_preemptions for s in req.seqs), error)
 
     # ---- the flat fields of the previous release ----------------------------------------------------------

@@ -22,9 +22,11 @@ from ringlinear.ops.lightning import lightning_attn, lightning_decode
 
 
 class AttentionContext:
-    """Base: packed layout. Subclasses implement the two attention calls. `is_decode`: every sequence adds one
-    token (the engine's decode step: layers may take their small-batch kernels)."""
+    """Base: packed layout. Subclasses implement the two attention calls. `inference`: the engine's forward (no
+    autograd; layers take their fused forward-only kernels); `is_decode`: besides, every sequence adds one token
+    (layers may take their small-batch kernels)."""
 
+    inference = False
     is_decode = False
 
     def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor, bounds: list[int] | None = None):

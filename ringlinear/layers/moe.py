@@ -67,19 +67,26 @@ class MoE(nn.Module):
             SwiGLU(Hd, config.shared_expert_intermediate_size, config.use_bias) if config.num_shared_experts > 0 else None
         )
 
-    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        """x: [T, hidden]. `decode`: a decode step's few tokens, which take the fused small-batch kernels on the
-        Triton backend (router + top-k in one kernel, experts reading each touched expert's weights once)."""
-        if decode and not torch.is_grad_enabled() and use_triton(x) and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS:
-            from ringlinear.ops.moe.fused_moe import fused_moe
-            from ringlinear.ops.moe.fused_routing import fused_router_topk
+    def forward(self, x: torch.Tensor, decode: bool = False, inference: bool = False) -> torch.Tensor:
+        """x: [T, hidden]. `inference` (the engine's forwards, no autograd) on the Triton backend: the router's choice
+        in one kernel after one fp32 logits GEMM; with `decode` too (a decode step's few tokens) the experts run the
+        fused small-batch kernels, reading each touched expert's weights once."""
+        fast = (inference or decode) and not torch.is_grad_enabled() and use_triton(x)
+        if fast:
+            from ringlinear.ops.moe.fused_routing import RouterConfig, fused_router_topk
 
             g = self.gate
+            # logits from one cuBLAS fp32 GEMM, then the one-token-per-program choice kernel (the fastest on the
+            # H200: benchmarks/NOTES_kernels.md)
             idx, w = fused_router_topk(x, g.weight, g.expert_bias, g.top_k, g.n_group, g.topk_group,
-                                       g.norm_topk_prob, g.routed_scaling_factor)
-            out = fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+                                       g.norm_topk_prob, g.routed_scaling_factor, config=RouterConfig(logits="gemm"))
         else:
             idx, w = self.gate(x)
+        if fast and decode and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS:
+            from ringlinear.ops.moe.fused_moe import fused_moe
+
+            out = fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+        else:
             out = routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -163,3 +163,42 @@ def test_router_bad_arguments(kwargs, match):
     args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
     with pytest.raises(ValueError, match=match):
         fused_router_topk(x, w, args["bias"], args["top_k"], args["n_group"], args["topk_group"], **kwargs)
+
+
+@pytest.mark.parametrize("T,H,E,k,G,TG", CASES[:4])
+def test_router_gemm_logits_mode_matches_reference(T, H, E, k, G, TG):
+    """The "gemm" mode (logits from one fp32 GEMM, then the choice kernel) chooses as the reference does."""
+    from ringlinear.ops.moe.fused_routing import RouterConfig
+
+    x, w, b = _inputs(T, H, E, torch.float32, bias=True)
+    idx, wt = fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=RouterConfig(logits="gemm"))
+    ref_idx, ref_wt = naive_router_topk(x, w, b, k, G, TG, True, 2.5)
+    assert torch.equal(idx, ref_idx)
+    _check_weights(wt, ref_wt)
+    with pytest.raises(ValueError, match="config.logits='cublas'"):
+        fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=RouterConfig(logits="cublas"))
+
+
+@pytest.mark.parametrize("T,H,E,k,G,TG", CASES)
+def test_router_gemm_mode_full_contract(T, H, E, k, G, TG, monkeypatch):
+    """The gemm mode's one-token-per-program choice: the reference's experts and weights on every case (poisoned
+    outputs: every slot written), ties to the lower index, a NaN token picks distinct experts with NaN weights."""
+    from ringlinear.ops.moe.fused_routing import RouterConfig
+
+    cfg = RouterConfig(logits="gemm")
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, -7 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fused_routing, "_empty", poisoned)
+    x, w, b = _inputs(T, H, E, torch.float32, bias=(E % 3 != 0))
+    idx, wt = fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=cfg)
+    ref_idx, ref_wt = naive_router_topk(x, w, b, k, G, TG, True, 2.5)
+    assert torch.equal(idx, ref_idx)
+    _check_weights(wt, ref_wt)
+    xt = torch.zeros(3, H, device=DEV)  # every score 0.5: all ties
+    idx, _ = fused_router_topk(xt, w, None, k, G, TG, True, 2.5, config=cfg)
+    assert torch.equal(idx, naive_router_topk(xt, w, None, k, G, TG, True, 2.5)[0])
+    x[0, 0] = float("nan")
+    idx, wt = fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=cfg)
+    assert torch.isnan(wt[0]).all() and idx[0].unique().numel() == k and ((idx[0] >= 0) & (idx[0] < E)).all()

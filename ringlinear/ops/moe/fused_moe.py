@@ -26,17 +26,18 @@ from ringlinear.ops.triton_common import exact_dot, round_cast
 @dataclass(frozen=True)
 class FusedMoEConfig:
     """Tiles and launch shapes. `block_m` pairs per block (tl.dot's M, >= 16); gate/up tiles run over I
-    (`gate_up_block_n`) and reduce over H (`gate_up_block_k`); down tiles run over H and reduce over I."""
+    (`gate_up_block_n`) and reduce over H (`gate_up_block_k`); down tiles run over H and reduce over I. Defaults:
+    the H200 sweep of `benchmarks/bench_moe.py --sweep` at Ring-mini shapes, T = 8 and 64 (NOTES_kernels.md)."""
 
     block_m: int = 16
     gate_up_block_n: int = 32
-    gate_up_block_k: int = 128
-    gate_up_warps: int = 4
-    gate_up_stages: int = 4
-    down_block_n: int = 64
+    gate_up_block_k: int = 64
+    gate_up_warps: int = 8
+    gate_up_stages: int = 3
+    down_block_n: int = 128
     down_block_k: int = 128
     down_warps: int = 4
-    down_stages: int = 4
+    down_stages: int = 3
 
 
 

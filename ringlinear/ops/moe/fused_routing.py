@@ -29,6 +29,9 @@ class RouterConfig:
     block_h: int = 64
     split_h: int = 256
     num_warps: int | None = None  # None: 4, or 8 from 256 experts (the [BLOCK_T, E] choice tile)
+    # "fused": logits and choice in one kernel (batch-invariant); "gemm": logits from one cuBLAS fp32 GEMM, then
+    # the choice kernel (cuBLAS picks its algorithm by T, so a token's logits may differ in the last bit with T)
+    logits: str = "fused"
 
 
 def router_counters(T: int, device) -> torch.Tensor:
@@ -111,6 +114,53 @@ def _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT: t
 
 
 @triton.jit
+def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr,
+                   GSP: tl.constexpr, RENORM: tl.constexpr):
+    # One token per program, fp32 scores on a [GP, GSP] grid (expert e = g * GS + j); a pick is the highest score
+    # among the experts not yet taken, ties to the lowest index (NaN scores count as -inf, so a NaN token still
+    # picks k distinct experts and gets NaN weights).
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GP)[:, None]
+    j = tl.arange(0, GSP)[None, :]
+    e = g * GS + j
+    valid = (g < N_GROUP) & (j < GS)
+    score = tl.sigmoid(tl.load(logits_ptr + t * E + e, mask=valid, other=0.0))
+    c = score
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    c = tl.where(valid & (c == c), c, float("-inf"))
+    BIG: tl.constexpr = GP * GSP + GP
+    if N_GROUP > 1:
+        m1 = tl.max(c, axis=1)
+        i1 = tl.min(tl.where(c == m1[:, None], j, BIG), axis=1)
+        m2 = tl.max(tl.where(j == i1[:, None], float("-inf"), c), axis=1)
+        gi = tl.arange(0, GP)
+        gs = tl.where(gi < N_GROUP, m1 + m2, float("-inf"))
+        gs = tl.where(gs == gs, gs, float("-inf"))
+        keep = gi < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            m = tl.max(tl.where(keep, float("-inf"), gs), axis=0)
+            pick = tl.min(tl.where((gs == m) & ~keep & (gi < N_GROUP), gi, BIG), axis=0)
+            keep = keep | (gi == pick)
+        c = tl.where(keep[:, None], c, float("-inf"))
+    chosen = e < 0
+    for _ in tl.static_range(K):
+        m = tl.max(tl.max(tl.where(chosen, float("-inf"), c), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where((c == m) & ~chosen & valid, e, BIG), axis=1), axis=0)
+        chosen = chosen | (e == pick)
+    w = tl.where(chosen, score, 0.0)
+    if RENORM:
+        w = w / (tl.sum(tl.sum(w, axis=1), axis=0) + 1e-20)
+    w = w * scale
+    ci = chosen.to(tl.int32)
+    per_group = tl.sum(ci, axis=1)
+    slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(ci, axis=1) - 1
+    tl.store(idx_ptr + t * K + slot, e.to(tl.int64), mask=chosen)
+    tl.store(wt_ptr + t * K + slot, w, mask=chosen)
+
+
+@triton.jit
 def _router_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, cnt_ptr, idx_ptr, wt_ptr, T, H, E, stride_x, stride_w, scale,
                    HAS_BIAS: tl.constexpr, K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                    GS: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr, RENORM: tl.constexpr,
@@ -171,6 +221,8 @@ def _check(x, weight, expert_bias, top_k, n_group, topk_group, counters, config)
                                  or counters.device != x.device):
         raise ValueError(f"fused_router_topk: counters must be int32 zeros on {x.device} with at least "
                          f"cdiv(T, {BLOCK_T}) = {triton.cdiv(x.shape[0], BLOCK_T)} entries (see router_counters)")
+    if config.logits not in ("fused", "gemm"):
+        raise ValueError(f"fused_router_topk: config.logits={config.logits!r} must be 'fused' or 'gemm'")
     for name in ("block_e", "block_h"):
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
@@ -209,14 +261,21 @@ def fused_router_topk(
     if weight.stride(1) != 1:
         raise ValueError("fused_router_topk: weight needs a unit stride on H")
     n_tb = triton.cdiv(T, BLOCK_T)
+    gs = E // n_group
+    gp, gsp = triton.next_power_of_2(n_group), triton.next_power_of_2(gs)
+    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
+    if config.logits == "gemm":
+        logits = torch.mm(x.float(), weight.t())
+        _select_kernel[(T,)](
+            logits, expert_bias if expert_bias is not None else weight, idx, wt, E, float(routed_scaling_factor),
+            HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
+            RENORM=bool(norm_topk_prob), num_warps=1 if gp * gsp <= 512 else 4)
+        return idx, wt
     if counters is None:
         counters = torch.zeros(n_tb, dtype=torch.int32, device=x.device)
     split_h = min(config.split_h, triton.cdiv(H, config.block_h) * config.block_h)
     s_h = triton.cdiv(H, split_h)
     part = _empty((s_h, T, E), torch.float32, x.device)
-    gs = E // n_group
-    gp, gsp = triton.next_power_of_2(n_group), triton.next_power_of_2(gs)
-    num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
     grid = (triton.cdiv(E, config.block_e) * s_h, n_tb)
     _router_kernel[grid](
         x, weight, expert_bias if expert_bias is not None else weight, part, counters, idx, wt,
