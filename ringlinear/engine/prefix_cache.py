@@ -53,7 +53,8 @@ class PrefixCache:
     are; the trie only names them, and a free block keeps its contents until `HybridCache` takes it again, least
     recently freed first); snapshots are taken by the engine every `interval` tokens, at the end of each prompt
     (minus its last token, whose logits a request needs) and at the end of each finished or preempted sequence,
-    and evicted least recently used first when a new one needs room.
+    and evicted least recently used first when a new one needs room. The end-of-prompt snapshot is skipped when it
+    would save a resend fewer than interval / 8 tokens (`chunk_end`).
 
     Why a trie keyed by tokens rather than vLLM's hash chain: a key holds the block's tokens and its parent's
     unique node id, so two prefixes can never collide (a hash chain needs a cryptographic hash for that), and a
@@ -64,6 +65,7 @@ class PrefixCache:
         self.cache = cache
         self.bs = cache.block_size
         self.interval = interval
+        self.min_prompt_tail = max(1, interval // 8)
         self.root = _Node(0, -1, 0)
         self._ids = itertools.count(1)
         self._nodes: dict[tuple[int, tuple[int, ...]], _Node] = {}
@@ -179,11 +181,15 @@ class PrefixCache:
         return p % self.interval == 0 or p == seq.num_prompt - 1
 
     def chunk_end(self, seq, start: int, end: int) -> int:
-        """Where a chunk of `seq` from token `start` to `end` stops: not past the next multiple of the interval nor
-        past the prompt's last token (so those states can be kept)."""
+        """Where a chunk of `seq` from token `start` to `end` stops: not past the next multiple of the interval (its
+        state is kept), nor past the prompt's last token when a resend of the prompt would otherwise recompute at
+        least `min_prompt_tail` tokens since the last state kept before it (the later of that multiple and where
+        the sequence resumed). Stopping there costs the request one more step (its last prompt token alone): a chat
+        turn that resumed from the previous turn and adds a short message is not worth it."""
         end = min(end, (start // self.interval + 1) * self.interval)
-        if start < seq.num_prompt - 1 < end:
-            end = seq.num_prompt - 1
+        last = seq.num_prompt - 1
+        if start < last < end and last - max(last - last % self.interval, seq.resumed_at) >= self.min_prompt_tail:
+            end = last
         return end
 
     # ---- eviction -------------------------------------------------------------------------------

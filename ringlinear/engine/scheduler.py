@@ -59,7 +59,8 @@ class Scheduler:
         while self.waiting and budget > 0 and seats + self.waiting[0].seats <= self.max_num_seqs:
             seq = self.waiting[0]
             match = self._match(seq)
-            n = self._chunk(seq, budget, 0 if match is None else match.length)
+            seq.resumed_at = 0 if match is None else match.length
+            n = self._chunk(seq, budget, seq.resumed_at)
             if not self.cache.can_grow(seq, n, match):
                 break
             self.waiting.popleft()

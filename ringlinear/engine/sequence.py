@@ -161,6 +161,7 @@ class Sequence:
     error: str | None = None
     num_cached_tokens: int | None = None  # served by the prefix cache at its first admission (None: not admitted)
     prefix_node: object = None  # the prefix cache's node of its last registered block
+    resumed_at: int = 0  # tokens it started from at its last admission (a prefix-cache hit)
 
     def __post_init__(self):
         if not self.token_ids:
