@@ -69,8 +69,9 @@ def test_prefix_cache_and_fork_on_cuda(tmp_path):
     prompt, and sent again resumes from the cache and forks into the same choices."""
     cfg = preset("small")
     save_model(init_model(cfg, seed=5), str(tmp_path))
+    # interval 64: the prompt's end is kept (298 - 256 >= 64 / 8 tokens since the last multiple)
     llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64,
-              verbose=False)
+              prefix_state_interval=64, verbose=False)
     assert llm.engine.runner.graphs is not None and llm.engine.scheduler.prefix is not None
     prompt = list(range(7, 306))  # 299 tokens: chunked, its snapshot at 298 lies mid-block
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
