@@ -243,9 +243,12 @@ def run_model(name, config, contexts, args, device, dtype, bw, layer_scale=1.0, 
               profiles=None) -> list[dict]:
     print(f"\n== {name}: {config.num_hidden_layers} layers, building random weights on {device}", flush=True)
     model = random_model(config, device, dtype)
+    # prefix caching off: prefill chunks stay whole (it cuts them at prefix_state_interval) and the KV pool holds
+    # no snapshots (bench_prefix_cache.py measures the cache)
     engine = LLMEngine(EngineConfig(device=str(device), max_num_seqs=args.max_batch,
                                     max_num_batched_tokens=args.chunk, gpu_memory_utilization=args.mem,
-                                    cpu_cache_gib=args.cpu_cache_gib, enforce_eager=args.eager, verbose=True),
+                                    cpu_cache_gib=args.cpu_cache_gib, enforce_eager=args.eager,
+                                    enable_prefix_caching=False, verbose=True),
                        model=model)
     prefill_tps(engine, min(4096, engine.max_model_len - 1), device)  # warm-up: kernel compilation, autotuning
     rows = []

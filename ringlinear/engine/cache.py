@@ -6,7 +6,7 @@ one batch: what the attention layers read and write during a forward pass (`ring
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -31,28 +31,42 @@ class CacheLayout:
     num_slots: int
     kv_bytes_per_token: int  # all softmax layers together
     state_bytes_per_slot: int  # all linear layers together
+    num_snapshots: int = 0  # prefix-cache snapshots: a state slot + one KV block (its partial last block) each
 
     @property
     def max_cached_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     @property
+    def snapshot_bytes(self) -> int:
+        return self.state_bytes_per_slot + self.block_size * self.kv_bytes_per_token
+
+    @property
     def total_bytes(self) -> int:
-        return self.num_blocks * self.block_size * self.kv_bytes_per_token + self.num_slots * self.state_bytes_per_slot
+        return (self.num_blocks * self.block_size * self.kv_bytes_per_token + self.num_slots * self.state_bytes_per_slot
+                + self.num_snapshots * self.snapshot_bytes)
 
 
-def plan_layout(config, budget_bytes: int, block_size: int, max_num_seqs: int, kv_dtype: torch.dtype) -> CacheLayout:
-    """Split `budget_bytes` into `max_num_seqs` state slots and as many KV blocks as the rest holds."""
+def plan_layout(config, budget_bytes: int, block_size: int, max_num_seqs: int, kv_dtype: torch.dtype,
+                prefix_state_interval: int | None = None) -> CacheLayout:
+    """Split `budget_bytes` into `max_num_seqs` state slots and as many KV blocks as the rest holds. With
+    `prefix_state_interval` (prefix caching on), the rest holds one prefix-cache snapshot per
+    `prefix_state_interval` tokens of KV: snapshots and cached blocks share the budget in that ratio."""
     kv, state = cache_bytes(config, kv_dtype)
     rest = budget_bytes - max_num_seqs * state
     if rest <= 0:
         raise ValueError(f"cache budget {budget_bytes / 2**20:.0f} MiB cannot hold the recurrent states of "
                          f"max_num_seqs={max_num_seqs} sequences ({state / 2**20:.1f} MiB each): lower max_num_seqs "
                          "or raise the memory budget")
+    num_snapshots = 0
+    if prefix_state_interval and kv:  # an all-linear model has no blocks to key a prefix by
+        snapshot = state + block_size * kv
+        num_snapshots = rest // (prefix_state_interval * kv + snapshot)
+        rest -= num_snapshots * snapshot
     num_blocks = rest // (block_size * kv) if kv else 1  # an all-linear model needs no KV
     if num_blocks < 1:
         raise ValueError(f"cache budget {budget_bytes / 2**20:.0f} MiB leaves no room for one KV block")
-    return CacheLayout(int(num_blocks), block_size, max_num_seqs, kv, state)
+    return CacheLayout(int(num_blocks), block_size, max_num_seqs, kv, state, int(num_snapshots))
 
 
 class HybridCache:
@@ -61,7 +75,14 @@ class HybridCache:
     (`[num_slots + 1, max_blocks]` int32) holds the KV blocks of the sequence that holds state slot `slot`; the last
     row (`pad_row`) points every entry at `pad_block`, a block no sequence owns (padding rows of a CUDA-graph batch
     read and write it). A sequence's host list `seq.block_table` is the truth; new entries reach the device table
-    in one copy per step (`flush`), so host work per step does not grow with context length."""
+    in one copy per step (`flush`), so host work per step does not grow with context length.
+
+    Blocks are reference-counted: a forked sequence (n > 1) and a prefix-cache hit share full blocks, and a
+    sequence about to write into a block it shares gets its own copy first (copy-on-write of the last partial
+    block). Free blocks wait in least-recently-freed order; a free block the prefix cache still indexes keeps its
+    contents until it is taken again (`prefix.on_reuse` forgets it then). Past the running slots and blocks lie the
+    prefix cache's snapshots: state slots `[num_slots, num_slots + num_snapshots)` and as many KV blocks after
+    `num_blocks` (each snapshot's partial last block); the pad block comes after those."""
 
     def __init__(self, config, layout: CacheLayout, device, kv_dtype: torch.dtype):
         self.config = config
@@ -71,18 +92,22 @@ class HybridCache:
         soft = [i for i in range(config.num_hidden_layers) if config.is_softmax_layer(i)]
         lin = [i for i in range(config.num_hidden_layers) if not config.is_softmax_layer(i)]
         Hkv, D, H = config.num_key_value_heads, config.head_dim, config.num_attention_heads
-        # one block past the layout's: the pad block
-        self.kv = {i: torch.zeros(2, layout.num_blocks + 1, layout.block_size, Hkv, D, dtype=kv_dtype,
+        S = layout.num_snapshots
+        self.kv = {i: torch.zeros(2, layout.num_blocks + S + 1, layout.block_size, Hkv, D, dtype=kv_dtype,
                                   device=self.device) for i in soft}
         # one tensor for every linear layer: a new sequence's slot is zeroed in one kernel
-        self.state_pool = torch.zeros(len(lin), layout.num_slots, H, D, D, dtype=torch.float32, device=self.device)
+        self.state_pool = torch.zeros(len(lin), layout.num_slots + S, H, D, D, dtype=torch.float32,
+                                      device=self.device)
         self.states = {layer: self.state_pool[j] for j, layer in enumerate(lin)}
-        self.free_blocks: deque[int] = deque(range(layout.num_blocks))
-        self.pad_block = layout.num_blocks
+        self.ref = [0] * layout.num_blocks  # sequences holding each block
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(layout.num_blocks))
+        self.snapshot_block0 = layout.num_blocks  # snapshot i: state slot num_slots + i, KV block num_blocks + i
+        self.pad_block = layout.num_blocks + S
         self.free_slots: deque[int] = deque(range(layout.num_slots))
         self.pad_row = layout.num_slots
         self.tables = torch.full((layout.num_slots + 1, 1), self.pad_block, dtype=torch.int32, device=self.device)
         self._pending: list[tuple[int, int, int]] = []  # (slot, column, block) not yet in `tables`
+        self.prefix = None  # the PrefixCache over these blocks, when prefix caching is on
 
     # ---- allocation -----------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -98,35 +123,114 @@ class HybridCache:
             self.tables = torch.full((self.layout.num_slots + 1, width), self.pad_block, dtype=torch.int32,
                                      device=self.device)
 
-    def can_grow(self, seq, num_new: int) -> bool:
-        need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table) if self.kv else 0
-        return need <= len(self.free_blocks) and (seq.slot >= 0 or bool(self.free_slots))
+    def _blocks_needed(self, seq, num_new: int) -> int:
+        """New blocks `seq` takes to compute `num_new` more tokens: the blocks past its table, and one for a copy of
+        its last block when it would write into a block it shares."""
+        if not self.kv or num_new <= 0:
+            return 0
+        need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
+        return need + int(self._shared_tail(seq))
 
-    def grow(self, seq, num_new: int) -> None:
-        """Give `seq` a state slot (zeroed) and enough blocks for `num_new` more tokens."""
-        if not self.can_grow(seq, num_new):
+    def _shared_tail(self, seq) -> bool:
+        return bool(seq.num_computed % self.block_size and seq.block_table and self.ref[seq.block_table[-1]] > 1)
+
+    def can_grow(self, seq, num_new: int, match=None) -> bool:
+        """Whether `seq` can compute `num_new` more tokens (a waiting sequence: from the prefix `match`, if any)."""
+        if seq.slot < 0 and not self.free_slots:
+            return False
+        if match is None:
+            return self._blocks_needed(seq, num_new) <= len(self.free_blocks)
+        # blocks of the match that are free now stop being free when the sequence takes them
+        taken = sum(1 for b in match.blocks if self.ref[b] == 0)
+        need = self.blocks_for(match.length + num_new) - len(match.blocks)
+        return need <= len(self.free_blocks) - taken
+
+    def grow(self, seq, num_new: int, match=None) -> None:
+        """Give `seq` a state slot and enough blocks for `num_new` more tokens. A sequence without a slot starts
+        from the prefix `match` (shared blocks, its snapshot's state and partial block copied) or from a zero state."""
+        if not self.can_grow(seq, num_new, match):
             raise CacheFull(f"sequence {seq.request_id}: no room for {num_new} more tokens")
         if seq.slot < 0:
             seq.slot = self.free_slots.popleft()
-            self.state_pool[:, seq.slot].zero_()
-        if self.kv:
-            need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
-            if need > 0 and len(seq.block_table) + need > self.tables.shape[1]:
-                raise CacheFull(f"sequence {seq.request_id}: {seq.num_computed + num_new} tokens exceed the block "
-                                f"table ({self.tables.shape[1]} blocks of {self.block_size})")
-            for _ in range(need):
-                block = self.free_blocks.popleft()
-                self._pending.append((seq.slot, len(seq.block_table), block))
-                seq.block_table.append(block)
+            if match is None:
+                self.state_pool[:, seq.slot].zero_()
+            else:
+                self.prefix.restore(seq, match)
+        if not self.kv:
+            return
+        need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
+        if need > 0 and len(seq.block_table) + need > self.tables.shape[1]:
+            raise CacheFull(f"sequence {seq.request_id}: {seq.num_computed + num_new} tokens exceed the block "
+                            f"table ({self.tables.shape[1]} blocks of {self.block_size})")
+        if num_new > 0 and self._shared_tail(seq):  # copy-on-write: it is about to write into a shared block
+            old = seq.block_table[-1]
+            new = self._take_block()
+            self.copy_blocks([old], [new])
+            self._decref(old)
+            seq.block_table[-1] = new
+            self._pending.append((seq.slot, len(seq.block_table) - 1, new))
+        for _ in range(need):
+            self.append_block(seq, self._take_block())
+
+    def append_block(self, seq, block: int) -> None:
+        """Add `block` (already counted for `seq`) at the end of its table."""
+        self._pending.append((seq.slot, len(seq.block_table), block))
+        seq.block_table.append(block)
+
+    def _take_block(self) -> int:
+        """The least recently freed block, now held once; the prefix cache forgets what it held."""
+        block, _ = self.free_blocks.popitem(last=False)
+        if self.prefix is not None:
+            self.prefix.on_reuse(block)
+        self.ref[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more holder of `block` (a free block stops being free)."""
+        if self.ref[block] == 0:
+            del self.free_blocks[block]
+        self.ref[block] += 1
+
+    def _decref(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            self.free_blocks[block] = None  # most recently freed: taken last
+
+    def fork(self, parent, children: list) -> None:
+        """Each child continues from everything `parent` has computed: its own slot (a copy of the parent's state,
+        one copy for all) and the parent's blocks, shared (the last one is copied when either writes into it)."""
+        for child in children:
+            child.slot = self.free_slots.popleft()
+            child.num_computed = parent.num_computed
+            for block in parent.block_table:
+                self.share(block)
+                self.append_block(child, block)
+        self.copy_states([parent.slot] * len(children), [c.slot for c in children])
 
     def release(self, seq) -> None:
-        """Return the sequence's blocks and slot (sequence finished, aborted or preempted)."""
-        self.free_blocks.extend(seq.block_table)
+        """Drop the sequence's blocks (last first: they are taken again first) and return its slot (sequence
+        finished, aborted or preempted)."""
+        for block in reversed(seq.block_table):
+            self._decref(block)
         seq.block_table = []
         if seq.slot >= 0:
             self._pending = [u for u in self._pending if u[0] != seq.slot]
             self.free_slots.append(seq.slot)
             seq.slot = -1
+
+    # ---- device copies --------------------------------------------------------------------------
+    def copy_states(self, src: list[int], dst: list[int]) -> None:
+        """State slots src[i] -> dst[i], every linear layer, one gather and one scatter."""
+        if src:
+            s, d = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in (src, dst))
+            self.state_pool.index_copy_(1, d, self.state_pool.index_select(1, s))
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """KV blocks src[i] -> dst[i] in every softmax layer."""
+        if src and self.kv:
+            s, d = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in (src, dst))
+            for kv in self.kv.values():
+                kv.index_copy_(1, d, kv.index_select(1, s))
 
     def flush(self) -> None:
         """Write the block-table entries added since the last flush to the device (one copy, one scatter)."""

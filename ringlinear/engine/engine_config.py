@@ -39,6 +39,15 @@ class EngineConfig(ConfigBase):
     """Seed of the sampler for requests without their own seed."""
     enforce_eager: bool = False
     """Decode without CUDA graphs."""
+    enable_prefix_caching: bool = True
+    """Reuse the cache of prompt prefixes seen before (chat history, shared system prompts, RL groups): full KV
+    blocks are shared and the linear layers resume from a state snapshot, so a request computes only what follows
+    its longest cached prefix."""
+    prefix_state_interval: int = 8192
+    """Prefix caching: tokens between the linear-state snapshots kept along a sequence (besides the end of each
+    prompt and of each sequence); a multiple of block_size. Prefill chunks end at its multiples (the default equals
+    the default max_num_batched_tokens, so chunks stay whole), and the cache budget holds one snapshot per this
+    many tokens of KV: lower it for more, shorter cached conversations."""
     verbose: bool = True
     """Print the cache layout and loading progress at start."""
 
@@ -48,6 +57,8 @@ class EngineConfig(ConfigBase):
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(self.prefix_state_interval >= 1 and self.prefix_state_interval % self.block_size == 0,
+             "prefix_state_interval", f"must be a positive multiple of block_size={self.block_size}")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         need(self.cpu_cache_gib > 0, "cpu_cache_gib", "must be > 0")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")

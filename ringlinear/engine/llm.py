@@ -13,6 +13,7 @@ import torch
 
 from ringlinear.device import compute_dtype, default_device, parse_dtype
 from ringlinear.engine.engine_config import EngineConfig
+from ringlinear.engine.prefix_cache import PrefixCache
 from ringlinear.engine.runner import ModelRunner
 from ringlinear.engine.sampler import TokenHistory, make_logprobs, sample, token_logprobs
 from ringlinear.engine.scheduler import Scheduler
@@ -24,6 +25,7 @@ from ringlinear.engine.sequence import (
     RequestOutput,
     SamplingParams,
     Sequence,
+    SequenceStatus,
 )
 from ringlinear.ops.backend import forced_backend
 
@@ -59,9 +61,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = ModelRunner(model, self.device, kv_dtype)
+        interval = config.prefix_state_interval if config.enable_prefix_caching else None
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
-                                  config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30))
+                                  config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30), interval)
         cache = self.runner.allocate(layout)
+        if interval and layout.num_snapshots:
+            cache.prefix = PrefixCache(cache, interval)
         limit = self.config.max_position_embeddings if config.max_model_len is None else config.max_model_len
         if config.max_model_len is not None and config.max_model_len > self.config.max_position_embeddings:
             config.fail("max_model_len", f"exceeds the model's max_position_embeddings="
@@ -88,12 +93,21 @@ class LLMEngine:
         self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.last_step_host_s = 0.0
         if config.verbose:
+            if cache.prefix is not None:
+                prefix = (f"; prefix cache: {layout.num_snapshots} state snapshots "
+                          f"({layout.snapshot_bytes / 2**20:.2f} MiB each, one per {interval} tokens of KV; kept "
+                          f"every {interval} tokens and at the end of each prompt and sequence)")
+            elif config.enable_prefix_caching:
+                prefix = ("; prefix cache off: " + ("an all-linear model has no KV blocks to key prefixes by"
+                                                     if not cache.kv else "the budget holds no snapshot"))
+            else:
+                prefix = "; prefix cache off"
             print(f"[ringlinear engine] {self.model_name} on {self.device} ({dtype}): cache "
                   f"{layout.total_bytes / 2**30:.2f} GiB = {layout.num_slots} state slots "
                   f"({layout.state_bytes_per_slot / 2**20:.2f} MiB each) + {layout.num_blocks} KV blocks x "
                   f"{layout.block_size} tokens ({layout.max_cached_tokens} tokens, "
-                  f"{layout.kv_bytes_per_token} B/token); admits {layout.num_slots} sequences, max_model_len "
-                  f"{self.max_model_len}", flush=True)
+                  f"{layout.kv_bytes_per_token} B/token){prefix}; admits {layout.num_slots} sequences, "
+                  f"max_model_len {self.max_model_len}", flush=True)
 
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -187,14 +201,14 @@ class LLMEngine:
                 generators = [torch.Generator(device="cpu").manual_seed(params.seed + i) for i in range(params.n)]
             except (ValueError, RuntimeError):  # outside what a 64-bit generator seed holds
                 raise RequestError("seed", f"must be in [-2**63, 2**64 - n), got {params.seed}") from None
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, generators=generators)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
-        arrival = next(self._arrivals)
-        for i in range(params.n):
-            seq = Sequence(request_id, ids, params, arrival=arrival, index=i, generator=generators[i])
-            req.seqs.append(seq)
-            self.scheduler.add(seq)
+        # one sequence computes the prompt for all n choices (it holds their n seats) and is forked after it
+        seq = Sequence(request_id, ids, params, arrival=next(self._arrivals), generator=generators[0],
+                       seats=params.n)
+        req.seqs.append(seq)
+        self.scheduler.add(seq)
         self._requests[request_id] = req
 
     def abort_request(self, request_id: str) -> None:
@@ -204,10 +218,24 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        self._complete(req, "abort")
         self._pending.append(RequestOutput.of(req))
+
+    def _complete(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Give a request that ends before its first sequence was forked its other n - 1 choices, finished."""
+        for i in range(len(req.seqs), req.params.n):
+            seq = Sequence(req.request_id, req.prompt_token_ids, req.params, index=i, error=error,
+                           status=SequenceStatus.FINISHED, finish_reason=reason)
+            req.seqs.append(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: call it when the weights change (RL), or the cache would serve states and
+        KV computed by the old ones."""
+        if self.scheduler.prefix is not None:
+            self.scheduler.prefix.reset()
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -221,12 +249,15 @@ class LLMEngine:
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
         prompt_rows, token_rows = self._prompt_logprob_rows(batch)
         logits = self.runner.execute(batch, rows, token_rows or None)
+        for seq, n in batch:
+            seq.num_computed += n
+        prefix = self.scheduler.prefix
+        if prefix is not None:  # right after the forward, before a slot or a last block changes
+            prefix.take([seq for seq, _ in batch if prefix.due(seq)])
         launched = self._sampled_at = time.perf_counter()  # the forward is queued; what follows waits for it
         if token_rows:
             self._prompt_logprobs(prompt_rows, logits[len(rows):])
             logits = logits[: len(rows)]
-        for seq, n in batch:
-            seq.num_computed += n
         touched: dict[str, Request] = {}
         if rows:
             seqs = [batch[i][0] for i in rows]
@@ -238,17 +269,31 @@ class LLMEngine:
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, Request]) -> None:
-        """Sample one token for each of `seqs` (rows of `logits`), append it, check its stops."""
-        params = [s.params for s in seqs]
-        stop_ids = [self._stop_ids(s.params) if s.params.min_tokens > s.num_outputs else [] for s in seqs]
+        """Sample one token for each of `seqs` (rows of `logits`), append it, check its stops. The first sequence
+        of a request with n > 1, its prompt just computed, samples all n choices from its logits (choice i with
+        its own generator) and is forked into the other n - 1."""
+        reqs = [self._requests[s.request_id] for s in seqs]
+        rows = [i for i, s in enumerate(seqs) for _ in range(s.seats)]  # n rows for a sequence to fork
+        choices = [c for s in seqs for c in range(s.seats)]
+        if len(rows) != len(seqs):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        samplers = [seqs[i] for i in rows]  # whose cache and history each row's logits come from
+        params = [s.params for s in samplers]
+        stop_ids = [self._stop_ids(s.params) if s.params.min_tokens > s.num_outputs else [] for s in samplers]
         pen_rows = [i for i, p in enumerate(params) if p.penalised]
-        penalties = self.history.gather(seqs, pen_rows) if pen_rows else None
-        out = sample(logits, params, [s.generator for s in seqs], self._generator,
-                     num_outputs=[s.num_outputs for s in seqs], stop_ids=stop_ids, penalties=penalties)
+        penalties = self.history.gather(samplers, pen_rows) if pen_rows else None
+        generators = [reqs[i].generators[c] if seqs[i].seats > 1 else seqs[i].generator
+                      for i, c in zip(rows, choices)]
+        out = sample(logits, params, generators, self._generator,
+                     num_outputs=[s.num_outputs for s in samplers], stop_ids=stop_ids, penalties=penalties)
         self._sampled_at = time.perf_counter()
-        if pen_rows:
-            self.history.append(seqs, out.tokens)
+        owners = list(samplers)  # the sequence each row's token goes to
         for i, seq in enumerate(seqs):
+            if seq.seats > 1:
+                self._fork(seq, reqs[i], [j for j, r in enumerate(rows) if r == i], out.errors, owners)
+        if pen_rows:
+            self.history.append(owners, out.tokens)
+        for i, seq in enumerate(owners):
             error = out.errors[i]
             if error is None:
                 try:
@@ -266,6 +311,24 @@ class LLMEngine:
                 touched[req.request_id] = req
                 if req.is_finished:
                     del self._requests[req.request_id]
+
+    def _fork(self, parent: Sequence, req: Request, rows: list[int], errors: list[str | None],
+              owners: list[Sequence]) -> None:
+        """`parent` (choice 0) has sampled rows[c] for choice c: the other choices become sequences of their own
+        sharing its cache (a state slot each, copied; its blocks shared, copy-on-write). Its n seats guarantee
+        the slots."""
+        children = []
+        for c, row in enumerate(rows[1:], start=1):
+            child = Sequence(req.request_id, req.prompt_token_ids, req.params, arrival=parent.arrival, index=c,
+                             generator=req.generators[c], num_cached_tokens=parent.num_cached_tokens,
+                             prefix_node=parent.prefix_node)
+            req.seqs.append(child)
+            owners[row] = child
+            if errors[row] is None:
+                children.append(child)
+        self.scheduler.cache.fork(parent, children)
+        self.scheduler.add_running(children)
+        parent.seats = 1
 
     def _stop_ids(self, p: SamplingParams) -> list[int]:
         """Tokens that end a sequence of these parameters (masked while fewer than min_tokens were generated)."""
@@ -355,6 +418,9 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

@@ -20,9 +20,11 @@ class ModelRunner:
         self.graphs = None
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-             gpu_memory_utilization: float, cpu_cache_bytes: int) -> CacheLayout:
+             gpu_memory_utilization: float, cpu_cache_bytes: int,
+             prefix_state_interval: int | None = None) -> CacheLayout:
         """On CUDA: budget = utilization x total memory - peak of a profiling forward of
-        `max_num_batched_tokens` tokens (weights + activations). Elsewhere: `cpu_cache_bytes`."""
+        `max_num_batched_tokens` tokens (weights + activations). Elsewhere: `cpu_cache_bytes`. With
+        `prefix_state_interval`, the budget holds prefix-cache snapshots too (`plan_layout`)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -35,7 +37,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
         else:
             budget = cpu_cache_bytes
-        return plan_layout(self.config, budget, block_size, max_num_seqs, self.kv_dtype)
+        return plan_layout(self.config, budget, block_size, max_num_seqs, self.kv_dtype, prefix_state_interval)
 
     @torch.no_grad()
     def profile(self, num_tokens: int, num_seqs: int) -> None:

@@ -1,8 +1,9 @@
 """Continuous batching over the hybrid cache. Each step packs, within `max_num_batched_tokens`: first one
 token for every running sequence (decode, or the next chunk of a prompt still being prefilled), then new
 prompts from the queue, chunked when they do not fit (the linear state and the KV pages carry across
-chunks). When blocks run out, the most recently admitted sequence is preempted: its cache is freed and it
-is recomputed later from its tokens (prompt + what it generated), so nothing is lost or truncated."""
+chunks); a new prompt starts from its longest cached prefix (`prefix_cache`). When blocks run out, the most
+recently admitted sequence is preempted: its cache is freed (its state kept as a prefix snapshot) and it is
+recomputed later from its tokens (prompt + what it generated), so nothing is lost or truncated."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ PROMPT_LOGPROBS_CHUNK = 512  # prompt tokens per step of a request with prompt l
 class Scheduler:
     def __init__(self, cache: HybridCache, max_num_seqs: int, max_num_batched_tokens: int):
         self.cache = cache
+        self.prefix = cache.prefix
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -25,6 +27,12 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seqs: list[Sequence]) -> None:
+        """Sequences forked from a running one (they hold slots and blocks already)."""
+        for seq in seqs:
+            seq.status = SequenceStatus.RUNNING
+        self.running.extend(seqs)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,16 +54,22 @@ class Scheduler:
                 self.cache.grow(seq, n)
                 batch.append((seq, n))
                 budget -= n
-        # admit new prompts while there is budget, a slot and blocks
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # admit new prompts while there is budget, a seat (a request's n choices hold n) and blocks
+        seats = sum(s.seats for s in self.running)
+        while self.waiting and budget > 0 and seats + self.waiting[0].seats <= self.max_num_seqs:
             seq = self.waiting[0]
-            n = self._chunk(seq, budget)
-            if not self.cache.can_grow(seq, n):
+            match = self._match(seq)
+            seq.resumed_at = 0 if match is None else match.length
+            n = self._chunk(seq, budget, seq.resumed_at)
+            if not self.cache.can_grow(seq, n, match):
                 break
             self.waiting.popleft()
-            self.cache.grow(seq, n)
+            if seq.num_cached_tokens is None and self.prefix is not None:
+                self.prefix.count(seq, match)
+            self.cache.grow(seq, n, match)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seq.seats
             batch.append((seq, n))
             budget -= n
         if not batch and self.waiting and not self.running:
@@ -64,17 +78,31 @@ class Scheduler:
                                f"empty cache of {self.cache.layout.num_blocks} blocks x {self.cache.block_size}")
         return batch
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` to compute this step within `budget`."""
-        n = min(seq.num_uncomputed, budget)
-        if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt:
+    def _match(self, seq: Sequence):
+        """The cached prefix a waiting sequence starts from (never all of it: the last token's logits are needed;
+        none for prompt logprobs, which need every prompt position's logits)."""
+        if self.prefix is None or seq.params.prompt_logprobs is not None:
+            return None
+        return self.prefix.match(seq.token_ids, seq.num_tokens - 1)
+
+    def _chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
+        """Tokens of `seq` to compute this step from `start` (default: what it has computed) within `budget`;
+        chunks end where prefix snapshots are kept."""
+        start = seq.num_computed if start is None else start
+        n = min(seq.num_tokens - start, budget)
+        if seq.params.prompt_logprobs is not None and start < seq.num_prompt:
             n = min(n, PROMPT_LOGPROBS_CHUNK)
+        if self.prefix is not None:
+            n = self.prefix.chunk_end(seq, start, start + n) - start
         return n
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.prefix is not None:
+            self.prefix.take([seq])  # its recomputation starts from here, unless the snapshot is evicted first
         self.running.remove(seq)
         self.cache.release(seq)
         seq.num_computed = 0
+        seq.prefix_node = None
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -83,6 +111,8 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            if self.prefix is not None and reason in ("stop", "length"):
+                self.prefix.take([seq])  # a chat's next turn resends this sequence: it resumes here
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.cache.release(seq)

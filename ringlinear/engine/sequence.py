@@ -159,6 +159,9 @@ class Sequence:
     generator: object = None  # torch.Generator when params.seed is set
     seats: int = 1  # entries of max_num_seqs it holds: n until a request's first sequence is forked
     error: str | None = None
+    num_cached_tokens: int | None = None  # served by the prefix cache at its first admission (None: not admitted)
+    prefix_node: object = None  # the prefix cache's node of its last registered block
+    resumed_at: int = 0  # tokens it started from at its last admission (a prefix-cache hit)
 
     def __post_init__(self):
         if not self.token_ids:
@@ -198,12 +201,17 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    generators: list = field(default_factory=list)  # per choice: torch.Generator seeded seed + i, or None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as the prompt is computed
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the first admission
 
     @property
     def is_finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache served at the first admission."""
+        return (self.seqs[0].num_cached_tokens or 0) if self.seqs else 0
 
 
 @dataclass

@@ -79,9 +79,11 @@ class RolloutWorker:
     @torch.no_grad()
     def load_weights(self, src: nn.Module) -> float:
         """Copy the trainer's parameters and persistent buffers (MoE expert biases) into the engine's model,
-        in memory (device to device on one GPU). Returns the seconds it took."""
+        in memory (device to device on one GPU), and forget the prefix cache (computed by the old weights).
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         self.model.load_state_dict(src.state_dict())
+        self.llm.reset_prefix_cache()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

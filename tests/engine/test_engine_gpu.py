@@ -60,3 +60,29 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids == b.token_ids
         assert max(abs(x[s].logprob - y[s].logprob) for s, x, y in zip(a.token_ids, a.logprobs, b.logprobs)) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_cache_and_fork_on_cuda(tmp_path):
+    """bf16 under CUDA graphs: a prompt sent again resumes from its end-of-prompt snapshot (mid-block) and gives the
+    same tokens and logprobs, bitwise (the same kernels on the same cache contents); a group of n = 4 forks the
+    prompt, and sent again resumes from the cache and forks into the same choices."""
+    cfg = preset("small")
+    save_model(init_model(cfg, seed=5), str(tmp_path))
+    # interval 64: the prompt's end is kept (298 - 256 >= 64 / 8 tokens since the last multiple)
+    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64,
+              prefix_state_interval=64, verbose=False)
+    assert llm.engine.runner.graphs is not None and llm.engine.scheduler.prefix is not None
+    prompt = list(range(7, 306))  # 299 tokens: chunked, its snapshot at 298 lies mid-block
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    cold, hit = llm.generate([prompt], sp)[0], llm.generate([prompt], sp)[0]
+    assert cold.num_cached_tokens == 0 and hit.num_cached_tokens == len(prompt) - 1
+    a, b = cold.outputs[0], hit.outputs[0]
+    assert a.token_ids == b.token_ids and [x[t].logprob for t, x in zip(a.token_ids, a.logprobs)] == \
+        [y[t].logprob for t, y in zip(b.token_ids, b.logprobs)]
+    seeded = dict(temperature=1.0, top_k=50, max_tokens=12, ignore_eos=True, logprobs=0)
+    [group] = llm.generate([prompt], SamplingParams(n=4, seed=9, **seeded))
+    [again] = llm.generate([prompt], SamplingParams(n=4, seed=9, **seeded))
+    assert again.num_cached_tokens == len(prompt) - 1 and len({tuple(c.token_ids) for c in group.outputs}) > 1
+    for c, d in zip(group.outputs, again.outputs):
+        assert c.token_ids == d.token_ids and c.cumulative_logprob == d.cumulative_logprob

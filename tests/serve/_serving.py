@@ -24,7 +24,8 @@ from ringlinear.serve.server import uvicorn_config
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
 
 MAX_LEN = 2048
-ENGINE_KW = dict(max_model_len=MAX_LEN, cpu_cache_gib=0.05, verbose=False)
+# prefix_state_interval 64: short prompts keep their end-of-prompt snapshot (interval / 8 tokens or more)
+ENGINE_KW = dict(max_model_len=MAX_LEN, cpu_cache_gib=0.05, prefix_state_interval=64, verbose=False)
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_tokens": 8}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 

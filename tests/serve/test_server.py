@@ -67,6 +67,18 @@ def test_chat_completion(server, offline):
     assert r.json()["choices"][0]["message"]["content"] == ref.text
 
 
+def test_usage_reports_cached_prompt_tokens(server):
+    """A prompt sent again resumes from the prefix cache: usage.prompt_tokens_details.cached_tokens counts the
+    prompt tokens it did not compute (all but the last, whose logits it needs), and the text is the same."""
+    body = {"prompt": "A prompt long enough to fill a few cache blocks, sent twice.", **GREEDY}
+    first = server.client.post("/v1/completions", json=body).json()
+    again = server.client.post("/v1/completions", json=body).json()
+    n = first["usage"]["prompt_tokens"]
+    assert n > 16 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": n - 1}
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+
+
 def test_streaming_equals_non_streamed(server):
     req = {"prompt": "Once upon a time", "logprobs": 0, **GREEDY, "max_tokens": 12}
     full = server.client.post("/v1/completions", json=req).json()["choices"][0]
