@@ -65,12 +65,18 @@ class TrainConfig(ConfigBase):
     """Recompute each decoder layer in the backward."""
     compute_dtype: str = "auto"
     """auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32; the optimizer always steps fp32 master weights."""
+    parallelism: dict = field(default_factory=dict)
+    """Under torchrun: {"dp_shard": N, "ep": M} (ringlinear.distributed.ParallelismConfig): FSDP2 over dp_shard
+    ranks (-1: all), routed experts split over ep of them; {} is FSDP over every rank, no expert parallelism."""
     save_dir: str | None = None
     """Directory of checkpoints, history.json, loss.png and the final export."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept (older ones are deleted)."""
+    async_save: bool = True
+    """Write checkpoints in a background thread from a CPU copy of the state (training goes on meanwhile); false:
+    the step waits until the checkpoint is on disk."""
     resume: bool = False
     """Continue from the newest intact checkpoint in save_dir."""
     export: bool = True
@@ -79,6 +85,10 @@ class TrainConfig(ConfigBase):
     """dtype of the exported weights (routers stay fp32)."""
     plot: bool = True
     """Write loss.png."""
+    tensorboard: bool = True
+    """Log every step to TensorBoard in {save_dir}/tensorboard (needs the `tensorboard` package)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the `wandb` package)."""
     progress: bool = True
     """Show a progress bar."""
     peak_tflops: float | None = None
@@ -105,6 +115,9 @@ class TrainConfig(ConfigBase):
         need(self.fp8_grouped_gemm in ("torch", "triton"), "fp8_grouped_gemm", "must be one of ['torch', 'triton']")
         need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
              "must be set for save_every / resume")
+        from ringlinear.distributed.mesh import ParallelismConfig
+
+        ParallelismConfig.from_dict(self.parallelism)  # its errors name the parallelism field
         need(self.doc_separator is None or self.doc_separator != "", "doc_separator",
              "must be a non-empty string, or null for one document per file")
 
