@@ -16,7 +16,19 @@ class TrainConfig(ConfigBase):
     model: str = "tiny"
     """Preset name or checkpoint directory (HF layout) to start from."""
     data: list[str] = field(default_factory=list)
-    """Text files (documents split at `doc_separator`) or directories of HF datasets saved with save_to_disk."""
+    """Training data: plain text files (documents split at `doc_separator`), JSON lines / Parquet / CSV files
+    (read with HF `datasets`, one record per document), or directories of HF datasets saved with save_to_disk."""
+    data_format: str = "auto"
+    """Format of `data`: auto (from the extension; a directory is a saved dataset), text, json, parquet, csv or
+    dataset."""
+    text_field: str = "text"
+    """The record field holding a document's text (JSON / Parquet / CSV / datasets)."""
+    sft: bool = False
+    """Supervised fine-tuning: each record is {"prompt": ..., "response": ...} (e.g. a JSON lines file); the
+    tokens are prompt + response + EOS and the loss counts only the response and the EOS."""
+    streaming: bool = False
+    """Read, tokenise (a background thread) and pack the data as training goes, in corpus order, instead of all of
+    it up front (shuffled rows); for corpora larger than memory. Resumes at the exact record and token."""
     model_overrides: dict = field(default_factory=dict)
     """Model config fields to override (presets only)."""
     tokenizer: str | None = None
@@ -54,7 +66,7 @@ class TrainConfig(ConfigBase):
     (ringlinear.ops.moe.naive_moe_dispatch): an accumulating index_put_, whose parallel kernel adds a token's k
     gradients in a varying order; on GPUs also atomic adds in other kernels."""
     shuffle: bool = True
-    """Shuffle the rows every epoch (seeded)."""
+    """Shuffle the rows every epoch (seeded); streamed data comes in corpus order."""
     fp8: bool = False
     """FP8 recipe for the projections and experts (CUDA GPUs with FP8 GEMMs)."""
     fp8_experts: bool = True
@@ -116,6 +128,10 @@ class TrainConfig(ConfigBase):
         need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
              "must be set for save_every / resume")
         from ringlinear.distributed.mesh import ParallelismConfig
+        from ringlinear.train.sources import FORMATS
+
+        need(self.data_format in FORMATS, "data_format", f"must be one of {list(FORMATS)}")
+        need(bool(self.text_field), "text_field", "must be a field name")
 
         ParallelismConfig.from_dict(self.parallelism)  # its errors name the parallelism field
         need(self.doc_separator is None or self.doc_separator != "", "doc_separator",

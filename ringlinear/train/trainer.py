@@ -44,6 +44,7 @@ from ringlinear.train.balancing import update_expert_bias
 from ringlinear.train.data import PackedDataset
 from ringlinear.train.metrics import MetricsLogger, write_history
 from ringlinear.train.optim import MasterWeights, clip_and_step, invalidate_fp8_weights, lr_lambda, make_adamw
+from ringlinear.train.sources import dataset_for
 from ringlinear.train.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -112,9 +113,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps,
                                               min_ratio=cfg.min_lr_ratio))
-        self.data = dataset or PackedDataset.from_files(cfg.data, self.tokenizer, loaded.eos_token_id, cfg.seq_len,
-                                                        seed=cfg.seed,
-                                                        shuffle=cfg.shuffle, separator=cfg.doc_separator)
+        self.data = dataset or dataset_for(cfg, self.tokenizer, loaded.eos_token_id)
         self.step = 0
         self.history: list[dict] = []
         self.flops_per_token = train_flops_per_token(self.model_config, cfg.seq_len)
@@ -137,6 +136,9 @@ class Trainer:
                 self.checkpointer.close()
                 self.checkpointer = None
         finally:
+            data = getattr(self, "data", None)
+            if data is not None and hasattr(data, "close"):
+                data.close()
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
@@ -174,7 +176,8 @@ class Trainer:
             # the global batch, not how it is split over ranks and micro-batches: a checkpoint of 2 ranks x 1
             # micro-batch resumes on 1 rank x 2 (any world size, any EP degree: DCP reshards)
             "rows_per_step": self.cfg.micro_batch * self.cfg.grad_accum * self.world, "seq_len": self.cfg.seq_len,
-            "compute_dtype": str(self.compute_dtype), "fp8": self.cfg.fp8, "data_rows": self.data.num_rows,
+            "compute_dtype": str(self.compute_dtype), "fp8": self.cfg.fp8,
+            "data": getattr(self.data, "identity", f"rows:{self.data.num_rows}"),
         }
 
     # ---- one step -------------------------------------------------------------------------------
