@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -184,33 +184,55 @@ def save_model(model: RingLinearForCausalLM, path: str, max_shard_bytes: int = 4
     """Write `model` in the HF layout at `path`, replacing any previous checkpoint there only once the new
     one is complete. `extra_files`: file name -> text/bytes written beside (tokenizer files, ...). The transformers
     remote code and `auto_map` come along (`ringlinear.hf_remote`): ours, or the checkpoint's own when it has one."""
+    save_streamed(model.config, model.state_dict().items(), path, max_shard_bytes, extra_files,
+                  getattr(model, "source_path", None))
+
+
+@torch.no_grad()
+def save_streamed(config: RingLinearConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], path: str,
+                  max_shard_bytes: int = 4 * 1024**3, extra_files: dict[str, str | bytes] | None = None,
+                  source_path: str | None = None) -> None:
+    """Write a checkpoint in the HF layout from (model state_dict name, tensor) pairs consumed one at a time (a
+    trainer gathers each from its shards as it is asked for it): a shard file is written as soon as it is full, so
+    at most one shard and one tensor are held here, never the whole model. Tensors are written in the dtype they
+    arrive in. Atomic like `save_model`."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
-    for name, t in model.state_dict().items():
-        for hf_name, piece in hf_tensors(name, t):
-            nbytes = piece.numel() * piece.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][hf_name] = piece.detach().to("cpu").contiguous()
-            size += nbytes
-            total += nbytes
 
     def write(tmp: str) -> None:
-        config, code = remote_code_files(model.config, path, getattr(model, "source_path", None))
-        config.save(tmp)
-        n = len(shards)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        parts: list[dict[str, str]] = []  # per shard written: HF name -> its temporary file name
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            fname = f".part-{len(parts):05d}.safetensors"
             save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
+            parts.append(dict.fromkeys(shard, fname))
+            shard.clear()
+
+        for name, t in named_tensors:
+            for hf_name, piece in hf_tensors(name, t):
+                nbytes = piece.numel() * piece.element_size()
+                if shard and size + nbytes > max_shard_bytes:
+                    flush()
+                    size = 0
+                shard[hf_name] = piece.detach().to("cpu").contiguous()
+                size += nbytes
+                total += nbytes
+        if shard or not parts:
+            flush()
+        n = len(parts)
+        weight_map = {}
+        for i, part in enumerate(parts):  # the final names need the shard count
+            fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(tmp, next(iter(part.values()), f".part-{i:05d}.safetensors")),
+                      os.path.join(tmp, fname))
+            weight_map.update(dict.fromkeys(part, fname))
         if n > 1:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        out_config, code = remote_code_files(config, path, source_path)
+        out_config.save(tmp)
         for fname, content in {**code, **(extra_files or {})}.items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(os.path.join(tmp, fname), mode) as f:

@@ -115,6 +115,14 @@ class PackedDataset:
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def identity(self) -> str:
+        """What a checkpoint's data position refers to (part of the run's fingerprint)."""
+        return f"rows:{self.num_rows}"
+
+    def close(self) -> None:
+        """Nothing runs in the background here (`StreamingDataset` has a worker to stop)."""
+
     def _make_order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_rows)
@@ -160,6 +168,9 @@ class PackedDataset:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": self.num_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        if "num_rows" not in state:
+            raise ValueError("data position was saved for a streamed dataset, but this run packs its data up front: "
+                             "different data")
         if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
             raise ValueError(f"data position was saved for {state['num_rows']} rows / seed {state['seed']}, "
                              f"but this dataset has {self.num_rows} rows / seed {self.seed}: different data")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -85,11 +86,38 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_no
         finally:
             opt.grad_scale = None
         return gnorm
-    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(gnorm, "full_tensor"):
-        gnorm = gnorm.full_tensor()
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(hasattr(g, "to_local") for g in grads):
+        gnorm = sharded_grad_norm(grads)
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (gnorm + 1e-6), max=1.0)
+            torch._foreach_mul_([g.to_local() for g in grads], coef.to(grads[0].device))
+    else:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     opt.step()
     return gnorm
+
+
+@torch.no_grad()
+def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of gradients that are DTensor shards over meshes of all ranks (FSDP's `dp`, the experts'
+    `(efsdp, ep)`: each element on exactly one rank): the squares of the local shards summed, one all-reduce.
+    `clip_grad_norm_` cannot mix DTensors of different meshes in one norm."""
+    from torch.distributed.tensor import Replicate
+
+    local = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for g in grads:
+        if hasattr(g, "to_local"):
+            if any(isinstance(pl, Replicate) for pl in g.placements):
+                raise ValueError("sharded_grad_norm: a gradient is replicated over a mesh dimension (it would be "
+                                 "counted once per replica)")
+            g = g.to_local()
+        elif dist.is_initialized() and dist.get_rank() != 0:  # a plain tensor is the same on every rank: count once
+            continue
+        local += g.float().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(local)
+    return local.sqrt()
 
 
 def invalidate_fp8_weights(model: nn.Module) -> None:

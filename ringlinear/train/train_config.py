@@ -16,7 +16,19 @@ class TrainConfig(ConfigBase):
     model: str = "tiny"
     """Preset name or checkpoint directory (HF layout) to start from."""
     data: list[str] = field(default_factory=list)
-    """Text files (documents split at `doc_separator`) or directories of HF datasets saved with save_to_disk."""
+    """Training data: plain text files (documents split at `doc_separator`), JSON lines / Parquet / CSV files
+    (read with HF `datasets`, one record per document), or directories of HF datasets saved with save_to_disk."""
+    data_format: str = "auto"
+    """Format of `data`: auto (from the extension; a directory is a saved dataset), text, json, parquet, csv or
+    dataset."""
+    text_field: str = "text"
+    """The record field holding a document's text (JSON / Parquet / CSV / datasets)."""
+    sft: bool = False
+    """Supervised fine-tuning: each record is {"prompt": ..., "response": ...} (e.g. a JSON lines file); the
+    tokens are prompt + response + EOS and the loss counts only the response and the EOS."""
+    streaming: bool = False
+    """Read, tokenise (a background thread) and pack the data as training goes, in corpus order, instead of all of
+    it up front (shuffled rows); for corpora larger than memory. Resumes at the exact record and token."""
     model_overrides: dict = field(default_factory=dict)
     """Model config fields to override (presets only)."""
     tokenizer: str | None = None
@@ -54,7 +66,7 @@ class TrainConfig(ConfigBase):
     (ringlinear.ops.moe.naive_moe_dispatch): an accumulating index_put_, whose parallel kernel adds a token's k
     gradients in a varying order; on GPUs also atomic adds in other kernels."""
     shuffle: bool = True
-    """Shuffle the rows every epoch (seeded)."""
+    """Shuffle the rows every epoch (seeded); streamed data comes in corpus order."""
     fp8: bool = False
     """FP8 recipe for the projections and experts (CUDA GPUs with FP8 GEMMs)."""
     fp8_experts: bool = True
@@ -65,12 +77,18 @@ class TrainConfig(ConfigBase):
     """Recompute each decoder layer in the backward."""
     compute_dtype: str = "auto"
     """auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32; the optimizer always steps fp32 master weights."""
+    parallelism: dict = field(default_factory=dict)
+    """Under torchrun: {"dp_shard": N, "ep": M} (ringlinear.distributed.ParallelismConfig): FSDP2 over dp_shard
+    ranks (-1: all), routed experts split over ep of them; {} is FSDP over every rank, no expert parallelism."""
     save_dir: str | None = None
     """Directory of checkpoints, history.json, loss.png and the final export."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept (older ones are deleted)."""
+    async_save: bool = True
+    """Write checkpoints in a background thread from a CPU copy of the state (training goes on meanwhile); false:
+    the step waits until the checkpoint is on disk."""
     resume: bool = False
     """Continue from the newest intact checkpoint in save_dir."""
     export: bool = True
@@ -79,6 +97,10 @@ class TrainConfig(ConfigBase):
     """dtype of the exported weights (routers stay fp32)."""
     plot: bool = True
     """Write loss.png."""
+    tensorboard: bool = True
+    """Log every step to TensorBoard in {save_dir}/tensorboard (needs the `tensorboard` package)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the `wandb` package)."""
     progress: bool = True
     """Show a progress bar."""
     peak_tflops: float | None = None
@@ -105,6 +127,13 @@ class TrainConfig(ConfigBase):
         need(self.fp8_grouped_gemm in ("torch", "triton"), "fp8_grouped_gemm", "must be one of ['torch', 'triton']")
         need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
              "must be set for save_every / resume")
+        from ringlinear.distributed.mesh import ParallelismConfig
+        from ringlinear.train.sources import FORMATS
+
+        need(self.data_format in FORMATS, "data_format", f"must be one of {list(FORMATS)}")
+        need(bool(self.text_field), "text_field", "must be a field name")
+
+        ParallelismConfig.from_dict(self.parallelism)  # its errors name the parallelism field
         need(self.doc_separator is None or self.doc_separator != "", "doc_separator",
              "must be a non-empty string, or null for one document per file")
 

@@ -1,6 +1,7 @@
 """Pre-training loop: AdamW on fp32 master weights, linear warmup + cosine decay, global-norm gradient
 clipping, gradient accumulation, optional activation checkpointing and FP8, aux-loss-free MoE balancing
-after each step, FSDP2 data parallel under torchrun, crash-safe resumable checkpoints, HF export.
+after each step, FSDP2 data parallel and expert parallel on a device mesh under torchrun, sharded crash-safe
+resumable checkpoints (DCP, async), a streamed HF export, TensorBoard / W&B logging.
 
 Precision (one choice): the optimizer always steps fp32 master weights. Single process on GPU: the model
 holds bf16 parameters (router fp32) and `MasterWeights` keeps an fp32 copy (gradients accumulated in fp32
@@ -9,12 +10,12 @@ there, updated weights copied back to bf16). Under FSDP2 the sharded fp32 parame
 Loss of a step = the mean over all its next-token targets (every micro-batch, every DP rank), so a loss mask
 weighs each target equally and a micro-batch without targets adds nothing.
 Parts: `train_config.py` (the config), `optim.py` (masters, AdamW, clipping, schedule), `state.py` (checkpoints),
-`data.py` (packed rows), `ringlinear.distributed` (FSDP2, activation checkpointing), `fp8_recipe.py`.
+`data.py` (packed rows), `metrics.py` (history, TensorBoard, W&B), `ringlinear.distributed` (mesh, expert
+parallel, FSDP2, activation checkpointing), `fp8_recipe.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -27,16 +28,23 @@ import torch.distributed as dist
 
 from ringlinear.accounting import train_flops_per_token
 from ringlinear.device import cast_for_compute, compute_dtype, peak_flops
-from ringlinear.distributed import apply_activation_checkpointing, apply_fsdp, init_distributed
-from ringlinear.hf import save_model
+from ringlinear.distributed import (
+    ParallelismConfig,
+    apply_activation_checkpointing,
+    build_mesh,
+    init_distributed,
+    parallelize,
+)
+from ringlinear.hf import save_streamed
 from ringlinear.model import IGNORE_INDEX, build_model
 from ringlinear.plots import plot_losses
 from ringlinear.pretrained import load_pretrained
 from ringlinear.train import state as ckpt
 from ringlinear.train.balancing import update_expert_bias
 from ringlinear.train.data import PackedDataset
-from ringlinear.train.metrics import write_history
+from ringlinear.train.metrics import MetricsLogger, write_history
 from ringlinear.train.optim import MasterWeights, clip_and_step, invalidate_fp8_weights, lr_lambda, make_adamw
+from ringlinear.train.sources import dataset_for
 from ringlinear.train.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -48,7 +56,7 @@ class Trainer:
         self.cfg = cfg
         cfg.check_model(cfg.model_config())  # before any weights or rows exist (a 100000-token row: OOM)
         self.rank, self.world, self.device = init_distributed()
-        self._lock = None
+        self._lock = self.checkpointer = self.metrics = None
         try:
             self._setup(dataset)
         except BaseException:
@@ -57,10 +65,18 @@ class Trainer:
 
     def _setup(self, dataset: PackedDataset | None) -> None:
         cfg = self.cfg
+        self.parallel = ParallelismConfig.from_dict(cfg.parallelism)
+        self.parallel.resolve(self.world)  # degrees that do not tile the ranks: refused before any work
         if cfg.save_dir and self.rank == 0:
             self._lock = ckpt.SaveDirLock(cfg.save_dir)  # held until `fit` ends (or `close`)
             for path in ckpt.remove_interrupted_saves(cfg.save_dir):
                 warnings.warn(f"removed {path}: left by a save that was interrupted", stacklevel=3)
+        # the name every rank gives this run's temp checkpoint directories; a gloo group for the checkpoint thread
+        tag = [f"{os.getpid()}-{os.urandom(4).hex()}"]
+        self.ckpt_group = None
+        if self.world > 1:
+            dist.broadcast_object_list(tag, src=0)
+            self.ckpt_group = dist.new_group(backend="gloo")
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             # Process-wide: bit-for-bit resume needs run-to-run identical kernels (CUDA also needs the
@@ -73,6 +89,9 @@ class Trainer:
                                  device="cpu", dtype="float32", embedding_std=cfg.embedding_init_std)
         model, self.tokenizer, self.model_config = loaded.model.to(self.device), loaded.tokenizer, loaded.config
         model.train()
+        if cfg.fp8 and cfg.fp8_experts and self.parallel.ep > 1:
+            raise ValueError("train config: fp8 with fp8_experts under expert parallelism (parallelism ep > 1) is not "
+                             "supported yet: set fp8_experts=false (FP8 for the dense projections only) or ep=1")
         if cfg.fp8:
             from ringlinear.train.fp8_recipe import apply_fp8_recipe
 
@@ -82,7 +101,8 @@ class Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if self.world > 1:
-            model = apply_fsdp(model, self.compute_dtype)
+            self.mesh = build_mesh(self.parallel, self.world, self.device.type)
+            model = parallelize(model, self.mesh, self.compute_dtype)
             self.master = MasterWeights(list(model.parameters()))  # fp32 shards are the masters
         else:
             cast_for_compute(model, self.compute_dtype)
@@ -93,23 +113,38 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps,
                                               min_ratio=cfg.min_lr_ratio))
-        self.data = dataset or PackedDataset.from_files(cfg.data, self.tokenizer, loaded.eos_token_id, cfg.seq_len,
-                                                        seed=cfg.seed,
-                                                        shuffle=cfg.shuffle, separator=cfg.doc_separator)
+        self.data = dataset or dataset_for(cfg, self.tokenizer, loaded.eos_token_id)
         self.step = 0
         self.history: list[dict] = []
         self.flops_per_token = train_flops_per_token(self.model_config, cfg.seq_len)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
+        if cfg.save_dir:
+            self.checkpointer = ckpt.Checkpointer(cfg.save_dir, self.rank, self.world, cfg.keep_checkpoints,
+                                                  cfg.async_save, self.ckpt_group, tag[0])
+        if self.rank == 0:
+            self.metrics = MetricsLogger(cfg.save_dir, cfg.tensorboard, cfg.wandb_project, cfg.to_dict())
         if cfg.resume:
             path = self._resumable()
             if path is not None:
                 self.load(path)
 
     def close(self) -> None:
-        """Release the save directory (`fit` does this when it ends)."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Finish the checkpoint in flight, close the logs, release the save directory (`fit` does this when it
+        ends)."""
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+                self.checkpointer = None
+        finally:
+            data = getattr(self, "data", None)
+            if data is not None and hasattr(data, "close"):
+                data.close()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _resumable(self) -> str | None:
         """The newest intact checkpoint (rank 0 decides, every rank takes the same); corrupt newer ones are
@@ -138,9 +173,11 @@ class Trainer:
         return {
             "model_config": hashlib.sha256(json.dumps(self.model_config.to_dict(), sort_keys=True).encode()).hexdigest(),
             "parameters": hashlib.sha256(names.encode()).hexdigest(),
-            "world_size": self.world, "seq_len": self.cfg.seq_len, "micro_batch": self.cfg.micro_batch,
-            "grad_accum": self.cfg.grad_accum, "compute_dtype": str(self.compute_dtype), "fp8": self.cfg.fp8,
-            "data_rows": self.data.num_rows,
+            # the global batch, not how it is split over ranks and micro-batches: a checkpoint of 2 ranks x 1
+            # micro-batch resumes on 1 rank x 2 (any world size, any EP degree: DCP reshards)
+            "rows_per_step": self.cfg.micro_batch * self.cfg.grad_accum * self.world, "seq_len": self.cfg.seq_len,
+            "compute_dtype": str(self.compute_dtype), "fp8": self.cfg.fp8,
+            "data": getattr(self.data, "identity", f"rows:{self.data.num_rows}"),
         }
 
     # ---- one step -------------------------------------------------------------------------------
@@ -160,7 +197,8 @@ class Trainer:
             mbs.append((ids, cu, labels, n))
         # The step's loss is the mean over all its targets (every micro-batch, every rank), not the mean of the
         # micro-batches' means: under a loss mask their target counts differ, and a micro-batch with none (a long
-        # masked prompt) adds nothing instead of NaN. FSDP averages gradients over ranks, hence the `world`.
+        # masked prompt) adds nothing instead of NaN. FSDP sums gradients over ranks (divide factor 1), so each
+        # rank's share is its targets over the global count.
         targets = torch.tensor(float(sum(m[3] for m in mbs)), device=self.device)
         if self.world > 1:
             dist.all_reduce(targets)
@@ -169,7 +207,7 @@ class Trainer:
         for ids, cu, labels, n in mbs:
             out = self.model.loss(ids.to(self.device), cu.to(self.device),
                                   labels=None if labels is None else labels.to(self.device))
-            w = n * self.world / denom  # exactly 1 for one micro-batch on one process
+            w = n / denom  # exactly 1 for one micro-batch on one process
             if not n:  # a mean over no targets is NaN: count it as 0 (the backward still runs: FSDP's collectives)
                 out = {k: v.nan_to_num(0.0) for k, v in out.items()}
             (out["loss"] * w).backward()
@@ -187,8 +225,7 @@ class Trainer:
         t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device)
                          for k in ("loss", "lm_loss", "mtp_loss")])
         if self.world > 1:
-            dist.all_reduce(t)
-            t = t / self.world
+            dist.all_reduce(t)  # the shares sum to the global mean
         sums = dict(zip(("loss", "lm_loss", "mtp_loss"), t.tolist()))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -200,84 +237,56 @@ class Trainer:
         if self.peak:
             rec["mfu"] = self.flops_per_token * tokens / dt / self.peak
         self.history.append(rec)
+        if self.metrics is not None:
+            self.metrics.log(rec)
         return rec
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def _full_states(self) -> tuple[dict, dict]:
-        if self.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.model, options=opts), get_optimizer_state_dict(
-                self.model, self.optimizer, options=opts)
-        return self.model.state_dict(), self.optimizer.state_dict()
-
-    def save(self) -> str | None:
-        model_sd, optim_sd = self._full_states()
-        path = None
-        if self.rank == 0:
-            ckpt.remove_interrupted_saves(self.cfg.save_dir)
-            state = {
-                "step": self.step, "model": model_sd, "optimizer": optim_sd,
-                "master": [m.detach().cpu() if m is not p else None for p, m in self.master.pairs],
-                "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(),
-                "rng": ckpt.rng_state(), "history": self.history, "train_config": dataclasses.asdict(self.cfg),
-            }
-            path = ckpt.save_checkpoint(self.cfg.save_dir, self.step, state, self.fingerprint(),
-                                        keep=self.cfg.keep_checkpoints)
-        if self.world > 1:
-            dist.barrier()
-        return path
+    def save(self) -> None:
+        """Checkpoint this step (every rank writes its shards; rank 0 the plain state): started now, on disk when
+        `checkpointer.wait()` returns (at once without `async_save`)."""
+        tensors = ckpt.checkpoint_tensors(self.model, self.master.pairs, self.optimizer)
+        meta = {"step": self.step, "optimizer_states": sorted(tensors["optim"]),
+                "param_groups": ckpt.optimizer_groups(self.optimizer), "scheduler": self.scheduler.state_dict(),
+                "data": self.data.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
+                "train_config": self.cfg.to_dict(), "world_size": self.world, "parallelism": self.cfg.parallelism}
+        self.checkpointer.save(self.step, tensors, meta, self.fingerprint())
 
     def load(self, path: str) -> None:
-        state = ckpt.read_state(path) if self.rank == 0 or self.world == 1 else ckpt.load_checkpoint(
-            path, self.fingerprint())
-        if self.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+        """Resume from checkpoint `path` (verified by `_resumable`), whatever world size and EP degree wrote it."""
+        meta = ckpt.read_meta(path)
+        ckpt.allocate_optimizer_state(self.model, self.master.pairs, self.optimizer, meta["optimizer_states"])
+        ckpt.load_tensors(path, ckpt.checkpoint_tensors(self.model, self.master.pairs, self.optimizer),
+                          self.ckpt_group)
+        self.master.copy_to_model()
+        ckpt.set_optimizer_groups(self.optimizer, meta["param_groups"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.data.load_state_dict(meta["data"])
+        ckpt.set_rng_state(meta["rng"])
+        self.step, self.history = meta["step"], meta["history"]
 
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=opts)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        else:
-            self.model.load_state_dict(state["model"])
-            with torch.no_grad():
-                missing = 0
-                for (p, m), saved in zip(self.master.pairs, state["master"]):
-                    if m is not p:
-                        if saved is None:  # written by a trainer that stepped bf16 weights directly (no masters)
-                            missing += 1
-                            m.copy_(p.detach().float())
-                        else:
-                            m.copy_(saved)
-                if missing:
-                    import warnings
-
-                    warnings.warn(f"resume: the checkpoint has no fp32 masters for {missing} bf16 parameters (saved by "
-                                  "a trainer that stepped bf16 weights); their masters start from the bf16 weights",
-                                  stacklevel=2)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.data.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        self.step, self.history = state["step"], state["history"]
+    def _export_tensors(self):
+        """(name, full tensor in its export dtype) for every tensor of the HF checkpoint, one at a time: each
+        sharded one gathered when it is asked for (a collective: every rank iterates in the same order)."""
+        want = {k: v.dtype for k, v in build_model(self.model_config, "meta", self.cfg.export_dtype).state_dict().items()}
+        masters = dict(ckpt.named_masters(self.model, self.master.pairs))
+        tensors = {**dict(self.model.named_buffers()), **masters}
+        for name, dtype in want.items():
+            t = tensors[name]
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            yield name, full.detach().to("cpu", dtype)
 
     def export(self, path: str) -> None:
-        """The trained model in the HF layout (`export_dtype`, router fp32) + tokenizer files."""
+        """The trained model in the HF layout (`export_dtype`, router fp32) + tokenizer files, streamed: tensors
+        are gathered one at a time and rank 0 writes each shard file as it fills (no rank holds the model)."""
         from ringlinear.tokenizer import tokenizer_files
 
-        model_sd, _ = self._full_states() if self.world > 1 else (self.model.state_dict(), None)
         if self.rank == 0:
-            out = build_model(self.model_config, "cpu", self.cfg.export_dtype)
-            out.load_state_dict({k: v.detach().cpu() for k, v in model_sd.items()})
-            save_model(out, path, extra_files=tokenizer_files(self.tokenizer))
+            config = self.model_config.replace(torch_dtype=self.cfg.export_dtype)
+            save_streamed(config, self._export_tensors(), path, extra_files=tokenizer_files(self.tokenizer))
+        else:
+            for _ in self._export_tensors():  # take part in each gather
+                pass
         if self.world > 1:
             dist.barrier()
 
@@ -313,6 +322,7 @@ class Trainer:
             bar.close()
         if cfg.save_dir:
             self.save()
+            self.checkpointer.wait()
             if cfg.export:
                 self.export(os.path.join(cfg.save_dir, "final"))
             if self.rank == 0:

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from ringlinear.cli import main as cli_main
 from ringlinear.config_base import field_docs
@@ -77,14 +76,14 @@ def test_a_second_trainer_on_the_same_save_dir_is_refused(corpus, tmp_path):
 
 
 # ---- resume falls back to the newest intact checkpoint ------------------------------------------------------
-@pytest.mark.parametrize("damage", ["flip_byte", "no_manifest", "bad_manifest", "missing_state"])
+@pytest.mark.parametrize("damage", ["flip_byte", "no_manifest", "bad_manifest", "missing_shard", "bad_meta"])
 def test_resume_skips_a_corrupt_newest_checkpoint(corpus, tmp_path, damage):
     save = str(tmp_path / "run")
     Trainer(_cfg(corpus, steps=3, save_dir=save, save_every=1, keep_checkpoints=3)).fit()
     newest = ckpt.step_dir(save, 3)
-    state = os.path.join(newest, ckpt.STATE_FILE)
+    shard = os.path.join(newest, "__0_0.distcp")
     if damage == "flip_byte":
-        with open(state, "r+b") as f:
+        with open(shard, "r+b") as f:
             f.seek(300)
             b = f.read(1)
             f.seek(300)
@@ -93,9 +92,12 @@ def test_resume_skips_a_corrupt_newest_checkpoint(corpus, tmp_path, damage):
         os.remove(os.path.join(newest, ckpt.MANIFEST))
     elif damage == "bad_manifest":
         with open(os.path.join(newest, ckpt.MANIFEST), "w") as f:
-            f.write('{"format": "ringlinear-train-v1", "sha256": ')
+            f.write('{"format": "ringlinear-train-v2", "sha256": ')
+    elif damage == "missing_shard":
+        os.remove(shard)
     else:
-        os.remove(state)
+        with open(os.path.join(newest, ckpt.META_FILE), "a") as f:
+            f.write("garbage")
     with pytest.warns(UserWarning) as rec:
         tr = Trainer(_cfg(corpus, steps=4, save_dir=save, resume=True))
     msgs = [str(w.message) for w in rec]
@@ -123,20 +125,27 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
+def _reseal(path: str, fname: str) -> None:
+    """Fix the manifest's checksum of `fname`, as an attacker who can write the checkpoint can."""
+    manifest = json.loads(open(os.path.join(path, ckpt.MANIFEST)).read())
+    manifest["sha256"][fname] = ckpt.sha256_file(os.path.join(path, fname))
+    with open(os.path.join(path, ckpt.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+
+
 def test_training_state_loads_without_unpickling_objects(corpus, tmp_path):
+    """The only pickle in a checkpoint, DCP's .metadata, is read with an allow-list: a planted object is refused
+    before it runs; the plain state is JSON and the tensors are read with weights_only."""
+    import pickle
+
     save = str(tmp_path / "run")
     Trainer(_cfg(corpus, steps=1, save_dir=save)).fit()
     (_, path), = ckpt.list_checkpoints(save)
-    state_file = os.path.join(path, ckpt.STATE_FILE)
-    state = torch.load(state_file, weights_only=True)
     marker = str(tmp_path / "pwned")
-    state["history"].append({"loss": _Planted(marker)})
-    torch.save(state, state_file)
-    manifest = json.loads(open(os.path.join(path, ckpt.MANIFEST)).read())  # an attacker can fix the checksums
-    manifest["sha256"][ckpt.STATE_FILE] = ckpt.sha256_file(state_file)
-    with open(os.path.join(path, ckpt.MANIFEST), "w") as f:
-        json.dump(manifest, f)
-    with pytest.raises(ckpt.TrainCheckpointError, match="cannot be read"):
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Planted(marker), f)
+    _reseal(path, ".metadata")
+    with pytest.raises(ckpt.TrainCheckpointError, match="io.open is not allowed in checkpoint metadata"):
         Trainer(_cfg(corpus, steps=2, save_dir=save, resume=True))
     assert not os.path.exists(marker)
 

@@ -78,7 +78,7 @@ def test_corrupt_and_mismatched_checkpoint_refused(corpus, tmp_path):
         Trainer(_cfg(corpus, steps=4, save_dir=save, resume=True, micro_batch=3))
     with pytest.raises(TrainCheckpointError, match="different training setup"):
         Trainer(_cfg(corpus, steps=4, save_dir=save, resume=True, model_overrides={"num_hidden_layers": 4}))
-    with open(os.path.join(path, "train_state.pt"), "r+b") as f:
+    with open(os.path.join(path, "__0_0.distcp"), "r+b") as f:
         f.seek(200)
         f.write(b"\x00garbage\x00")
     with pytest.raises(TrainCheckpointError, match="corrupt"):
