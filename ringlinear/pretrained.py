@@ -57,12 +57,14 @@ def preset_with_tokenizer(name: str, overrides: dict | None = None, tokenizer: s
 def load_pretrained(source: str, *, overrides: dict | None = None, tokenizer: str | None = None,
                     require_tokenizer: bool = True, seed: int = 0, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype | None = "float32", embedding_std: float | None = None,
-                    progress: bool = False) -> Pretrained:
+                    progress: bool = False, model_loader=None) -> Pretrained:
     """`source`: a preset name (`overrides` applied, initial weights from `seed`, `embedding_std` for the input
     embeddings) or a checkpoint directory (its weights; `overrides` and `embedding_std` are refused there: the
     checkpoint brings its config). Tokenizer: directory `tokenizer`, else the checkpoint's own `tokenizer.json`,
     else the byte-level one for small presets; `require_tokenizer` makes its absence an error. Weights land on
-    `device` in `dtype` (None: the checkpoint's own `torch_dtype`), routers fp32."""
+    `device` in `dtype` (None: the checkpoint's own `torch_dtype`), routers fp32. `model_loader(source, device=,
+    dtype=, progress=)` loads a checkpoint's model instead of `ringlinear.hf.load_model` (the engine's tensor-parallel
+    slice or FP8 weights)."""
     from ringlinear.hf import load_model
     from ringlinear.tokenizer import load_tokenizer
 
@@ -75,7 +77,7 @@ def load_pretrained(source: str, *, overrides: dict | None = None, tokenizer: st
         if overrides or embedding_std is not None:
             raise ValueError(f"model {source!r} is a checkpoint: model_overrides / embedding_init_std apply to presets "
                              "only (edit the checkpoint's config.json instead)")
-        model = load_model(source, device=device, dtype=dtype, progress=progress)
+        model = (model_loader or load_model)(source, device=device, dtype=dtype, progress=progress)
         tok_dir = tokenizer or source
         tok = load_tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
         gen = os.path.join(source, "generation_config.json")

@@ -17,13 +17,22 @@ from ringlinear.engine.runner import ModelRunner
 from ringlinear.engine.sampler import sample
 from ringlinear.engine.scheduler import Scheduler
 from ringlinear.engine.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from ringlinear.engine.workers import EngineDeadError, inference_loader, needs_inference_loader
 from ringlinear.ops.backend import forced_backend
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineDeadError", "SamplingParams", "RequestOutput", "RequestError"]
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.workers = None  # the other tensor-parallel ranks (ringlinear.engine.workers)
+        try:
+            self._start(config, model, tokenizer)
+        except BaseException:  # the workers must not outlive an engine that did not start
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, model, tokenizer) -> None:
         from ringlinear.pretrained import load_pretrained
         from ringlinear.tokenizer import tokenizer_config
 
@@ -35,12 +44,18 @@ class LLMEngine:
         if model is None:
             if config.model is None:
                 config.fail("model", "a checkpoint directory is needed when no model is passed")
+            loader = None
+            if needs_inference_loader(config):  # several ranks, FP8 weights: each rank reads its slices
+                loader, self.workers = inference_loader(config, self.device)
             loaded = load_pretrained(config.model, tokenizer=None, require_tokenizer=False, device=self.device,
-                                     dtype=dtype, progress=config.verbose)
+                                     dtype=dtype, progress=config.verbose, model_loader=loader)
             model, tokenizer, self.eos_token_ids = loaded.model, tokenizer or loaded.tokenizer, loaded.eos_token_ids
             if tokenizer is not None:
                 self._chat_template = tokenizer_config(config.model).get("chat_template")
         else:
+            for name in ("tensor_parallel_size", "quantization"):
+                if getattr(config, name) not in (1, None):
+                    config.fail(name, "applies to a checkpoint the engine loads, not to a live model")
             eos = model.config.eos_token_id
             self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         model.eval()
@@ -49,7 +64,8 @@ class LLMEngine:
         self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
         self.tokenizer = tokenizer
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
-        self.runner = ModelRunner(model, self.device, kv_dtype)
+        self.runner = (self.workers.runner(model, self.device, kv_dtype) if self.workers
+                       else ModelRunner(model, self.device, kv_dtype))
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                                   config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30))
         cache = self.runner.allocate(layout)
@@ -63,7 +79,7 @@ class LLMEngine:
                                              "the memory budget or lower it")
             limit = layout.max_cached_tokens
         self.max_model_len = limit
-        cache.set_max_model_len(limit)
+        self.runner.set_max_model_len(limit)
         if self.device.type == "cuda" and not config.enforce_eager:
             if forced_backend() == "torch":
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
@@ -83,6 +99,11 @@ class LLMEngine:
                   f"{layout.block_size} tokens ({layout.max_cached_tokens} tokens, "
                   f"{layout.kv_bytes_per_token} B/token); admits {layout.num_slots} sequences, max_model_len "
                   f"{self.max_model_len}", flush=True)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op on one device); the engine cannot step after it."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -253,6 +274,9 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
