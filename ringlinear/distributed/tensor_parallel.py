@@ -362,6 +362,7 @@ def _shard_attention(attn: nn.Module, prefix: str, config: RingLinearConfig, gro
         sources[prefix + "g_norm.weight"] = _rows(prefix + "g_norm.weight", q)
         swap_class(attn, TensorParallelLightningAttention)
         attn.head_offset, attn.total_heads = r * h, H
+        attn.decay = torch.empty(h, dtype=attn.decay.dtype, device="meta")  # its heads' rates: `reset_buffers`
     else:
         raise TypeError(f"parallelize_for_inference: no split for attention module {type(attn).__name__}")
     attn.query_key_value = _column(attn.query_key_value, width, group)

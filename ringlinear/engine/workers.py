@@ -306,6 +306,8 @@ class Workers:
     `load_pretrained`), makes its runner (`runner`), watches the workers, and stops them (`shutdown`)."""
 
     def __init__(self, config, device: torch.device):
+        from ringlinear.config import RingLinearConfig
+        from ringlinear.distributed.tensor_parallel import check_tensor_parallel
         from ringlinear.ops.backend import forced_backend
 
         n = config.tensor_parallel_size
@@ -316,6 +318,11 @@ class Workers:
         self.config, self.n = config, n
         self.backend = backend_of(config, device)
         self.devices = rank_devices(config, device, self.backend)
+        # what would end every rank's load: refused here, before any process starts
+        if not config.model or not os.path.isdir(config.model):
+            config.fail("model", "tensor_parallel_size > 1 reads each rank's slices of a checkpoint directory "
+                                 "(safetensors); write one with `ringlinear init`")
+        check_tensor_parallel(RingLinearConfig.load(config.model), n)
         self.failure: EngineDeadError | None = None
         self.in_step = False
         self._stopping = self._closed = False
@@ -353,9 +360,6 @@ class Workers:
         from ringlinear.distributed.tensor_parallel import ShardGroup
 
         try:
-            if not os.path.isdir(source):
-                self.config.fail("model", "tensor_parallel_size > 1 reads each rank's slices of a checkpoint "
-                                          "directory (safetensors); write one with `ringlinear init`")
             model = load_for_inference(source, self.devices[0], dtype, ShardGroup(0, self.n),
                                        self.config.quantization, progress)
             ready = self._wait_for("ready")

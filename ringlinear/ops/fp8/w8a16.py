@@ -21,7 +21,8 @@ from ringlinear.ops.triton_common import exact_dot, round_cast
 
 
 @triton.jit
-def _w8a16_grouped_kernel(a_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N, K, NB, KB, E: tl.constexpr,
+def _w8a16_grouped_kernel(a_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N, K: tl.constexpr, NB, KB,
+                          E: tl.constexpr,
                           LOG_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)

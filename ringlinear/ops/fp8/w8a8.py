@@ -52,7 +52,8 @@ def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K, G, HAS_BIAS: tl.constexpr,
+def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, G: tl.constexpr,
+                 HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
@@ -63,7 +64,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K, G, HAS_BIA
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
     sw_ptrs = sw_ptr + (rn // BK) * G
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g in range(0, G):  # BK == 128: one activation group and one weight block column per step
+    for g in tl.range(0, G):  # BK == 128: one activation group and one weight block column per step
         kmask = g * BK + rk < K
         a = tl.load(x_ptrs + g * BK, mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptrs + g * BK, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
