@@ -258,6 +258,10 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:
+        if getattr(e, "fatal", False):  # the engine died while serving (a tensor-parallel rank exited)
+            raise SystemExit(f"error: {e}") from None
+        raise
     return 0
 
 

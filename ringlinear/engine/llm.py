@@ -100,6 +100,11 @@ class LLMEngine:
                   f"{layout.kv_bytes_per_token} B/token); admits {layout.num_slots} sequences, max_model_len "
                   f"{self.max_model_len}", flush=True)
 
+    @property
+    def failure(self) -> EngineDeadError | None:
+        """Why the engine cannot continue (a tensor-parallel rank died), or None."""
+        return None if self.workers is None else self.workers.failure
+
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (a no-op on one device); the engine cannot step after it."""
         if self.workers is not None:
