@@ -12,6 +12,7 @@ import math
 import os
 import re
 import resource
+import zlib
 
 import torch
 from safetensors import safe_open
@@ -190,6 +191,36 @@ def load_shards(model: nn.Module, reader, progress: bool = False) -> None:
             loader.put(name, dst, scale, src)
 
 
+@torch.no_grad()
+def fill_random(model: nn.Module, std: float = 0.02) -> None:
+    """Random weights made where the model lives (benchmarks: no checkpoint, no host copy): N(0, std) matrices,
+    unit norms, zero biases and expert biases; FP8 weights quantized from such values one expert (or 128 rows at a
+    time: their block rows) at a time. Each tensor's generator is seeded by its name, so what every rank holds whole
+    (norms, routers) is the same on every rank."""
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
+        if name.endswith("_scale_inv"):
+            continue
+        g = torch.Generator(t.device).manual_seed(zlib.crc32(name.encode()))
+        scale = state.get(name + "_scale_inv")
+        if scale is not None:
+            parts = [(t[j], scale[j]) for j in range(t.shape[0])] if t.dim() == 3 else [(t, scale)]
+            for w8, s in parts:
+                for r in range(0, w8.shape[0], 1024):  # 1024 rows: whole 128-row blocks, bounded temporaries
+                    rows = w8[r : r + 1024]
+                    v = torch.randn(rows.shape, generator=g, device=t.device, dtype=torch.bfloat16).mul_(std)
+                    q, sc = quantize_weight(v)
+                    rows.copy_(q)
+                    s[r // BLOCK : r // BLOCK + sc.shape[0]].copy_(sc)
+        elif "norm" in name:
+            t.fill_(1.0)
+        elif t.dim() < 2 or name.endswith("expert_bias"):
+            t.zero_()
+        else:
+            for part in (t if t.dim() == 3 else [t]):  # stacked experts one at a time: bounded temporaries
+                part.copy_(torch.randn(part.shape, generator=g, device=t.device, dtype=torch.float32).mul_(std))
+
+
 def peak_host_memory() -> int:
     """This process's peak resident memory, bytes (getrusage: KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -197,17 +228,23 @@ def peak_host_memory() -> int:
 
 def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtype | None = None,
                        group: ShardGroup | None = None, quantization: str | None = None,
-                       progress: bool = False, reader=None, config: RingLinearConfig | None = None) -> nn.Module:
+                       progress: bool = False, reader=None, config: RingLinearConfig | None = None,
+                       dummy: bool = False) -> nn.Module:
     """This rank's slice of the checkpoint at `path` (or `reader` + `config`), ready to run on `device`: built on
     meta, split over `group` (None: one rank), FP8 where `quantization == "fp8"` asks or the checkpoint holds FP8,
-    materialised and filled slice by slice. The MTP modules are not loaded (the engine does not run them)."""
+    materialised and filled slice by slice. `dummy`: random weights instead (`fill_random`; `path` may be a preset
+    name), nothing read. The MTP modules are not loaded (the engine does not run them)."""
+    from ringlinear.config import PRESETS, preset
     from ringlinear.quantization import QUANTIZATIONS, fp8_checkpoint, fp8_weight_names, quantize_fp8
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: one of {QUANTIZATIONS} or None")
-    config = config or RingLinearConfig.load(path)
+    if config is None:
+        config = preset(path) if dummy and path in PRESETS else RingLinearConfig.load(path)
+    if dummy:
+        reader = StateDictReader({})
     reader = reader or CheckpointReader(path)
-    on_disk_fp8 = fp8_checkpoint(config)
+    on_disk_fp8 = fp8_checkpoint(config) and not dummy
     model = build_model(config, "meta", dtype)
     model.model.mtp = nn.ModuleList()
     if group is not None and group.size > 1:
@@ -224,7 +261,10 @@ def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtyp
             raise CheckpointError(f"{path}: config.json has a quantization_config of FP8, but none of the weights is "
                                   "float8_e4m3fn")
     model.to_empty(device=device)
-    load_shards(model, reader, progress)
+    if dummy:
+        fill_random(model)
+    else:
+        load_shards(model, reader, progress)
     model.reset_buffers()
-    model.source_path = os.path.abspath(path) if path else None
+    model.source_path = os.path.abspath(path) if path and os.path.isdir(path) else None
     return model.eval()

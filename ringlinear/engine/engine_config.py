@@ -48,6 +48,9 @@ class EngineConfig(ConfigBase):
     distributed_backend: str | None = None
     """torch.distributed backend between the ranks: nccl (default on CUDA; one GPU per rank) or gloo (default on the
     CPU; on CUDA it lets ranks share one GPU, for tests, and decodes without CUDA graphs)."""
+    load_format: str = "auto"
+    """auto: the checkpoint's weights; dummy: random weights made on each device, nothing read (benchmarks; `model`
+    may then be a preset name)."""
     quantization: str | None = None
     """fp8: quantize a bf16 checkpoint's projections and experts to e4m3 at load (128x128 block scales; activations
     quantized per 1x128 group at run time), half the weight bytes and faster decode. Checkpoints that ship FP8
@@ -65,6 +68,7 @@ class EngineConfig(ConfigBase):
         need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         need(self.distributed_backend in (None, "nccl", "gloo"), "distributed_backend", "must be nccl, gloo or null")
         need(self.quantization in (None, "fp8"), "quantization", "must be fp8 or null (the weights' own dtype)")
+        need(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         for name in ("dtype", "kv_cache_dtype"):
             need(getattr(self, name) is None or getattr(self, name) in DTYPES, name,
                  f"must be one of {sorted(DTYPES)}")

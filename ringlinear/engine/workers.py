@@ -56,7 +56,7 @@ def needs_inference_loader(config) -> bool:
     from ringlinear.config import RingLinearConfig
     from ringlinear.quantization import fp8_checkpoint
 
-    if config.tensor_parallel_size > 1 or config.quantization:
+    if config.tensor_parallel_size > 1 or config.quantization or config.load_format == "dummy":
         return True
     return bool(config.model) and os.path.isdir(config.model) and fp8_checkpoint(RingLinearConfig.load(config.model))
 
@@ -213,6 +213,12 @@ class TensorParallelRunner(ModelRunner):
         with self._lockstep(STEP, args, payload):
             return super().execute(batch, sampling_rows)
 
+    def adopt(self, seqs) -> None:
+        """Sequences a benchmark placed in rank 0's cache by hand (slot and blocks granted, tokens counted as
+        computed): the workers take their block tables at the next step; their cache contents stay as they are."""
+        for seq in seqs:
+            self._owner[seq.slot], self._sent[seq.slot] = seq.request_id, 0
+
     def _describe(self, batch, sampling_rows) -> tuple[tuple[int, ...], list[int]]:
         ids, lens, starts, slots, updates, fresh = [], [], [], [], [], []
         kv = bool(self.cache.kv)
@@ -306,7 +312,7 @@ class Workers:
     `load_pretrained`), makes its runner (`runner`), watches the workers, and stops them (`shutdown`)."""
 
     def __init__(self, config, device: torch.device):
-        from ringlinear.config import RingLinearConfig
+        from ringlinear.config import PRESETS, RingLinearConfig, preset
         from ringlinear.distributed.tensor_parallel import check_tensor_parallel
         from ringlinear.ops.backend import forced_backend
 
@@ -319,10 +325,12 @@ class Workers:
         self.backend = backend_of(config, device)
         self.devices = rank_devices(config, device, self.backend)
         # what would end every rank's load: refused here, before any process starts
-        if not config.model or not os.path.isdir(config.model):
+        dummy = config.load_format == "dummy"
+        if not (config.model and (os.path.isdir(config.model) or dummy and config.model in PRESETS)):
             config.fail("model", "tensor_parallel_size > 1 reads each rank's slices of a checkpoint directory "
-                                 "(safetensors); write one with `ringlinear init`")
-        check_tensor_parallel(RingLinearConfig.load(config.model), n)
+                                 "(safetensors); write one with `ringlinear init` (or load_format dummy: a preset)")
+        check_tensor_parallel(preset(config.model) if config.model in PRESETS else RingLinearConfig.load(config.model),
+                              n)
         self.failure: EngineDeadError | None = None
         self.in_step = False
         self._stopping = self._closed = False
@@ -345,7 +353,8 @@ class Workers:
         self._watchdog.start()
         try:
             self._wait_for("started")
-            dist.init_process_group(self.backend, store=store, rank=0, world_size=n)
+            dist.init_process_group(self.backend, store=store, rank=0, world_size=n,
+                                    device_id=self.devices[0] if self.backend == "nccl" else None)
             self.control = ControlChannel(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
         except BaseException:
             self.shutdown()
@@ -361,7 +370,7 @@ class Workers:
 
         try:
             model = load_for_inference(source, self.devices[0], dtype, ShardGroup(0, self.n),
-                                       self.config.quantization, progress)
+                                       self.config.quantization, progress, dummy=self.config.load_format == "dummy")
             ready = self._wait_for("ready")
         except BaseException as e:
             self.abandon(f"rank 0 could not load its slice ({type(e).__name__}: {e})")
@@ -497,7 +506,8 @@ def inference_loader(config, device: torch.device):
         return workers.load, workers
 
     def load(source, device=None, dtype=None, progress=False):
-        return load_for_inference(source, device, dtype, None, config.quantization, progress)
+        return load_for_inference(source, device, dtype, None, config.quantization, progress,
+                                  dummy=config.load_format == "dummy")
 
     return load, None
 
@@ -533,10 +543,11 @@ def worker_main(rank: int, n: int, port: int, config, backend: str, device_name:
             torch.cuda.set_device(device)
         store = dist.TCPStore("127.0.0.1", port, n, is_master=False)
         conn.send(("started",))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=n)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=n,
+                                device_id=device if backend == "nccl" else None)
         channel = ControlChannel(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
         model = load_for_inference(config.model, device, compute_dtype(device, config.dtype), ShardGroup(rank, n),
-                                   config.quantization)
+                                   config.quantization, dummy=config.load_format == "dummy")
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         runner = TensorParallelRunner(model, device, kv_dtype, channel, rank, backend, ranks_on_device)
         conn.send(("ready", peak_host_memory(), weight_bytes(model)))

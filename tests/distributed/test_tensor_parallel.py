@@ -150,3 +150,16 @@ def test_parallelize_refuses_a_built_model():
 
     with pytest.raises(ValueError, match="meta"):
         parallelize_for_inference(init_model(preset("tiny")), ShardGroup(0, 2))
+
+
+def test_dummy_weights_agree_where_ranks_hold_the_same_tensor():
+    """load_format dummy (benchmarks): random weights made in place, the same on every rank where each holds the
+    whole tensor (routers, norms), FP8 slots quantized from them."""
+    a, b = (load_for_inference("tiny", torch.device("cpu"), torch.float32, ShardGroup(r, 2), "fp8", dummy=True)
+            for r in range(2))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert torch.equal(sa["model.layers.1.mlp.gate.weight"], sb["model.layers.1.mlp.gate.weight"])
+    assert torch.equal(sa["model.norm.weight"], torch.ones(128))
+    assert sa["model.layers.1.mlp.gate_proj"].dtype == torch.float8_e4m3fn
+    assert (sa["model.layers.1.mlp.gate_proj_scale_inv"] > 0).all()
+    assert 0.01 < sa["model.word_embeddings.weight"].std() < 0.03
