@@ -381,7 +381,8 @@ class Workers:
             gib = lambda xs: ", ".join(f"{x / 2**30:.2f}" for x in xs)  # noqa: E731
             print(f"[ringlinear engine] tensor parallel over {self.n} ranks ({self.backend}: "
                   f"{', '.join(map(str, self.devices))}): weights per rank {gib(weights)} GiB"
-                  f"{' (fp8)' if self.config.quantization else ''}; peak host memory per rank {gib(host)} GiB",
+                  f"{' (fp8)' if any(p.dtype == torch.float8_e4m3fn for p in model.parameters()) else ''}; "
+                  f"peak host memory per rank {gib(host)} GiB",
                   flush=True)
         return model
 
@@ -506,8 +507,15 @@ def inference_loader(config, device: torch.device):
         return workers.load, workers
 
     def load(source, device=None, dtype=None, progress=False):
-        return load_for_inference(source, device, dtype, None, config.quantization, progress,
-                                  dummy=config.load_format == "dummy")
+        from ringlinear.distributed.sharded_load import peak_host_memory
+
+        model = load_for_inference(source, device, dtype, None, config.quantization, progress,
+                                   dummy=config.load_format == "dummy")
+        if config.verbose:
+            fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+            print(f"[ringlinear engine] weights {weight_bytes(model) / 2**30:.2f} GiB{' (fp8)' if fp8 else ''}; peak "
+                  f"host memory {peak_host_memory() / 2**30:.2f} GiB", flush=True)
+        return model
 
     return load, None
 
