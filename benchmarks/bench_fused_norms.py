@@ -22,6 +22,7 @@ import sys
 from functools import partial
 
 import torch
+from common import bench, copy_bandwidth, graph_of
 
 from ringlinear.ops.backend import use_backend
 from ringlinear.ops.fused_norms import naive_add_rmsnorm, naive_group_rmsnorm_gate, naive_qk_norm_rope, naive_rope
@@ -140,36 +141,10 @@ def correctness(name: str, T: int) -> dict:
     return res
 
 
-def bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def graph_of(fn):
-    """fn captured in a CUDA graph (None if capture fails: the path syncs or allocates on the host)."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph
-    except Exception as e:  # noqa: BLE001 - report and time the eager path only
-        print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}")
-        torch.cuda.synchronize()
-        return None
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written per second (as bench_moe.copy_bandwidth)."""
-    n = 1 << 28
-    src, dst = torch.randn(n, device=DEV), torch.empty(n, device=DEV)
-    return 2 * n * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
 
 
 def kernels_per_call(fn) -> int:

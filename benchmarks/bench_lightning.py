@@ -14,6 +14,7 @@ import time
 from functools import partial
 
 import torch
+from common import kernel_times
 from triton.testing import do_bench
 
 from ringlinear.ops.lightning import chunk as chunk_mod
@@ -120,23 +121,8 @@ def seg_sweep() -> list[dict]:
 
 
 def breakdown(B=1, T=32768) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     q, k, v, g = make(B, T)
-    fn = partial(chunk_lightning_attn, q, k, v, g)
-    fn()
-    torch.cuda.synchronize()
-    iters = 20
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us:
-            out[e.key[:60]] = us / iters / 1000
-    return out
+    return kernel_times(partial(chunk_lightning_attn, q, k, v, g), 20)
 
 
 def forward_table(fla) -> list[dict]:

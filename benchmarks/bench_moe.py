@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from common import bench, copy_bandwidth, graph_ms, graph_of, kernel_times
 
 from ringlinear.ops.moe import grouped_topk, routed_experts
 from ringlinear.ops.moe.fused_moe import FusedMoEConfig, fused_moe
@@ -56,40 +56,12 @@ def make_layers(m: dict, n: int, seed: int = 0) -> list[Layer]:
             for _ in range(n)]
 
 
-def bench(fn, rep: int = 100) -> float:
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def graph_of(fn):
-    """fn captured in a CUDA graph (None if capture fails: the path syncs or allocates on the host)."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph
-    except Exception as e:  # noqa: BLE001 - report and time the eager path only
-        print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}")
-        torch.cuda.synchronize()
-        return None
 
 
-def graph_time(fn) -> float:
-    """Microseconds per replay of `fn` captured in a CUDA graph (eager when capture fails)."""
-    graph = graph_of(fn)
-    return bench(graph.replay if graph is not None else fn) * 1e3
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written per second (as bench_serving.copy_bandwidth)."""
-    n = 1 << 28
-    src, dst = torch.randn(n, device=DEV), torch.empty(n, device=DEV)
-    return 2 * n * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
 
 
 def baseline_route(layer: Layer, x, m):
@@ -180,25 +152,10 @@ def rows_for(name: str, m: dict, layers: list[Layer], tokens: list[int], bw: flo
 
 def breakdown(m: dict, layers: list[Layer], T: int, config: FusedMoEConfig) -> dict:
     """Device time per kernel of the fused path (router + fused_moe), us per layer."""
-    from torch.profiler import ProfilerActivity, profile
-
     x = torch.randn(T, m["H"], device=DEV).to(torch.bfloat16)
     counters = router_counters(T, DEV)
-
-    step = partial(fused_step, layers, m, x, counters, config)
-    step()
-    torch.cuda.synchronize()
-    iters = 10
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us:
-            out[e.key[:60]] = us / iters / len(layers)
-    return out
+    times = kernel_times(partial(fused_step, layers, m, x, counters, config), 10)
+    return {k: ms * 1e3 / len(layers) for k, ms in times.items()}
 
 
 def _candidates(stage: str, base: FusedMoEConfig) -> list[FusedMoEConfig]:
@@ -253,19 +210,18 @@ def router_sweep(name: str, m: dict, layers: list[Layer], tokens: list[int]) -> 
     """Router time per layer (CUDA graph of `layers` routers) over RouterConfig variants, fused and gemm logits."""
     from ringlinear.ops.moe.fused_routing import RouterConfig
 
-    variants = [RouterConfig(), RouterConfig(logits="gemm"), RouterConfig(num_warps=4)]
-    variants += [RouterConfig(block_e=be, split_h=sh, num_warps=w) for be in (32, 64) for sh in (512, 1024)
-                 for w in (4, 8)]
+    variants = [RouterConfig(), RouterConfig(logits="gemm")]
+    variants += [RouterConfig(logits="split", block_e=be, split_h=sh) for be in (16, 32, 64) for sh in (128, 256, 512)]
     out = []
     for T in tokens:
         x = torch.randn(T, m["H"], device=DEV, dtype=torch.bfloat16)
-        base = graph_time(lambda x=x: [baseline_route(la, x, m) for la in layers]) / len(layers)
+        base = 1e3 * graph_ms(lambda x=x: [baseline_route(la, x, m) for la in layers]) / len(layers)
         print(f"  {name} router T={T}: today's path {base:.1f} us/layer", flush=True)
         for cfg in variants:
             def run(x=x, cfg=cfg):
                 return [fused_router_topk(x, la.router, la.bias, m["k"], m["n_group"], m["topk_group"], True,
                                           m["scale"], config=cfg) for la in layers]
-            t = graph_time(run) / len(layers)
+            t = 1e3 * graph_ms(run) / len(layers)
             out.append({"T": T, "config": asdict(cfg), "us_per_layer": t, "today_us_per_layer": base})
             print(f"    {t:7.1f} us/layer  {cfg}", flush=True)
     return out

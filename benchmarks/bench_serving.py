@@ -31,7 +31,7 @@ import torch
 from ringlinear.accounting import cache_bytes
 from ringlinear.config import preset
 from ringlinear.engine.llm import EngineConfig, LLMEngine
-from ringlinear.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from ringlinear.engine.sequence import Request, SamplingParams, Sequence, SequenceStatus
 from ringlinear.layers.moe import MoE, Router
 from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
 from ringlinear.model import build_model
@@ -129,7 +129,7 @@ def fill_running(engine: LLMEngine, B: int, C: int) -> list[Sequence]:
         seq.num_computed = C
         seq.status = SequenceStatus.RUNNING
         sched.running.append(seq)
-        engine._seqs[seq.request_id] = seq
+        engine._requests[seq.request_id] = Request(seq.request_id, None, seq.prompt_token_ids, seq.params, [seq])
         seqs.append(seq)
     for kv in cache.kv.values():
         kv.normal_()

@@ -217,11 +217,15 @@ def _job_config(cls: type, args):
 
 
 def cmd_train(args) -> int:
+    from ringlinear.train.state import TrainCheckpointError
     from ringlinear.train.train_config import TrainConfig
     from ringlinear.train.trainer import Trainer
 
     cfg = _job_config(TrainConfig, args)
-    hist = Trainer(cfg).fit()
+    try:
+        hist = Trainer(cfg).fit()
+    except (OSError, ValueError, TrainCheckpointError) as e:  # bad config, data, checkpoint: the message names it
+        raise SystemExit(f"error: {e}") from None
     if hist and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(dict(hist[-1])))
     return 0

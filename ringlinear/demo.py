@@ -152,14 +152,15 @@ def generate_with_engine(model_dir: str, prompts: list[str], max_tokens: int) ->
     from ringlinear.engine.llm import LLM, SamplingParams
 
     llm = LLM(model_dir)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0)
     t0 = time.perf_counter()
     results = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
     outs = []
     n_tokens = 0
     for p, r in zip(prompts, results):
-        outs.append({"prompt": p, "prompt_ids": list(r.prompt_token_ids), "token_ids": list(r.token_ids),
-                     "logprobs": list(r.logprobs), "text": r.text})
-        n_tokens += len(r.token_ids)
+        c = r.outputs[0]
+        outs.append({"prompt": p, "prompt_ids": list(r.prompt_token_ids), "token_ids": list(c.token_ids),
+                     "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)], "text": c.text})
+        n_tokens += len(c.token_ids)
     return {"outputs": outs, "tokens_per_s": n_tokens / dt}

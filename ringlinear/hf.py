@@ -6,13 +6,14 @@ atomically (`ringlinear.files.write_atomically`). Safetensors only: nothing read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ringlinear.config import RingLinearConfig
@@ -71,14 +72,45 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...],
 
 
 # ---- loading ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def open_safetensors(fpath: str):
+    """`safe_open(fpath)`, with a truncated or corrupt file reported as a CheckpointError naming it (the
+    library's own message does not say which file)."""
+    try:
+        f = safe_open(fpath, "pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{fpath} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    with f:
+        yield f
+
+
+def _shard_inside(path: str, fname, index: str) -> str:
+    """`fname` from the index, refused unless it names a file inside checkpoint directory `path` (no absolute
+    paths, no `..`, no symlink out): an index must not make the loader open other files of the machine."""
+    if not isinstance(fname, str) or not fname:
+        raise CheckpointError(f"{index}: a weight_map entry {fname!r} is not a file name")
+    root = os.path.realpath(path)
+    full = os.path.realpath(os.path.join(root, fname))
+    if os.path.isabs(fname) or os.path.commonpath([root, full]) != root or full == root:
+        raise CheckpointError(f"{index}: weight_map entry {fname!r} points outside the checkpoint directory {path}")
+    return fname
+
+
 def read_weight_map(path: str) -> dict[str, str]:
+    """HF tensor name -> shard file name (relative to `path`, checked to stay inside it)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            return json.load(f)["weight_map"]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a JSON object with a weight_map ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file")
+        return {k: _shard_inside(path, v, index) for k, v in weight_map.items()}
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: SINGLE_FILE for k in f.keys()}
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
@@ -98,7 +130,7 @@ def check_checkpoint(path: str, model: torch.nn.Module) -> dict[str, tuple[str, 
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise CheckpointError(f"{path}: the index lists shard {fname}, which does not exist")
-        with safe_open(fpath, "pt") as f:
+        with open_safetensors(fpath) as f:
             for k in names:
                 shape = tuple(f.get_slice(on_disk[k][0]).get_shape())
                 if shape != want[k][0]:
@@ -135,7 +167,7 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype=None, progre
         from tqdm import tqdm
         files = tqdm(files, desc="loading shards", unit="shard")
     for fname in files:
-        with safe_open(os.path.join(path, fname), "pt") as f:
+        with open_safetensors(os.path.join(path, fname)) as f:
             for canon, disk_name in by_file[fname]:
                 mname, e = model_name(canon)
                 dst = targets[mname] if e is None else targets[mname][e]

@@ -14,13 +14,22 @@ import torch
 from ringlinear.device import compute_dtype, default_device, parse_dtype
 from ringlinear.engine.engine_config import EngineConfig
 from ringlinear.engine.runner import ModelRunner
-from ringlinear.engine.sampler import sample
+from ringlinear.engine.sampler import TokenHistory, make_logprobs, sample, token_logprobs
 from ringlinear.engine.scheduler import Scheduler
-from ringlinear.engine.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from ringlinear.engine.sequence import (
+    CompletionOutput,
+    Logprob,
+    Request,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+)
 from ringlinear.engine.workers import EngineDeadError, inference_loader, needs_inference_loader
 from ringlinear.ops.backend import forced_backend
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineDeadError", "SamplingParams", "RequestOutput", "RequestError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineDeadError", "SamplingParams", "RequestOutput",
+           "CompletionOutput", "Logprob", "RequestError"]
 
 
 class LLMEngine:
@@ -87,8 +96,10 @@ class LLMEngine:
             else:
                 self.runner.capture(config.max_num_seqs, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self._seqs: dict[str, Sequence] = {}
+        self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
+        self._texts: dict[int, str] = {}
+        self.history = TokenHistory(layout.num_slots, self.config.vocab_size, self.device)
         self._arrivals = itertools.count()
         self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.last_step_host_s = 0.0
@@ -170,9 +181,10 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self._seqs:
+        if request_id in self._requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
         params.validate()
+        text = prompt if isinstance(prompt, str) else None
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -187,20 +199,38 @@ class LLMEngine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError("prompt", f"{len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                                          f"maximum length {self.max_model_len}")
-        seq = Sequence(request_id, ids, params, arrival=next(self._arrivals))
+        if params.n > self.engine_config.max_num_seqs:
+            raise RequestError("n", f"{params.n} choices exceed max_num_seqs={self.engine_config.max_num_seqs} "
+                                    "(the choices of a request run together)")
+        V = self.config.vocab_size
+        for name, ids_ in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids or ())):
+            bad = [t for t in ids_ if t >= V]
+            if bad:
+                raise RequestError(name, f"token id {bad[0]} outside the vocabulary [0, {V})")
+        generators = [None] * params.n
         if params.seed is not None:
-            try:
-                seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            try:  # choice i draws with seed + i (as vLLM)
+                generators = [torch.Generator(device="cpu").manual_seed(params.seed + i) for i in range(params.n)]
             except (ValueError, RuntimeError):  # outside what a 64-bit generator seed holds
-                raise RequestError("seed", f"must be in [-2**63, 2**64), got {params.seed}") from None
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+                raise RequestError("seed", f"must be in [-2**63, 2**64 - n), got {params.seed}") from None
+        req = Request(request_id, text, ids, params)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        arrival = next(self._arrivals)
+        for i in range(params.n):
+            seq = Sequence(request_id, ids, params, arrival=arrival, index=i, generator=generators[i])
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = req
 
     def abort_request(self, request_id: str) -> None:
-        seq = self._seqs.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
-            self._pending.append(RequestOutput.of(seq))
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        self._pending.append(RequestOutput.of(req))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -215,52 +245,124 @@ class LLMEngine:
         if not batch:
             return outputs
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
-        logits = self.runner.execute(batch, rows)
-        launched = time.perf_counter()  # the forward is queued on the device; what follows waits for it
+        prompt_rows, token_rows = self._prompt_logprob_rows(batch)
+        logits = self.runner.execute(batch, rows, token_rows or None)
+        launched = self._sampled_at = time.perf_counter()  # the forward is queued; what follows waits for it
+        if token_rows:
+            self._prompt_logprobs(prompt_rows, logits[len(rows):])
+            logits = logits[: len(rows)]
         for seq, n in batch:
             seq.num_computed += n
-        sampled = launched
+        touched: dict[str, Request] = {}
         if rows:
             seqs = [batch[i][0] for i in rows]
-            tokens, logps, errors = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                           self._generator)
-            sampled = time.perf_counter()
-            for seq, tok, lp, error in zip(seqs, tokens, logps, errors):
-                if error is None:
-                    try:
-                        self._append(seq, tok, lp)
-                    except Exception as e:  # this sequence's bad luck must not end the others
-                        error = f"{type(e).__name__}: {e}"
-                if error is not None:  # finish it alone: its client gets the error, the batch goes on
-                    self.scheduler.finish(seq, "error")
-                    self._seqs.pop(seq.request_id, None)
-                out = RequestOutput.of(seq)
-                out.error = error
-                outputs.append(out)
+            self._sample(seqs, logits, touched)
+        outputs.extend(RequestOutput.of(req) for req in touched.values())
         # host work of this step: scheduling and launching, then turning the sampled tokens into outputs (the
         # device's forward and the sampler's wait for it are not host work)
-        self.last_step_host_s = (launched - t0) + (time.perf_counter() - sampled)
+        self.last_step_host_s = (launched - t0) + (time.perf_counter() - self._sampled_at)
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, Request]) -> None:
+        """Sample one token for each of `seqs` (rows of `logits`), append it, check its stops."""
+        params = [s.params for s in seqs]
+        stop_ids = [self._stop_ids(s.params) if s.params.min_tokens > s.num_outputs else [] for s in seqs]
+        pen_rows = [i for i, p in enumerate(params) if p.penalised]
+        penalties = self.history.gather(seqs, pen_rows) if pen_rows else None
+        out = sample(logits, params, [s.generator for s in seqs], self._generator,
+                     num_outputs=[s.num_outputs for s in seqs], stop_ids=stop_ids, penalties=penalties)
+        self._sampled_at = time.perf_counter()
+        if pen_rows:
+            self.history.append(seqs, out.tokens)
+        for i, seq in enumerate(seqs):
+            error = out.errors[i]
+            if error is None:
+                try:
+                    lp = None
+                    if seq.params.logprobs is not None:
+                        lp = make_logprobs(out.tokens[i], out.logprobs[i], out.ranks[i], out.top[i], self._token_text)
+                    self._append(seq, out.tokens[i], out.logprobs[i], lp)
+                except Exception as e:  # this sequence's bad luck must not end the others
+                    error = f"{type(e).__name__}: {e}"
+            if error is not None:  # finish it alone: its client gets the error, the batch goes on
+                seq.error = error
+                self.scheduler.finish(seq, "error")
+            req = self._requests.get(seq.request_id)
+            if req is not None:
+                touched[req.request_id] = req
+                if req.is_finished:
+                    del self._requests[req.request_id]
+
+    def _stop_ids(self, p: SamplingParams) -> list[int]:
+        """Tokens that end a sequence of these parameters (masked while fewer than min_tokens were generated)."""
+        return sorted((set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids or ()))
+
+    def _token_text(self, token: int) -> str | None:
+        """The text of one token (special tokens included), for logprobs; cached (the vocabulary bounds it)."""
+        if self.tokenizer is None:
+            return None
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    # ---- prompt logprobs ---------------------------------------------------------------------------
+    def _prompt_logprob_rows(self, batch: list[tuple[Sequence, int]]) -> tuple[list[tuple[Request, int, int]],
+                                                                                list[int]]:
+        """For requests that asked prompt logprobs: (request, first position, count) of the prompt positions of
+        this batch whose logprobs are not known yet, and their indices among the batch's packed tokens."""
+        prompt_rows, token_rows, offset = [], [], 0
+        known: dict[str, int] = {}  # positions whose logprobs are known or claimed by an earlier row
+        for seq, n in batch:
+            req = self._requests.get(seq.request_id)
+            if req is not None and req.prompt_logprobs is not None:
+                # position j predicts prompt token j + 1; known: positions < len(req.prompt_logprobs) - 1
+                first = known.get(req.request_id, len(req.prompt_logprobs) - 1)
+                last = min(seq.num_computed + n, seq.num_prompt - 1)
+                if seq.num_computed <= first < last:
+                    prompt_rows.append((req, first, last - first))
+                    token_rows.extend(range(offset + first - seq.num_computed, offset + last - seq.num_computed))
+                    known[req.request_id] = last
+            offset += n
+        return prompt_rows, token_rows
+
+    def _prompt_logprobs(self, prompt_rows: list[tuple[Request, int, int]], logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ids, top = [], []
+        for req, first, count in prompt_rows:
+            ids.extend(req.prompt_token_ids[first + 1 : first + 1 + count])
+            top.extend([req.params.prompt_logprobs] * count)
+        chosen, ranks, alts = token_logprobs(logp, torch.tensor(ids, dtype=torch.long, device=logp.device), top)
+        j = 0
+        for req, _, count in prompt_rows:
+            req.prompt_logprobs.extend(make_logprobs(ids[i], chosen[i], ranks[i], alts[i], self._token_text)
+                                       for i in range(j, j + count))
+            j += count
+
+    def _append(self, seq: Sequence, token: int, logprob: float, logprobs: dict | None) -> None:
         p = seq.params
         seq.token_ids.append(token)
-        seq.logprobs.append(logprob)
-        reason = None
-        if not p.ignore_eos and token in self.eos_token_ids or p.stop_token_ids and token in p.stop_token_ids:
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprob
+        reason, stop_reason = None, None
+        may_stop = seq.num_outputs >= p.min_tokens  # stops (tokens, strings) wait for min_tokens
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif may_stop and p.stop_token_ids and token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif seq.num_outputs >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         ids = seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids
         text = self.decode(ids) if self.tokenizer is not None else ""
-        if p.stop:
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
+        if p.stop and may_stop:
+            hits = [(i, s) for s in p.stop if (i := text.find(s)) >= 0]
+            if hits:
+                cut, s = min(hits)
+                text, reason, stop_reason = text[:cut], "stop", s
         if reason is not None:
-            seq.text = text
+            seq.text, seq.stop_reason = text, stop_reason
             self.scheduler.finish(seq, reason)
-            self._seqs.pop(seq.request_id, None)
             return
         # while running, hold back what may still change: an incomplete UTF-8 character, a possible stop prefix
         hold = max((len(s) - 1 for s in p.stop), default=0) if p.stop else 0

@@ -81,16 +81,18 @@ class ModelRunner:
             print(f"[ringlinear engine] decode under CUDA graphs, batch buckets {self.graphs.sizes}", flush=True)
 
     @torch.no_grad()
-    def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int]) -> torch.Tensor:
-        """batch: (sequence, n new tokens); sampling_rows: indices into batch of sequences to sample.
-        Returns fp32 logits [len(sampling_rows), V]."""
+    def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int],
+                token_rows: list[int] | None = None) -> torch.Tensor:
+        """batch: (sequence, n new tokens); sampling_rows: indices into batch of sequences to sample; token_rows:
+        indices among the batch's packed new tokens whose logits are wanted too (prompt logprobs).
+        Returns fp32 logits [len(sampling_rows) + len(token_rows), V]: the sampling rows' last tokens first."""
         if (self.graphs is not None and len(batch) <= self.graphs.max_batch and len(sampling_rows) == len(batch)
-                and all(n == 1 for _, n in batch)):
+                and not token_rows and all(n == 1 for _, n in batch)):
             return self.graphs.run(batch)
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         ctx = self.cache.context(batch)
         b = ctx._bounds
-        rows = torch.tensor([b[i + 1] - 1 for i in sampling_rows], dtype=torch.long)
+        rows = torch.tensor([b[i + 1] - 1 for i in sampling_rows] + list(token_rows or ()), dtype=torch.long)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         return self.model(input_ids, ctx, logits_indices=rows.to(self.device, non_blocking=True))
 

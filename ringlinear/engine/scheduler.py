@@ -11,6 +11,8 @@ from collections import deque
 from ringlinear.engine.cache import HybridCache
 from ringlinear.engine.sequence import Sequence, SequenceStatus
 
+PROMPT_LOGPROBS_CHUNK = 512  # prompt tokens per step of a request with prompt logprobs: its logits are [chunk, V]
+
 
 class Scheduler:
     def __init__(self, cache: HybridCache, max_num_seqs: int, max_num_batched_tokens: int):
@@ -34,7 +36,7 @@ class Scheduler:
         queue = list(self.running)  # admission order: the newest is preempted first
         while queue and budget > 0:
             seq = queue.pop(0)
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             while not self.cache.can_grow(seq, n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -47,7 +49,7 @@ class Scheduler:
         # admit new prompts while there is budget, a slot and blocks
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             if not self.cache.can_grow(seq, n):
                 break
             self.waiting.popleft()
@@ -61,6 +63,13 @@ class Scheduler:
             raise RuntimeError(f"request {seq.request_id} ({seq.num_tokens} tokens) cannot be scheduled into an "
                                f"empty cache of {self.cache.layout.num_blocks} blocks x {self.cache.block_size}")
         return batch
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to compute this step within `budget`."""
+        n = min(seq.num_uncomputed, budget)
+        if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt:
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

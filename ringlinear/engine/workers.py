@@ -4,7 +4,7 @@ spawns ranks 1..N-1 itself (no torchrun), one per GPU; each loads only its slice
 (`ringlinear.distributed.sharded_load`) and then mirrors rank 0's `ModelRunner`: every runner call of rank 0
 (plan, allocate, set_max_model_len, capture, execute) is first broadcast as a command on a gloo control group, as
 small int64 CPU tensors, then run by every rank. A step is described by its token ids, lengths, start positions,
-state slots, sampling rows, the block-table entries added since the last step and the state slots handed to new
+state slots, sampling and prompt-logprob rows, the block-table entries added since the last step and the state slots handed to new
 sequences; each worker replays it on its own cache (same block and slot numbers, its own heads). The forwards'
 all-reduces and the logits' gather run on the default group, inside the model.
 
@@ -159,7 +159,7 @@ class TensorParallelRunner(ModelRunner):
         self.ranks_on_device, self.workers = ranks_on_device, workers
         self._layout = None
         self._sent: dict[int, int] = {}  # slot -> block-table entries the workers hold
-        self._owner: dict[int, str] = {}  # slot -> request id whose table the workers hold
+        self._owner: dict[int, int] = {}  # slot -> id() of the sequence whose table the workers hold
 
     # -- cache sizes
     def cache_budget(self, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, cpu_cache_bytes) -> int:
@@ -206,20 +206,20 @@ class TensorParallelRunner(ModelRunner):
                           flush=True)
 
     # -- steps
-    def execute(self, batch, sampling_rows):
+    def execute(self, batch, sampling_rows, token_rows=None):
         if self.rank != 0:
-            return super().execute(batch, sampling_rows)
-        args, payload = self._describe(batch, sampling_rows)
+            return super().execute(batch, sampling_rows, token_rows)
+        args, payload = self._describe(batch, sampling_rows, token_rows or [])
         with self._lockstep(STEP, args, payload):
-            return super().execute(batch, sampling_rows)
+            return super().execute(batch, sampling_rows, token_rows)
 
     def adopt(self, seqs) -> None:
         """Sequences a benchmark placed in rank 0's cache by hand (slot and blocks granted, tokens counted as
         computed): the workers take their block tables at the next step; their cache contents stay as they are."""
         for seq in seqs:
-            self._owner[seq.slot], self._sent[seq.slot] = seq.request_id, 0
+            self._owner[seq.slot], self._sent[seq.slot] = id(seq), 0
 
-    def _describe(self, batch, sampling_rows) -> tuple[tuple[int, ...], list[int]]:
+    def _describe(self, batch, sampling_rows, token_rows) -> tuple[tuple[int, ...], list[int]]:
         ids, lens, starts, slots, updates, fresh = [], [], [], [], [], []
         kv = bool(self.cache.kv)
         for seq, n in batch:
@@ -230,8 +230,8 @@ class TensorParallelRunner(ModelRunner):
             slots.append(s)
             if c == 0:  # the cache handed this sequence its slot in this step's schedule (and zeroed it)
                 fresh.append(s)
-                self._owner[s], sent = seq.request_id, 0
-            elif self._owner.get(s) != seq.request_id:
+                self._owner[s], sent = id(seq), 0
+            elif self._owner.get(s) != id(seq):
                 raise NotImplementedError(f"not yet: sequence {seq.request_id} resumes at token {c} in state slot {s} "
                                           "without starting there; tensor parallel mirrors only slots taken at "
                                           "token 0 (no prefix cache)")
@@ -242,17 +242,16 @@ class TensorParallelRunner(ModelRunner):
                 for j in range(sent, len(table)):
                     updates += (s, j, table[j])
                 self._sent[s] = len(table)
-        payload = ids + lens + starts + slots + list(sampling_rows) + updates + fresh
-        return (len(batch), len(sampling_rows), len(updates) // 3, len(fresh)), payload
+        payload = ids + lens + starts + slots + list(sampling_rows) + list(token_rows) + updates + fresh
+        return (len(batch), len(sampling_rows), len(token_rows), len(updates) // 3, len(fresh)), payload
 
     def _step(self, args: list[int], payload: list[int]) -> None:
-        N, R, U, Z = args[:4]
-        T = len(payload) - 3 * N - R - 3 * U - Z
+        N, R, K, U, Z = args[:5]
+        T = len(payload) - 3 * N - R - K - 3 * U - Z
         ids, rest = payload[:T], payload[T:]
         lens, starts, slots = rest[:N], rest[N : 2 * N], rest[2 * N : 3 * N]
-        rows = rest[3 * N : 3 * N + R]
-        upd = rest[3 * N + R : 3 * N + R + 3 * U]
-        fresh = rest[3 * N + R + 3 * U :]
+        rows, rest = rest[3 * N : 3 * N + R], rest[3 * N + R :]
+        token_rows, upd, fresh = rest[:K], rest[K : K + 3 * U], rest[K + 3 * U :]
         cache = self.cache
         if fresh:
             cache.state_pool[:, torch.tensor(fresh, device=cache.device)] = 0
@@ -263,7 +262,7 @@ class TensorParallelRunner(ModelRunner):
         for n, c, s in zip(lens, starts, slots):
             batch.append((_MirroredSequence(s, c, _Window(c, ids[off : off + n])), n))
             off += n
-        self.execute(batch, rows)
+        self.execute(batch, rows, token_rows or None)
 
     @contextlib.contextmanager
     def _lockstep(self, cmd: int, args=(), payload=None):

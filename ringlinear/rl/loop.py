@@ -64,7 +64,7 @@ class RLRun:
 
         outs = self.worker.generate([s["prompt"] for s in self.eval_samples],
                                     SamplingParams(temperature=0.0, max_tokens=self.cfg.max_tokens))
-        return sum(self.reward_fn(s["prompt"], o.text, s) for s, o in zip(self.eval_samples, outs)) / len(outs)
+        return sum(self.reward_fn(s["prompt"], o.outputs[0].text, s) for s, o in zip(self.eval_samples, outs)) / len(outs)
 
     def collect(self) -> tuple[RolloutBatch, dict]:
         """This step's prompts -> rollout batch (sampled, rewarded, scored by the engine) + reward statistics."""

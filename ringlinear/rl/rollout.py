@@ -118,22 +118,26 @@ class RolloutWorker:
     def rollout(self, samples: list[dict], group_size: int, reward_fn: RewardFn, packs: list[list[list[int]]], *,
                 max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                 score: bool = True) -> RolloutBatch:
-        """`group_size` sampled completions for each sample's prompt (request seeds `seed + i`), their rewards,
-        and (with `score`) the engine-side scoring pass over `packs`."""
-        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=True,
-                                 seed=seed + i) for i in range(len(samples) * group_size)]
-        prompts = [s["prompt"] for s in samples for _ in range(group_size)]
+        """`group_size` sampled completions for each sample's prompt (completion j of prompt k draws with seed
+        `seed + k * group_size + j`), their rewards, and (with `score`) the engine-side scoring pass over `packs`.
+
+        A group is one request with n = group_size: the engine computes its prompt once and forks the sequence
+        (state slot copied, KV blocks shared), rather than relying on the prefix cache, whose snapshot of a prompt
+        exists only after one member has computed it, so members admitted in the same step would all miss."""
+        params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 logprobs=0, seed=seed + k * group_size) for k in range(len(samples))]
         t0 = time.perf_counter()
-        outs = self.generate(prompts, params)
+        outs = self.generate([s["prompt"] for s in samples], params)
         t1 = time.perf_counter()
-        rewards = [float(reward_fn(s["prompt"], o.text, s))
-                   for o, s in zip(outs, (s for s in samples for _ in range(group_size)))]
+        choices = [(o, c, s) for o, s in zip(outs, samples) for c in o.outputs]  # groups contiguous, in order
+        rewards = [float(reward_fn(s["prompt"], c.text, s)) for _, c, s in choices]
         batch = RolloutBatch(
             samples=samples, group_size=group_size,
-            prompt_ids=[o.prompt_token_ids for o in outs], completion_ids=[o.token_ids for o in outs],
-            texts=[o.text for o in outs], finish_reasons=[o.finish_reason for o in outs],
+            prompt_ids=[o.prompt_token_ids for o, _, _ in choices], completion_ids=[c.token_ids for _, c, _ in choices],
+            texts=[c.text for _, c, _ in choices], finish_reasons=[c.finish_reason for _, c, _ in choices],
             rewards=torch.tensor(rewards, dtype=torch.float32),
-            sampling_logprobs=[torch.tensor(o.logprobs, dtype=torch.float32) for o in outs], packs=packs,
+            sampling_logprobs=[torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                                            dtype=torch.float32) for _, c, _ in choices], packs=packs,
         )
         t2 = time.perf_counter()
         if score:

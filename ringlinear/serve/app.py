@@ -126,19 +126,22 @@ async def completions(request: Request):
         offset = [0]
 
         def chunks(out: RequestOutput, delta: str, first: int) -> list[dict]:
-            if not (delta or out.finished or (out.logprobs is not None and len(out.token_ids) > first)):
+            c = out.outputs[0]
+            if not (delta or out.finished or (c.logprobs is not None and len(c.token_ids) > first)):
                 return []
             lp = None
-            if out.logprobs is not None:
-                lp, offset[0] = P.completion_logprobs(piece, out.token_ids[first:], out.logprobs[first:], offset[0])
+            if c.logprobs is not None:
+                lp, offset[0] = P.completion_logprobs(piece, c.token_ids[first:], P.chosen_logprobs(c, first),
+                                                      offset[0])
             return [{**head, "choices": [{"index": 0, "text": delta, "logprobs": lp,
-                                          "finish_reason": out.finish_reason if out.finished else None}]}]
+                                          "finish_reason": c.finish_reason if out.finished else None}]}]
 
         return _streaming(request, rid, queue, chunks, req.include_usage, lambda u: {**head, "choices": [], "usage": u})
 
     out = await _final_output(request, rid, queue)
-    lp = None if out.logprobs is None else P.completion_logprobs(piece, out.token_ids, out.logprobs, 0)[0]
-    return {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}],
+    c = out.outputs[0]
+    lp = None if c.logprobs is None else P.completion_logprobs(piece, c.token_ids, P.chosen_logprobs(c), 0)[0]
+    return {**head, "choices": [{"index": 0, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}],
             "usage": P.usage(out)}
 
 
@@ -150,7 +153,8 @@ async def chat_completions(request: Request):
     head = {"id": rid, "object": "chat.completion", "created": created, "model": request.app.state.limits.model_name}
 
     def lp(out: RequestOutput, first: int):
-        return None if out.logprobs is None else P.chat_logprobs(piece, out.token_ids[first:], out.logprobs[first:])
+        c = out.outputs[0]
+        return None if c.logprobs is None else P.chat_logprobs(piece, c.token_ids[first:], P.chosen_logprobs(c, first))
 
     if req.stream:
         chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -162,18 +166,20 @@ async def chat_completions(request: Request):
                 started[0] = True
                 events.append({**chunk_head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                           "logprobs": None, "finish_reason": None}]})
-            if delta or out.finished or (out.logprobs is not None and len(out.token_ids) > first):
+            c = out.outputs[0]
+            if delta or out.finished or (c.logprobs is not None and len(c.token_ids) > first):
                 events.append({**chunk_head, "choices": [{
                     "index": 0, "delta": {"content": delta} if delta else {}, "logprobs": lp(out, first),
-                    "finish_reason": out.finish_reason if out.finished else None}]})
+                    "finish_reason": c.finish_reason if out.finished else None}]})
             return events
 
         return _streaming(request, rid, queue, chunks, req.include_usage,
                           lambda u: {**chunk_head, "choices": [], "usage": u})
 
     out = await _final_output(request, rid, queue)
-    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                 "logprobs": lp(out, 0), "finish_reason": out.finish_reason}], "usage": P.usage(out)}
+    c = out.outputs[0]
+    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": lp(out, 0), "finish_reason": c.finish_reason}], "usage": P.usage(out)}
 
 
 # ---- sending outputs --------------------------------------------------------------------------------------
@@ -223,9 +229,10 @@ def _streaming(request: Request, rid: str, queue: asyncio.Queue, chunks: Callabl
                     done = True
                     break
                 # the engine only extends a request's text (it holds back partial characters and stop prefixes)
-                for chunk in chunks(out, out.text[len(sent_text):], sent_tokens):
+                c = out.outputs[0]
+                for chunk in chunks(out, c.text[len(sent_text):], sent_tokens):
                     yield P.sse(chunk)
-                sent_text, sent_tokens, done = out.text, len(out.token_ids), out.finished
+                sent_text, sent_tokens, done = c.text, len(c.token_ids), out.finished
             if include_usage and out is not None and out.finished and out.error is None:
                 yield P.sse(usage_chunk(P.usage(out)))
             yield "data: [DONE]\n\n"

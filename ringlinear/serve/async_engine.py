@@ -214,7 +214,8 @@ class AsyncLLMEngine:
 
     def _deliver(self, out: RequestOutput) -> None:
         if out.finished and out.request_id in self._timed_out:  # ended by the time limit, not by the client
-            out = dataclasses.replace(out, finish_reason="length")
+            out = dataclasses.replace(out, outputs=[dataclasses.replace(c, finish_reason="length")
+                                                    if c.finish_reason == "abort" else c for c in out.outputs])
         entry = self._forget(out.request_id) if out.finished else self._streams.get(out.request_id)
         if entry is None:
             return

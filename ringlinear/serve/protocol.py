@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ringlinear.engine.sequence import RequestError, RequestOutput, SamplingParams
+from ringlinear.engine.sequence import CompletionOutput, RequestError, RequestOutput, SamplingParams
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as vLLM's protocol accepts
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 1024  # checked on every step: kept small
@@ -194,7 +194,7 @@ def sampling_params(body: dict, limits: Limits, max_tokens: int, max_tokens_name
             stop=stop or None,
             stop_token_ids=stop_ids or None,
             ignore_eos=get_bool(body, "ignore_eos", False),
-            logprobs=logprobs,
+            logprobs=0 if logprobs else None,
         )
     except RequestError as e:  # SamplingParams' own checks, should a field slip past the ones above
         raise APIError(400, str(e), max_tokens_name if e.field == "max_tokens" else e.field) from None
@@ -354,8 +354,15 @@ def sse(obj: dict) -> str:
 
 
 def usage(out: RequestOutput) -> dict:
-    p, c = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    """OpenAI usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served."""
+    p, c = len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+
+
+def chosen_logprobs(choice: CompletionOutput, first: int = 0) -> list[float]:
+    """The logprobs of a choice's tokens from the `first`."""
+    return [lp[t].logprob for t, lp in zip(choice.token_ids[first:], choice.logprobs[first:])]
 
 
 class TokenText:

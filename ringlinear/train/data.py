@@ -13,6 +13,10 @@ import os
 import torch
 
 
+class DataError(ValueError):
+    """The training data cannot be used as given; the message names the file (or dataset) and what is wrong."""
+
+
 def read_documents(paths: list[str], separator: str | None = "\n\n\n") -> list[str]:
     """Plain text files (each split into documents at `separator`; None = one document per file), or a
     HF `datasets` dataset saved with `save_to_disk` (a directory; its "text" column)."""
@@ -22,20 +26,26 @@ def read_documents(paths: list[str], separator: str | None = "\n\n\n") -> list[s
             try:
                 import datasets
             except ImportError:
-                raise ValueError(f"{path} is a directory: reading a saved HF dataset needs `datasets` installed") from None
+                raise DataError(f"{path} is a directory: reading a saved HF dataset needs `datasets` installed") from None
             ds = datasets.load_from_disk(path)
             if "text" not in ds.column_names:
-                raise ValueError(f"{path}: the dataset has no 'text' column (columns: {ds.column_names})")
+                raise DataError(f"{path}: the dataset has no 'text' column (columns: {ds.column_names})")
             docs.extend(t for t in ds["text"] if t)
             continue
         if not os.path.exists(path):
             raise FileNotFoundError(f"training data file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"training data file {path} is not UTF-8 text: byte {e.start} (line {line}) "
+                            f"{raw[e.start:e.end]!r}: {e.reason}; convert it (e.g. iconv -t UTF-8)") from None
         parts = text.split(separator) if separator else [text]
         docs.extend(p for p in parts if p.strip())
     if not docs:
-        raise ValueError(f"no documents found in {paths}")
+        raise DataError(f"no documents found in {paths}")
     return docs
 
 

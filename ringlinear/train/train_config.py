@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -47,8 +48,11 @@ class TrainConfig(ConfigBase):
     embedding_init_std: float | None = None
     """Presets: std of the input embeddings at init (default: initializer_range)."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms: identical runs give identical losses (slower); without it two runs of
-    the same config differ from the first steps on (non-deterministic kernels)."""
+    """torch.use_deterministic_algorithms: identical runs give identical losses and a resume continues bit for bit
+    (slower on GPUs). Without it runs are NOT reproducible: two runs of one config differ from the first step on.
+    On the CPU the one source is the backward of the MoE token dispatch `x[order // k]`
+    (ringlinear.ops.moe.naive_moe_dispatch): an accumulating index_put_, whose parallel kernel adds a token's k
+    gradients in a varying order; on GPUs also atomic adds in other kernels."""
     shuffle: bool = True
     """Shuffle the rows every epoch (seeded)."""
     fp8: bool = False
@@ -101,3 +105,24 @@ class TrainConfig(ConfigBase):
         need(self.fp8_grouped_gemm in ("torch", "triton"), "fp8_grouped_gemm", "must be one of ['torch', 'triton']")
         need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
              "must be set for save_every / resume")
+        need(self.doc_separator is None or self.doc_separator != "", "doc_separator",
+             "must be a non-empty string, or null for one document per file")
+
+    def model_config(self):
+        """The model's RingLinearConfig, read without building the model (a preset with `model_overrides`, or a
+        checkpoint's config.json); None when `model` is neither (building the model then says why)."""
+        from ringlinear.config import PRESETS, RingLinearConfig, preset
+
+        if self.model in PRESETS:
+            return preset(self.model, **self.model_overrides)
+        if os.path.isfile(os.path.join(self.model, "config.json")):
+            return RingLinearConfig.load(self.model)
+        return None
+
+    def check_model(self, model_config) -> None:
+        """Refuse rows longer than the model's context: positions past `max_position_embeddings` are outside
+        what its RoPE was set up for (and a 100000-token row is an out-of-memory kill, not a training run)."""
+        if model_config is not None and self.seq_len > model_config.max_position_embeddings:
+            self.fail("seq_len", f"must be <= the model's max_position_embeddings={model_config.max_position_embeddings} "
+                                 f"(model {self.model!r}); raise max_position_embeddings (model_overrides for a preset, "
+                                 "config.json for a checkpoint) if the model is meant for longer rows")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from ringlinear.pretrained import load_pretrained
 from ringlinear.train import state as ckpt
 from ringlinear.train.balancing import update_expert_bias
 from ringlinear.train.data import PackedDataset
+from ringlinear.train.metrics import write_history
 from ringlinear.train.optim import MasterWeights, clip_and_step, invalidate_fp8_weights, lr_lambda, make_adamw
 from ringlinear.train.train_config import TrainConfig
 
@@ -44,7 +46,21 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: PackedDataset | None = None):
         cfg.validate()
         self.cfg = cfg
+        cfg.check_model(cfg.model_config())  # before any weights or rows exist (a 100000-token row: OOM)
         self.rank, self.world, self.device = init_distributed()
+        self._lock = None
+        try:
+            self._setup(dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, dataset: PackedDataset | None) -> None:
+        cfg = self.cfg
+        if cfg.save_dir and self.rank == 0:
+            self._lock = ckpt.SaveDirLock(cfg.save_dir)  # held until `fit` ends (or `close`)
+            for path in ckpt.remove_interrupted_saves(cfg.save_dir):
+                warnings.warn(f"removed {path}: left by a save that was interrupted", stacklevel=3)
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             # Process-wide: bit-for-bit resume needs run-to-run identical kernels (CUDA also needs the
@@ -85,9 +101,37 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(self.model_config, cfg.seq_len)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device)
         if cfg.resume:
-            path = ckpt.latest_checkpoint(cfg.save_dir)
+            path = self._resumable()
             if path is not None:
                 self.load(path)
+
+    def close(self) -> None:
+        """Release the save directory (`fit` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _resumable(self) -> str | None:
+        """The newest intact checkpoint (rank 0 decides, every rank takes the same); corrupt newer ones are
+        skipped with a warning saying why."""
+        choice: list = [None]
+        if self.rank == 0:
+            try:
+                path, skipped = ckpt.find_resumable(self.cfg.save_dir, self.fingerprint())
+                choice = [(path, skipped, None)]
+            except ckpt.TrainCheckpointError as e:
+                choice = [(None, [], e)]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        path, skipped, err = choice[0]
+        if err is not None:
+            raise err
+        if self.rank == 0:
+            for bad, why in skipped:
+                warnings.warn(f"resume: skipped {bad}: {why}", stacklevel=3)
+            if path is not None and skipped:
+                warnings.warn(f"resume: using {path}, the newest intact checkpoint", stacklevel=3)
+        return path
 
     def fingerprint(self) -> dict:
         names = ";".join(f"{n}:{tuple(p.shape)}" for n, p in self.model.named_parameters())
@@ -176,6 +220,7 @@ class Trainer:
         model_sd, optim_sd = self._full_states()
         path = None
         if self.rank == 0:
+            ckpt.remove_interrupted_saves(self.cfg.save_dir)
             state = {
                 "step": self.step, "model": model_sd, "optimizer": optim_sd,
                 "master": [m.detach().cpu() if m is not p else None for p, m in self.master.pairs],
@@ -189,7 +234,8 @@ class Trainer:
         return path
 
     def load(self, path: str) -> None:
-        state = ckpt.load_checkpoint(path, self.fingerprint())
+        state = ckpt.read_state(path) if self.rank == 0 or self.world == 1 else ckpt.load_checkpoint(
+            path, self.fingerprint())
         if self.world > 1:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -239,6 +285,12 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Train to `cfg.steps` (checkpoint every `save_every`, final checkpoint, export, plot). `stop_after`
         returns right after that step, without the end-of-run work, as a crash there would."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.close()
+
+    def _fit(self, stop_after: int | None) -> list[dict]:
         cfg = self.cfg
         bar = None
         if cfg.progress and self.rank == 0:
@@ -264,8 +316,7 @@ class Trainer:
             if cfg.export:
                 self.export(os.path.join(cfg.save_dir, "final"))
             if self.rank == 0:
-                with open(os.path.join(cfg.save_dir, "history.json"), "w") as f:
-                    json.dump(self.history, f)
+                write_history(os.path.join(cfg.save_dir, "history.json"), self.history)
                 if cfg.plot:
                     plot_losses({"train": self.history}, os.path.join(cfg.save_dir, "loss.png"))
         return self.history

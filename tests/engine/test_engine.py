@@ -14,7 +14,7 @@ from ringlinear.hf import save_model
 from ringlinear.model import init_model
 from ringlinear.tokenizer import byte_level_tokenizer, tokenizer_files
 
-GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=True)
+GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=0)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,11 @@ def ckpt(tmp_path_factory):
         (d / name).write_text(text)
     model.eval()
     return str(d), model
+
+
+def chosen(c) -> list[float]:
+    """The chosen tokens' logprobs of a CompletionOutput."""
+    return [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
 
 
 def reference_greedy(model, prompt, n):
@@ -48,11 +53,12 @@ def test_greedy_equals_model_and_ragged_equals_alone(ckpt):
     together = llm.generate(PROMPTS, SamplingParams(max_tokens=10, **GREEDY))
     for p, out in zip(PROMPTS, together):
         ref, ref_lp = reference_greedy(model, p, 10)
-        assert out.token_ids == ref
-        assert out.finish_reason == "length" and out.prompt_token_ids == p
-        assert max(abs(a - b) for a, b in zip(out.logprobs, ref_lp)) < 1e-4
+        [c] = out.outputs
+        assert c.token_ids == ref
+        assert c.finish_reason == "length" and out.prompt_token_ids == p
+        assert max(abs(a - b) for a, b in zip(chosen(c), ref_lp)) < 1e-4
         alone = llm.generate([p], SamplingParams(max_tokens=10, **GREEDY))[0]
-        assert alone.token_ids == out.token_ids
+        assert alone.outputs[0].token_ids == c.token_ids
     cache = llm.engine.scheduler.cache
     assert cache.num_free_blocks() == cache.layout.num_blocks and len(cache.free_slots) == cache.layout.num_slots
 
@@ -68,7 +74,7 @@ def test_preemption_recomputes_without_loss(ckpt):
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, **GREEDY))
     assert llm.engine.scheduler.num_preemptions > 0
     for p, out in zip(prompts, outs):
-        assert out.token_ids == reference_greedy(model, p, 20)[0]
+        assert out.outputs[0].token_ids == reference_greedy(model, p, 20)[0]
 
 
 def test_prompt_limits_and_bad_requests(ckpt):
@@ -99,19 +105,21 @@ def test_stops_text_seed_and_abort(ckpt):
     stop_tok = ref[3]
     llm = LLM(path, verbose=False)
     out = llm.generate([[65, 66, 67]], SamplingParams(max_tokens=8, stop_token_ids=[stop_tok], **GREEDY))[0]
+    [out] = out.outputs
     assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(stop_tok) + 1]
+    assert out.stop_reason == stop_tok
     # a stop string: cut from the text
-    full = llm.generate(["ABC"], SamplingParams(max_tokens=8, **GREEDY))[0]
+    full = llm.generate(["ABC"], SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0]
     assert full.text == llm.engine.decode(full.token_ids)
     if len(full.text) > 2:
         s = full.text[1:3]
-        cut = llm.generate(["ABC"], SamplingParams(max_tokens=8, stop=[s], **GREEDY))[0]
-        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(s)]
+        cut = llm.generate(["ABC"], SamplingParams(max_tokens=8, stop=[s], **GREEDY))[0].outputs[0]
+        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(s)] and cut.stop_reason == s
     # seeds: same seed -> same tokens, whatever else runs in the batch
     sp = dict(temperature=1.0, top_k=50, top_p=0.9, max_tokens=12, ignore_eos=True)
-    a = llm.generate([[1, 2, 3]], SamplingParams(seed=7, **sp))[0]
-    b = llm.generate([[9, 9], [1, 2, 3]], [SamplingParams(seed=1, **sp), SamplingParams(seed=7, **sp)])[1]
-    c = llm.generate([[1, 2, 3]], SamplingParams(seed=8, **sp))[0]
+    a = llm.generate([[1, 2, 3]], SamplingParams(seed=7, **sp))[0].outputs[0]
+    b = llm.generate([[9, 9], [1, 2, 3]], [SamplingParams(seed=1, **sp), SamplingParams(seed=7, **sp)])[1].outputs[0]
+    c = llm.generate([[1, 2, 3]], SamplingParams(seed=8, **sp))[0].outputs[0]
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     # abort mid-generation frees the cache and reports "abort"
     eng.add_request("x", [5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
@@ -119,7 +127,7 @@ def test_stops_text_seed_and_abort(ckpt):
     eng.step()
     eng.abort_request("x")
     outs = eng.step()
-    assert [o.finish_reason for o in outs] == ["abort"] and not eng.has_unfinished_requests()
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort"] and not eng.has_unfinished_requests()
     cache = eng.scheduler.cache
     assert cache.num_free_blocks() == cache.layout.num_blocks
 
@@ -141,7 +149,7 @@ def test_chat_template(ckpt):
     with pytest.raises(RequestError, match="messages"):
         llm.engine.apply_chat_template([{"role": "user"}])
     out = llm.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=3, **GREEDY))[0]
-    assert len(out.token_ids) == 3
+    assert len(out.outputs[0].token_ids) == 3
 
 
 def test_triton_kernels_in_engine_match_reference(ckpt, monkeypatch):
@@ -152,5 +160,5 @@ def test_triton_kernels_in_engine_match_reference(ckpt, monkeypatch):
     llm = LLM(path, max_num_batched_tokens=8, verbose=False)
     out = llm.generate([p, [4, 5]], SamplingParams(max_tokens=4, **GREEDY))
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
-    assert out[0].token_ids == reference_greedy(model, p, 4)[0]
-    assert out[1].token_ids == reference_greedy(model, [4, 5], 4)[0]
+    assert out[0].outputs[0].token_ids == reference_greedy(model, p, 4)[0]
+    assert out[1].outputs[0].token_ids == reference_greedy(model, [4, 5], 4)[0]

@@ -28,10 +28,10 @@ def test_hostile_parameters_sample_the_top_token(kw):
     logits[1, 7] = 3e38  # a huge but finite logit: (logit - max) / T must not overflow into NaN
     logits[2, :40] = float("-inf")  # masked tokens
     params = [SamplingParams(**kw)] * 3
-    tokens, logps, errors = sample(logits, params, [None] * 3, g)
-    assert errors == [None] * 3
-    assert tokens == logits.argmax(-1).tolist()  # 1/T dwarfs every gap, or top_p keeps only the top token
-    assert all(math.isfinite(lp) for lp in logps)
+    out = sample(logits, params, [None] * 3, g)
+    assert out.errors == [None] * 3
+    assert out.tokens == logits.argmax(-1).tolist()  # 1/T dwarfs every gap, or top_p keeps only the top token
+    assert all(math.isfinite(lp) for lp in out.logprobs)
 
 
 def test_top_p_rounding_to_zero_keeps_the_top_token():
@@ -47,11 +47,11 @@ def test_a_row_without_finite_logits_fails_alone():
     logits[3] = float("-inf")
     logits[4, 9] = float("inf")
     params = [SamplingParams(temperature=0.8)] * 2 + [SamplingParams(temperature=0.0)] * 3
-    tokens, _, errors = sample(logits, params, [None] * 5, torch.Generator().manual_seed(2))
-    assert errors[1] is None and all("not finite" in e for e in errors[:1] + errors[2:])
+    out = sample(logits, params, [None] * 5, torch.Generator().manual_seed(2))
+    assert out.errors[1] is None and all("not finite" in e for e in out.errors[:1] + out.errors[2:])
     # the failed rows draw nothing: the good row gets the draw it gets alone
-    alone, _, _ = sample(logits[1:2], params[1:2], [None], torch.Generator().manual_seed(2))
-    assert tokens[1] == alone[0]
+    alone = sample(logits[1:2], params[1:2], [None], torch.Generator().manual_seed(2))
+    assert out.tokens[1] == alone.tokens[0]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_step_fails_only_the_broken_sequence(ckpt):
     execute = eng.runner.execute
     steps = [0]
 
-    def poisoned_execute(batch, rows):
-        logits = execute(batch, rows)
+    def poisoned_execute(batch, rows, *rest):
+        logits = execute(batch, rows, *rest)
         steps[0] += 1
         for j, i in enumerate(rows):
             if batch[i][0].request_id == "poisoned" and steps[0] >= 3:
@@ -90,11 +90,11 @@ def test_step_fails_only_the_broken_sequence(ckpt):
         for out in eng.step():
             if out.finished:
                 done[out.request_id] = out
-    assert done["poisoned"].finish_reason == "error" and "not finite" in done["poisoned"].error
+    assert done["poisoned"].outputs[0].finish_reason == "error" and "not finite" in done["poisoned"].error
     for rid, ref in zip(prompts, alone):
         if rid != "poisoned":
-            assert done[rid].finish_reason == "length" and done[rid].error is None
-            assert done[rid].token_ids == ref.token_ids, rid
+            assert done[rid].outputs[0].finish_reason == "length" and done[rid].error is None
+            assert done[rid].outputs[0].token_ids == ref.outputs[0].token_ids, rid
     cache = eng.scheduler.cache
     assert cache.num_free_blocks() == cache.layout.num_blocks and len(cache.free_slots) == cache.layout.num_slots
 

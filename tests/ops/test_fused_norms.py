@@ -203,7 +203,11 @@ def test_batch_invariant(dtype):
 
 
 class StandInContext:
-    """An attention context whose attention is a cheap deterministic function of q, k, v (it records them)."""
+    """An attention context whose attention is a cheap deterministic function of q, k, v (it records them). A
+    training-style context (`inference` False): the layers take their PyTorch composition."""
+
+    inference = False
+    is_decode = False
 
     def __init__(self, positions):
         self.positions = positions

@@ -175,17 +175,19 @@ def test_router_gemm_logits_mode_matches_reference(T, H, E, k, G, TG):
     ref_idx, ref_wt = naive_router_topk(x, w, b, k, G, TG, True, 2.5)
     assert torch.equal(idx, ref_idx)
     _check_weights(wt, ref_wt)
-    with pytest.raises(ValueError, match="config.logits='cublas'"):
+    with pytest.raises(ValueError, match="config.logits='cublas' must be 'fused', 'split' or 'gemm'"):
         fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=RouterConfig(logits="cublas"))
 
 
+@pytest.mark.parametrize("mode", ["gemm", "split"])
 @pytest.mark.parametrize("T,H,E,k,G,TG", CASES)
-def test_router_gemm_mode_full_contract(T, H, E, k, G, TG, monkeypatch):
-    """The gemm mode's one-token-per-program choice: the reference's experts and weights on every case (poisoned
-    outputs: every slot written), ties to the lower index, a NaN token picks distinct experts with NaN weights."""
+def test_router_choice_kernel_modes_full_contract(T, H, E, k, G, TG, mode, monkeypatch):
+    """The one-token-per-program choice after cuBLAS logits ("gemm") or split-H partials ("split", batch-invariant):
+    the reference's experts and weights on every case (poisoned outputs: every slot written), ties to the lower
+    index, a NaN token picks distinct experts with NaN weights."""
     from ringlinear.ops.moe.fused_routing import RouterConfig
 
-    cfg = RouterConfig(logits="gemm")
+    cfg = RouterConfig(logits=mode, block_h=32, split_h=64)
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, -7 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
@@ -202,3 +204,14 @@ def test_router_gemm_mode_full_contract(T, H, E, k, G, TG, monkeypatch):
     x[0, 0] = float("nan")
     idx, wt = fused_router_topk(x, w, b, k, G, TG, True, 2.5, config=cfg)
     assert torch.isnan(wt[0]).all() and idx[0].unique().numel() == k and ((idx[0] >= 0) & (idx[0] < E)).all()
+
+
+def test_router_split_mode_is_batch_invariant():
+    from ringlinear.ops.moe.fused_routing import RouterConfig
+
+    cfg = RouterConfig(logits="split", block_h=32, split_h=64)
+    x, w, b = _inputs(37, 300, 64, torch.float32)
+    idx, wt = fused_router_topk(x, w, b, 8, 8, 4, True, 2.5, config=cfg)
+    for t in (0, 16, 36):
+        i1, w1 = fused_router_topk(x[t : t + 1], w, b, 8, 8, 4, True, 2.5, config=cfg)
+        assert torch.equal(i1, idx[t : t + 1]) and torch.equal(w1, wt[t : t + 1])

@@ -50,8 +50,8 @@ def test_bad_numbers_and_broken_logits_fail_only_their_request(server, monkeypat
     eng = server.engine.engine
     execute = eng.runner.execute
 
-    def poisoned_execute(batch, rows):
-        logits = execute(batch, rows)
+    def poisoned_execute(batch, rows, *rest):
+        logits = execute(batch, rows, *rest)
         for j, i in enumerate(rows):
             if POISON.encode() in bytes(t for t in batch[i][0].prompt_token_ids if t < 256):
                 logits[j] = float("nan")

@@ -26,7 +26,8 @@ def test_health_and_models(server, ckpt):
 
 def test_completion_greedy_equals_offline(server, offline):
     prompt = "The quick brown fox"
-    ref = offline.generate(prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8, logprobs=True))[0]
+    out = offline.generate(prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8, logprobs=0))[0]
+    ref = out.outputs[0]
     r = server.client.post("/v1/completions", json={"prompt": prompt, "logprobs": 0,
                                                     "model": server.engine.model_name, **GREEDY})
     assert r.status_code == 200, r.text
@@ -34,19 +35,22 @@ def test_completion_greedy_equals_offline(server, offline):
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     [choice] = body["choices"]
     assert choice["text"] == ref.text and choice["finish_reason"] == "length" and choice["index"] == 0
-    assert body["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": 8,
-                             "total_tokens": len(ref.prompt_token_ids) + 8}
+    usage = body["usage"]
+    assert 0 <= usage.pop("prompt_tokens_details")["cached_tokens"] < len(out.prompt_token_ids)
+    assert usage == {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": 8,
+                     "total_tokens": len(out.prompt_token_ids) + 8}
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 8
-    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], ref.logprobs)) < 1e-4
+    assert max(abs(a - b[t].logprob) for a, t, b in zip(lp["token_logprobs"], ref.token_ids, ref.logprobs)) < 1e-4
     # the same prompt as token ids and as a one-element list: the same completion
-    for p in (ref.prompt_token_ids, [prompt], [ref.prompt_token_ids]):
+    for p in (out.prompt_token_ids, [prompt], [out.prompt_token_ids]):
         again = server.client.post("/v1/completions", json={"prompt": p, **GREEDY}).json()
         assert again["choices"][0]["text"] == ref.text and again["choices"][0]["logprobs"] is None
 
 
 def test_chat_completion(server, offline):
-    ref = offline.chat([CHAT], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8))[0]
+    out = offline.chat([CHAT], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8))[0]
+    ref = out.outputs[0]
     r = server.client.post("/v1/chat/completions", json={"messages": CHAT, "logprobs": True, **GREEDY})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -54,7 +58,7 @@ def test_chat_completion(server, offline):
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": ref.text}
     assert choice["finish_reason"] == "length" and len(choice["logprobs"]["content"]) == 8
-    assert body["usage"]["prompt_tokens"] == len(ref.prompt_token_ids)
+    assert body["usage"]["prompt_tokens"] == len(out.prompt_token_ids)
     # max_completion_tokens is the newer name of max_tokens; content parts of type text are joined
     parts = [{**CHAT[0]}, {"role": "user", "content": [{"type": "text", "text": "Name a "},
                                                        {"type": "text", "text": "colour."}]}]

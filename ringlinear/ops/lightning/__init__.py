@@ -9,7 +9,9 @@ from ringlinear.ops.backend import use_triton
 from ringlinear.ops.lightning.decay import alibi_slopes, decay_slopes, layer_decay_factor
 from ringlinear.ops.lightning.naive import (
     naive_chunk_lightning_attn,
+    naive_lightning_commit,
     naive_lightning_decode,
+    naive_lightning_verify,
     naive_recurrent_lightning_attn,
 )
 
@@ -18,9 +20,13 @@ __all__ = [
     "decay_slopes",
     "layer_decay_factor",
     "lightning_attn",
+    "lightning_commit",
     "lightning_decode",
+    "lightning_verify",
     "naive_chunk_lightning_attn",
+    "naive_lightning_commit",
     "naive_lightning_decode",
+    "naive_lightning_verify",
     "naive_recurrent_lightning_attn",
 ]
 
@@ -45,3 +51,22 @@ def lightning_decode(q, k, v, g, state_pool, slots, scale=None):
 
         return fused_recurrent_lightning_decode(q, k, v, g, state_pool, slots, scale)
     return naive_lightning_decode(q, k, v, g, state_pool, slots, scale)
+
+
+def lightning_verify(q, k, v, g, state_pool, slots, scale=None):
+    """Speculative decoding's verify pass: L tokens per sequence from `state_pool[slots]`, the pool not written.
+    q, k: [N, L, H, D]; v: [N, L, H, Dv] -> o: [N, L, H, Dv]."""
+    if use_triton(q):
+        from ringlinear.ops.lightning.fused_recurrent import fused_recurrent_lightning_verify
+
+        return fused_recurrent_lightning_verify(q, k, v, g, state_pool, slots, scale)
+    return naive_lightning_verify(q, k, v, g, state_pool, slots, scale)
+
+
+def lightning_commit(k, v, g, state_pool, slots, accepted):
+    """Advance `state_pool[slots[n]]` by the first `accepted[n]` of the verified tokens (k, v: [N, L, H, D|Dv])."""
+    if use_triton(k):
+        from ringlinear.ops.lightning.fused_recurrent import fused_recurrent_lightning_commit
+
+        return fused_recurrent_lightning_commit(k, v, g, state_pool, slots, accepted)
+    return naive_lightning_commit(k, v, g, state_pool, slots, accepted)

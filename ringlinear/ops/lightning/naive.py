@@ -106,3 +106,34 @@ def naive_lightning_decode(q, k, v, g, state_pool, slots, scale=None):
     o = torch.where(valid[:, None, None], o, 0.0)
     state_pool[idx[valid]] = state[valid]
     return o.to(q.dtype)
+
+
+def naive_lightning_verify(q, k, v, g, state_pool, slots, scale=None):
+    """L new tokens for each of N sequences, reading their states but not writing them (speculative decoding's
+    verify pass). q, k: [N, L, H, D]; v: [N, L, H, Dv]; state_pool: [S, H, D, Dv] fp32; slots: [N] (negative:
+    padding, output 0). o[:, t] = scale q_t S_t with S_t = exp(g) S_{t-1} + k_t^T v_t from the pool's state.
+    Returns o: [N, L, H, Dv] in q's dtype. `naive_lightning_commit` then advances the states by the accepted
+    tokens, with the same arithmetic."""
+    N, L = q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    valid = slots >= 0
+    S = state_pool[slots.clamp(min=0).long()].clone()
+    decay = torch.exp(g.float())[None, :, None, None]
+    out = []
+    for t in range(L):
+        S = decay * S + k[:, t].float()[..., :, None] * v[:, t].float()[..., None, :]
+        out.append(torch.einsum("nhd,nhde->nhe", q[:, t].float(), S) * scale)
+    o = torch.stack(out, 1) if out else q.new_zeros(N, 0, q.shape[2], v.shape[-1]).float()
+    return torch.where(valid[:, None, None, None], o, 0.0).to(q.dtype)
+
+
+def naive_lightning_commit(k, v, g, state_pool, slots, accepted):
+    """Advance each sequence's state by its first `accepted[n]` (0..L) tokens: S <- exp(g) S + k_t^T v_t in order,
+    written back to `state_pool[slots]` (negative slots: padding, skipped). k: [N, L, H, D]; v: [N, L, H, Dv]."""
+    S = state_pool[slots.clamp(min=0).long()].clone()
+    decay = torch.exp(g.float())[None, :, None, None]
+    for t in range(k.shape[1]):
+        upd = decay * S + k[:, t].float()[..., :, None] * v[:, t].float()[..., None, :]
+        S = torch.where((accepted > t)[:, None, None, None], upd, S)
+    keep = slots >= 0
+    state_pool[slots[keep].long()] = S[keep]

@@ -29,8 +29,9 @@ class RouterConfig:
     block_h: int = 64
     split_h: int = 256
     num_warps: int | None = None  # None: 4, or 8 from 256 experts (the [BLOCK_T, E] choice tile)
-    # "fused": logits and choice in one kernel (batch-invariant); "gemm": logits from one cuBLAS fp32 GEMM, then
-    # the choice kernel (cuBLAS picks its algorithm by T, so a token's logits may differ in the last bit with T)
+    # "fused": logits and choice in one kernel; "split": the same split-H partial logits, then a one-token-per-program
+    # choice kernel that sums them in split order (both batch-invariant); "gemm": logits from one cuBLAS fp32 GEMM,
+    # then that choice kernel (cuBLAS picks its algorithm by T: a token's logits may differ in the last bit with T)
     logits: str = "fused"
 
 
@@ -114,9 +115,9 @@ def _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT: t
 
 
 @triton.jit
-def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
+def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, T, E, scale, HAS_BIAS: tl.constexpr, K: tl.constexpr,
                    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr,
-                   GSP: tl.constexpr, RENORM: tl.constexpr):
+                   GSP: tl.constexpr, RENORM: tl.constexpr, S_H: tl.constexpr):
     # One token per program, fp32 scores on a [GP, GSP] grid (expert e = g * GS + j); a pick is the highest score
     # among the experts not yet taken, ties to the lowest index (NaN scores count as -inf, so a NaN token still
     # picks k distinct experts and gets NaN weights).
@@ -125,7 +126,10 @@ def _select_kernel(logits_ptr, bias_ptr, idx_ptr, wt_ptr, E, scale, HAS_BIAS: tl
     j = tl.arange(0, GSP)[None, :]
     e = g * GS + j
     valid = (g < N_GROUP) & (j < GS)
-    score = tl.sigmoid(tl.load(logits_ptr + t * E + e, mask=valid, other=0.0))
+    logit = tl.zeros([GP, GSP], tl.float32)
+    for sp in tl.static_range(S_H):  # the partial sums over H, in split order ([S_H, T, E]; one for a GEMM's logits)
+        logit += tl.load(logits_ptr + (sp * T + t) * E + e, mask=valid, other=0.0)
+    score = tl.sigmoid(logit)
     c = score
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
@@ -165,7 +169,7 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, cnt_ptr, idx_ptr, wt_ptr, T
                    HAS_BIAS: tl.constexpr, K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                    GS: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr, RENORM: tl.constexpr,
                    BT: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr, SPLIT_H: tl.constexpr, S_H: tl.constexpr,
-                   NEG: tl.constexpr):
+                   NEG: tl.constexpr, CHOOSE: tl.constexpr):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     eb = pid // S_H
@@ -186,14 +190,15 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, cnt_ptr, idx_ptr, wt_ptr, T
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     tl.store(part_ptr + (sp * T + rows[:, None]).to(tl.int64) * E + cols[None, :], acc,
              mask=rmask[:, None] & cmask[None, :])
-    # Publish the tile, then count arrivals; the last program of this token block sees every tile (acq_rel
-    # atomic after a CTA barrier, partials read through L2) and chooses, then re-arms the counter.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:
-        _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT, HAS_BIAS, K, N_GROUP, TOPK_GROUP,
-                GS, GP, GSP, RENORM, S_H, NEG)
-        tl.atomic_xchg(cnt_ptr + tb, 0)
+    if CHOOSE:
+        # Publish the tile, then count arrivals; the last program of this token block sees every tile (acq_rel
+        # atomic after a CTA barrier, partials read through L2) and chooses, then re-arms the counter.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            _choose(part_ptr, bias_ptr, idx_ptr, wt_ptr, rows, rmask, T, E, scale, BT, HAS_BIAS, K, N_GROUP,
+                    TOPK_GROUP, GS, GP, GSP, RENORM, S_H, NEG)
+            tl.atomic_xchg(cnt_ptr + tb, 0)
 
 
 def _check(x, weight, expert_bias, top_k, n_group, topk_group, counters, config):
@@ -221,8 +226,8 @@ def _check(x, weight, expert_bias, top_k, n_group, topk_group, counters, config)
                                  or counters.device != x.device):
         raise ValueError(f"fused_router_topk: counters must be int32 zeros on {x.device} with at least "
                          f"cdiv(T, {BLOCK_T}) = {triton.cdiv(x.shape[0], BLOCK_T)} entries (see router_counters)")
-    if config.logits not in ("fused", "gemm"):
-        raise ValueError(f"fused_router_topk: config.logits={config.logits!r} must be 'fused' or 'gemm'")
+    if config.logits not in ("fused", "split", "gemm"):
+        raise ValueError(f"fused_router_topk: config.logits={config.logits!r} must be 'fused', 'split' or 'gemm'")
     for name in ("block_e", "block_h"):
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
@@ -266,10 +271,8 @@ def fused_router_topk(
     num_warps = config.num_warps or (8 if BLOCK_T * gp * gsp >= 4096 else 4)
     if config.logits == "gemm":
         logits = torch.mm(x.float(), weight.t())
-        _select_kernel[(T,)](
-            logits, expert_bias if expert_bias is not None else weight, idx, wt, E, float(routed_scaling_factor),
-            HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
-            RENORM=bool(norm_topk_prob), num_warps=1 if gp * gsp <= 512 else 4)
+        _select(logits, 1, expert_bias, weight, idx, wt, T, E, top_k, n_group, topk_group, gs, gp, gsp,
+                norm_topk_prob, routed_scaling_factor)
         return idx, wt
     if counters is None:
         counters = torch.zeros(n_tb, dtype=torch.int32, device=x.device)
@@ -277,10 +280,22 @@ def fused_router_topk(
     s_h = triton.cdiv(H, split_h)
     part = _empty((s_h, T, E), torch.float32, x.device)
     grid = (triton.cdiv(E, config.block_e) * s_h, n_tb)
+    choose = config.logits == "fused"
     _router_kernel[grid](
         x, weight, expert_bias if expert_bias is not None else weight, part, counters, idx, wt,
         T, H, E, x.stride(0), weight.stride(0), float(routed_scaling_factor),
         HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
         RENORM=bool(norm_topk_prob), BT=BLOCK_T, BE=config.block_e, BH=config.block_h, SPLIT_H=split_h, S_H=s_h,
-        NEG=_NEG, num_warps=num_warps)
+        NEG=_NEG, CHOOSE=choose, num_warps=num_warps if choose else 4)
+    if not choose:  # "split": the partial logits summed in split order by the one-token choice kernel
+        _select(part, s_h, expert_bias, weight, idx, wt, T, E, top_k, n_group, topk_group, gs, gp, gsp,
+                norm_topk_prob, routed_scaling_factor)
     return idx, wt
+
+
+def _select(part, s_h, expert_bias, weight, idx, wt, T, E, top_k, n_group, topk_group, gs, gp, gsp, norm_topk_prob,
+            routed_scaling_factor) -> None:
+    _select_kernel[(T,)](
+        part, expert_bias if expert_bias is not None else weight, idx, wt, T, E, float(routed_scaling_factor),
+        HAS_BIAS=expert_bias is not None, K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GS=gs, GP=gp, GSP=gsp,
+        RENORM=bool(norm_topk_prob), S_H=s_h, num_warps=1 if gp * gsp <= 512 else 4)
