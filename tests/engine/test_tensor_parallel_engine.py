@@ -63,6 +63,21 @@ def test_tp2_equals_tp1(ckpt):
     assert cache.layout.kv_bytes_per_token == cache_bytes(local_config(preset("tiny"), 2), torch.float32)[0]
 
 
+def test_tp2_prompt_logprobs(ckpt):
+    """Prompt log-probabilities (rows of the prompt's own tokens, chunked over steps) reach rank 0 as with one rank."""
+    def run(**kw):
+        llm = LLM(ckpt, **{**ENGINE, **kw})
+        try:
+            out = llm.generate([list(range(30, 100))], SamplingParams(max_tokens=2, prompt_logprobs=0, **GREEDY))[0]
+        finally:
+            llm.shutdown()
+        return [None if d is None else next(iter(d.values())).logprob for d in out.prompt_logprobs]
+
+    one, two = run(), run(tensor_parallel_size=2)
+    assert len(one) == 70 and one[0] is None and two[0] is None
+    assert max(abs(a - b) for a, b in zip(one[1:], two[1:])) < 1e-5
+
+
 def test_tp2_preemption_recomputes_the_same(ckpt):
     def budget(n):  # 3 slots, 14 blocks of 4 tokens (per rank): too few for 3 sequences of 30 tokens
         kv, state = cache_bytes(local_config(preset("tiny"), n), torch.float32)
