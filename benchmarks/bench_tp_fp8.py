@@ -9,6 +9,9 @@ Random weights are made on each GPU by the engine itself (`load_format="dummy"`,
     --mode logprob     log-probability difference FP8 vs bf16 on a trained checkpoint (--checkpoint DIR, or the
                        `small` preset trained here for ~2 minutes with `ringlinear train` on the pydoc corpus)
     --mode tp2         two GPUs: Ring-flash bf16 over TP=2; Ring-mini TP=1 vs TP=2 at B=64, context 32K
+    --mode gemm        the decode GEMMs alone at Ring-flash / Ring-mini shapes, M = 1, 8, 64: bf16 F.linear vs the
+                       W8A8 Triton GEMM (+ its activation quantize) under a CUDA graph, weight GB/s, and a sweep of
+                       the W8A8 tiles (set the best as W8A8Config's defaults); the FP8 fused MoE vs bf16
     --quick            a CPU smoke run of every mode on the tiny preset
 
     python benchmarks/bench_tp_fp8.py --mode flash-fp8 --json flash_fp8.json      (one H200)
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 
@@ -247,7 +251,63 @@ def mode_tp2(args, bw, rows):
     print(f"Ring-mini decode step at B=64, {ctx[0]} tokens: TP=1 {s1:.2f} ms, TP=2 {s2:.2f} ms ({s1 / s2:.2f}x)")
 
 
-MODES = {"flash-fp8": mode_flash_fp8, "mini-fp8": mode_mini_fp8, "logprob": mode_logprob, "tp2": mode_tp2}
+def mode_gemm(args, bw, rows):
+    from common import graph_ms
+
+    from ringlinear.config import preset
+    from ringlinear.ops.fp8.inference import quantize_weight, w8a8_linear
+    from ringlinear.ops.fp8.w8a8 import W8A8Config, quantize_groups, w8a8_gemm
+    from ringlinear.ops.moe.fused_moe import fused_moe
+
+    if args.quick:
+        print("--mode gemm times kernels on a GPU; nothing to do on the CPU")
+        return
+    dev = torch.device("cuda")
+    sweep = [W8A8Config(block_n=bn, block_n_large=bn, warps=w, stages=st)
+             for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4, 5)]
+    for model in ("ring-flash-linear-2.0", "ring-mini-linear-2.0"):
+        c = preset(model)
+        H, D, nh = c.hidden_size, c.head_dim, c.num_attention_heads
+        shapes = {"linear qkv": (3 * nh * D, H), "g_proj": (nh * D, H), "dense": (H, nh * D),
+                  "mlp gate": (c.intermediate_size, H), "mlp down": (H, c.intermediate_size),
+                  "shared gate": (c.shared_expert_intermediate_size, H)}
+        for name, (N, K) in shapes.items():
+            w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+            w8, s = quantize_weight(w)
+            for M in (1, 8, 64):
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                t_bf16 = graph_ms(partial(torch.nn.functional.linear, x, w))
+                t_fp8 = graph_ms(partial(w8a8_linear, x, w8, s))
+                x8, sx = quantize_groups(x)
+                best = min(((graph_ms(partial(w8a8_gemm, x8, sx, w8, s, config=cfg)), cfg) for cfg in sweep),
+                           key=lambda r: r[0])
+                row = {"model": f"gemm {model} {name}", "context": M, "N": N, "K": K, "bf16_ms": t_bf16,
+                       "fp8_ms": t_fp8, "bf16_over_fp8": t_bf16 / t_fp8, "fp8_weight_GBps": N * K / t_fp8 / 1e6,
+                       "best_gemm_ms": best[0], "best_config": str(best[1])}
+                rows.append(row)
+                print(f"{model:24s} {name:12s} M={M:3d} N={N:6d} K={K:6d}: bf16 {t_bf16 * 1e3:7.1f} us, fp8 "
+                      f"{t_fp8 * 1e3:7.1f} us ({t_bf16 / t_fp8:.2f}x, {N * K / t_fp8 / 1e6:.0f} GB/s), best GEMM "
+                      f"{best[0] * 1e3:.1f} us at {best[1]}", flush=True)
+        # the routed experts of one MoE layer at decode batches
+        E, ff, k = c.num_experts, c.moe_intermediate_size, c.num_experts_per_tok
+        ws = [torch.randn(E, ff, H, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+        ws.append(torch.randn(E, H, ff, device=dev, dtype=torch.bfloat16) * 0.02)
+        qs = [quantize_weight(t) for t in ws]
+        for T in (1, 8, 64):
+            x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)]).sort(-1).values
+            wt = torch.rand(T, k, device=dev)
+            t_bf16 = graph_ms(partial(fused_moe, x, idx, wt, *ws))
+            t_fp8 = graph_ms(partial(fused_moe, x, idx, wt, *(q for q, _ in qs), w_scales=tuple(s for _, s in qs)))
+            rows.append({"model": f"fused_moe {model}", "context": T, "bf16_ms": t_bf16, "fp8_ms": t_fp8,
+                         "bf16_over_fp8": t_bf16 / t_fp8})
+            print(f"{model:24s} fused MoE T={T:3d}: bf16 {t_bf16 * 1e3:7.1f} us, fp8 {t_fp8 * 1e3:7.1f} us "
+                  f"({t_bf16 / t_fp8:.2f}x)", flush=True)
+        dump(args, rows)
+
+
+MODES = {"flash-fp8": mode_flash_fp8, "mini-fp8": mode_mini_fp8, "logprob": mode_logprob, "tp2": mode_tp2,
+         "gemm": mode_gemm}
 
 
 def main():

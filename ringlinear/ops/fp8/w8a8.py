@@ -10,6 +10,8 @@ programs there are. Reference: `ringlinear.ops.fp8.naive.naive_w8a8_linear`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,19 @@ def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y, s
 
 
+@dataclass(frozen=True)
+class W8A8Config:
+    """Tiles of `w8a8_gemm`: `block_n` weight rows per program (decode reads N*K weight bytes once; small tiles put
+    enough programs in flight to reach the bandwidth), rows per program by M (`block_m_max` at most). Untuned
+    defaults: a sweep on the H200 is the benchmark's to make (benchmarks/bench_tp_fp8.py)."""
+
+    block_n: int = 32
+    block_n_large: int = 64  # for N > 8192
+    block_m_max: int = 64
+    warps: int = 4
+    stages: int = 4
+
+
 @triton.jit
 def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, G: tl.constexpr,
                  HAS_BIAS: tl.constexpr,
@@ -82,7 +97,8 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K: tl.constex
 
 
 def w8a8_gemm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor,
-              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              config: W8A8Config | None = None) -> torch.Tensor:
     """x8: [M, K] e4m3 with sx: [M, ceil(K/128)]; w8: [N, K] e4m3 with sw: [ceil(N/128), ceil(K/128)]; bias: [N]
     or None -> [M, N] out_dtype = (x8 * sx)(w8 * sw)^T + bias, fp32 accumulation, one rounding."""
     M, K = x8.shape
@@ -98,11 +114,11 @@ def w8a8_gemm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Te
     out = torch.empty(M, N, dtype=out_dtype, device=x8.device)
     if M == 0 or N == 0:
         return out
-    BM = 16 if M <= 16 else 32 if M <= 32 else 64
-    # decode reads N*K weight bytes once: small N tiles put enough programs in flight to reach the bandwidth
-    BN = 32 if N <= 8192 else 64
+    cfg = config or W8A8Config()
+    BM = min(cfg.block_m_max, max(16, triton.next_power_of_2(M)))
+    BN = cfg.block_n if N <= 8192 else cfg.block_n_large
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     b = bias if bias is not None else out
     _w8a8_kernel[grid](x8, sx, w8, sw, b, out, M, N, K, G, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BLOCK,
-                       UPCAST=interpreting(), num_warps=4, num_stages=4)
+                       UPCAST=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     return out
