@@ -80,3 +80,40 @@ def human_bytes(n: int) -> str:
         if n >= div:
             return f"{n / div:.3g} {suffix}"
     return f"{n} B"
+
+
+@dataclass
+class RankMemory:
+    """What one GPU holds when the engine serves a config over `tensor_parallel_size` ranks: its parameters as
+    loaded (FP8 projections and experts with their block scales under `quantization="fp8"`; no MTP modules, which
+    the engine does not run), and its part of the cache per token (KV) and per sequence (linear state)."""
+
+    tensor_parallel_size: int
+    quantization: str | None
+    weight_bytes: int
+    kv_bytes_per_token: int
+    state_bytes_per_sequence: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_memory(config: RingLinearConfig, tensor_parallel_size: int = 1, quantization: str | None = None,
+                dtype: str = "bfloat16", kv_dtype: str = "bfloat16") -> RankMemory:
+    """Sizes one rank's slice on `meta` through the same transforms the engine applies (no allocation)."""
+    from torch import nn
+
+    from ringlinear.distributed.tensor_parallel import ShardGroup, local_config, shard_model
+    from ringlinear.quantization import QUANTIZATIONS, quantize_fp8
+
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization={quantization!r}: one of {QUANTIZATIONS} or None")
+    model = build_model(config, "meta", dtype)
+    model.model.mtp = nn.ModuleList()
+    if tensor_parallel_size > 1:
+        shard_model(model, ShardGroup(0, tensor_parallel_size))
+    if quantization == "fp8":
+        quantize_fp8(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv, state = cache_bytes(local_config(config, tensor_parallel_size), kv_dtype)
+    return RankMemory(tensor_parallel_size, quantization, weights, kv, state)

@@ -122,12 +122,16 @@ def _model_config(args) -> RingLinearConfig:
 
 
 def cmd_info(args) -> int:
-    from ringlinear.accounting import human, human_bytes, model_stats
+    from ringlinear.accounting import human, human_bytes, model_stats, rank_memory
 
     cfg = _model_config(args)
     s = model_stats(cfg)
+    try:
+        gpu = rank_memory(cfg, args.tensor_parallel_size, args.quantization)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.json:
-        print(json.dumps(s.as_dict()))
+        print(json.dumps({**s.as_dict(), "per_gpu": gpu.as_dict()}))
         return 0
     name = args.preset or args.model
     print(f"{name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
@@ -145,6 +149,14 @@ def cmd_info(args) -> int:
           f"({s.layer_types.count('softmax')} softmax layers)")
     print(f"  linear-attention state      {human_bytes(s.state_bytes_per_sequence)} per sequence "
           f"({s.layer_types.count('linear')} linear layers, fp32)")
+    weights = "FP8 projections and experts" if gpu.quantization else "bf16"
+    print(f"  per GPU, tensor_parallel_size {gpu.tensor_parallel_size} ({weights}; what the engine holds):")
+    print(f"    weights                   {human_bytes(gpu.weight_bytes)}")
+    print(f"    KV cache (bf16)           {human_bytes(gpu.kv_bytes_per_token)} per token")
+    print(f"    linear-attention state    {human_bytes(gpu.state_bytes_per_sequence)} per sequence")
+    for ctx, seqs in ((32768, 8), (32768, 64), (131072, 16)):
+        total = gpu.weight_bytes + seqs * (gpu.state_bytes_per_sequence + ctx * gpu.kv_bytes_per_token)
+        print(f"    {seqs:3d} sequences x {ctx // 1024}K tokens: {human_bytes(total)} with the weights")
     return 0
 
 
@@ -250,6 +262,10 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"error: serving needs the [serve] extra (pip install 'ringlinear[serve]'): {e}") from None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:
+        if getattr(e, "fatal", False):  # the engine died while serving (a tensor-parallel rank exited)
+            raise SystemExit(f"error: {e}") from None
+        raise
     return 0
 
 
@@ -301,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="layer layout, parameter counts, cache and state sizes")
     model_args(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="size one GPU's part when the engine splits the model over N GPUs")
+    sp.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="size FP8 weights (projections and experts e4m3, 128x128 block scales)")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("init", help="write a randomly initialised checkpoint in the official HF layout")

@@ -55,3 +55,22 @@ def test_bad_usage_is_a_clear_error():
         main(["info"])
     with pytest.raises(SystemExit, match="n_group"):
         main(["info", "--preset", "tiny", "--set", "n_group=3"])
+
+
+def test_info_per_gpu_tensor_parallel_fp8(capsys):
+    """What one GPU holds: bf16 Ring-flash does not fit one H200 (141 GB), FP8 does, and 2 ranks halve it."""
+    sizes = {}
+    for tp, q in ((1, None), (1, "fp8"), (2, "fp8")):
+        args = ["info", "--preset", "ring-flash-linear-2.0", "--tensor-parallel-size", str(tp), "--json"]
+        assert main(args + (["--quantization", q] if q else [])) == 0
+        sizes[tp, q] = json.loads(capsys.readouterr().out)["per_gpu"]
+    assert sizes[1, None]["weight_bytes"] > 141e9 > sizes[1, "fp8"]["weight_bytes"]
+    assert 0.49 < sizes[1, "fp8"]["weight_bytes"] / sizes[1, None]["weight_bytes"] < 0.53  # + scales, bf16 embeddings
+    assert 0.49 < sizes[2, "fp8"]["weight_bytes"] / sizes[1, "fp8"]["weight_bytes"] < 0.51
+    assert sizes[2, "fp8"]["kv_bytes_per_token"] * 2 == sizes[1, "fp8"]["kv_bytes_per_token"]
+    assert sizes[2, "fp8"]["state_bytes_per_sequence"] * 2 == sizes[1, "fp8"]["state_bytes_per_sequence"]
+    assert main(["info", "--preset", "ring-flash-linear-2.0", "--tensor-parallel-size", "2", "--quantization",
+                 "fp8"]) == 0
+    assert "per GPU, tensor_parallel_size 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="group_norm_size=4 is not divisible"):
+        main(["info", "--preset", "ring-mini-linear-2.0", "--tensor-parallel-size", "8"])

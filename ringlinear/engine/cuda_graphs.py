@@ -39,7 +39,9 @@ class DecodeGraphs:
                         self._forward(b)
                 torch.cuda.current_stream(dev).wait_stream(side)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                # thread_local: other threads (torch.distributed's NCCL watchdog under tensor parallelism) keep
+                # querying their events while this thread captures
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                     self.outputs[b] = self._forward(b)
                 self.graphs[b] = g
         torch.cuda.synchronize(dev)

@@ -50,6 +50,20 @@ class EngineConfig(ConfigBase):
     many tokens of KV: lower it for more, shorter cached conversations."""
     verbose: bool = True
     """Print the cache layout and loading progress at start."""
+    tensor_parallel_size: int = 1
+    """Ranks (one GPU each) the model is split over: attention and MLPs by heads and columns, MoE experts across
+    ranks, one all-reduce per block. The engine starts the other ranks' processes itself (no torchrun); each reads
+    only its slices of the checkpoint. Ring-flash-linear-2.0 in bf16 needs 2 H200s."""
+    distributed_backend: str | None = None
+    """torch.distributed backend between the ranks: nccl (default on CUDA; one GPU per rank) or gloo (default on the
+    CPU; on CUDA it lets ranks share one GPU, for tests, and decodes without CUDA graphs)."""
+    load_format: str = "auto"
+    """auto: the checkpoint's weights; dummy: random weights made on each device, nothing read (benchmarks; `model`
+    may then be a preset name)."""
+    quantization: str | None = None
+    """fp8: quantize a bf16 checkpoint's projections and experts to e4m3 at load (128x128 block scales; activations
+    quantized per 1x128 group at run time), half the weight bytes and faster decode. Checkpoints that ship FP8
+    weights (config.json quantization_config quant_method fp8) load as FP8 without it."""
 
     def validate(self) -> None:
         super().validate()
@@ -62,6 +76,10 @@ class EngineConfig(ConfigBase):
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         need(self.cpu_cache_gib > 0, "cpu_cache_gib", "must be > 0")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        need(self.distributed_backend in (None, "nccl", "gloo"), "distributed_backend", "must be nccl, gloo or null")
+        need(self.quantization in (None, "fp8"), "quantization", "must be fp8 or null (the weights' own dtype)")
+        need(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         for name in ("dtype", "kv_cache_dtype"):
             need(getattr(self, name) is None or getattr(self, name) in DTYPES, name,
                  f"must be one of {sorted(DTYPES)}")

@@ -27,14 +27,23 @@ from ringlinear.engine.sequence import (
     Sequence,
     SequenceStatus,
 )
+from ringlinear.engine.workers import EngineDeadError, inference_loader, needs_inference_loader
 from ringlinear.ops.backend import forced_backend
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineDeadError", "SamplingParams", "RequestOutput",
+           "CompletionOutput", "Logprob", "RequestError"]
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.workers = None  # the other tensor-parallel ranks (ringlinear.engine.workers)
+        try:
+            self._start(config, model, tokenizer)
+        except BaseException:  # the workers must not outlive an engine that did not start
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, model, tokenizer) -> None:
         from ringlinear.pretrained import load_pretrained
         from ringlinear.tokenizer import tokenizer_config
 
@@ -46,12 +55,18 @@ class LLMEngine:
         if model is None:
             if config.model is None:
                 config.fail("model", "a checkpoint directory is needed when no model is passed")
+            loader = None
+            if needs_inference_loader(config):  # several ranks, FP8 weights: each rank reads its slices
+                loader, self.workers = inference_loader(config, self.device)
             loaded = load_pretrained(config.model, tokenizer=None, require_tokenizer=False, device=self.device,
-                                     dtype=dtype, progress=config.verbose)
+                                     dtype=dtype, progress=config.verbose, model_loader=loader)
             model, tokenizer, self.eos_token_ids = loaded.model, tokenizer or loaded.tokenizer, loaded.eos_token_ids
             if tokenizer is not None:
                 self._chat_template = tokenizer_config(config.model).get("chat_template")
         else:
+            for name in ("tensor_parallel_size", "quantization"):
+                if getattr(config, name) not in (1, None):
+                    config.fail(name, "applies to a checkpoint the engine loads, not to a live model")
             eos = model.config.eos_token_id
             self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         model.eval()
@@ -60,8 +75,10 @@ class LLMEngine:
         self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
         self.tokenizer = tokenizer
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
-        self.runner = ModelRunner(model, self.device, kv_dtype)
-        interval = config.prefix_state_interval if config.enable_prefix_caching else None
+        self.runner = (self.workers.runner(model, self.device, kv_dtype) if self.workers
+                       else ModelRunner(model, self.device, kv_dtype))
+        # tensor-parallel ranks mirror only slots taken at token 0: no prefix cache there yet
+        interval = config.prefix_state_interval if config.enable_prefix_caching and not self.workers else None
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                                   config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30), interval)
         cache = self.runner.allocate(layout)
@@ -77,7 +94,7 @@ class LLMEngine:
                                              "the memory budget or lower it")
             limit = layout.max_cached_tokens
         self.max_model_len = limit
-        cache.set_max_model_len(limit)
+        self.runner.set_max_model_len(limit)
         if self.device.type == "cuda" and not config.enforce_eager:
             if forced_backend() == "torch":
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
@@ -98,7 +115,8 @@ class LLMEngine:
                           f"({layout.snapshot_bytes / 2**20:.2f} MiB each, one per {interval} tokens of KV; kept "
                           f"every {interval} tokens and at the end of each prompt and sequence)")
             elif config.enable_prefix_caching:
-                prefix = ("; prefix cache off: " + ("an all-linear model has no KV blocks to key prefixes by"
+                prefix = ("; prefix cache off: " + ("not yet with tensor parallel" if self.workers else
+                                                     "an all-linear model has no KV blocks to key prefixes by"
                                                      if not cache.kv else "the budget holds no snapshot"))
             else:
                 prefix = "; prefix cache off"
@@ -108,6 +126,16 @@ class LLMEngine:
                   f"{layout.block_size} tokens ({layout.max_cached_tokens} tokens, "
                   f"{layout.kv_bytes_per_token} B/token){prefix}; admits {layout.num_slots} sequences, "
                   f"max_model_len {self.max_model_len}", flush=True)
+
+    @property
+    def failure(self) -> EngineDeadError | None:
+        """Why the engine cannot continue (a tensor-parallel rank died), or None."""
+        return None if self.workers is None else self.workers.failure
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op on one device); the engine cannot step after it."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -190,6 +218,9 @@ class LLMEngine:
         if params.n > self.engine_config.max_num_seqs:
             raise RequestError("n", f"{params.n} choices exceed max_num_seqs={self.engine_config.max_num_seqs} "
                                     "(the choices of a request run together)")
+        if params.n > 1 and self.workers is not None:
+            raise RequestError("n", f"not yet: n={params.n} under tensor parallel (its ranks do not mirror forked "
+                                    "state slots); n=1 is allowed")
         V = self.config.vocab_size
         for name, ids_ in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids or ())):
             bad = [t for t in ids_ if t >= V]
@@ -421,6 +452,9 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

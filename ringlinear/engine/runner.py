@@ -1,6 +1,7 @@
 """Runs one scheduled batch through the model over the hybrid cache: packs the new tokens of every sequence,
 forwards them with the cache's `PagedContext`, and returns the fp32 logits of the sequences whose last
-uncomputed token was in this batch (those that sample). Also sizes the cache from the memory budget."""
+uncomputed token was in this batch (those that sample). Also sizes the cache from the memory budget. Under tensor
+parallelism every rank runs one (`ringlinear.engine.workers.TensorParallelRunner` mirrors each call)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from ringlinear.layers.attention_context import PackedContext
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, kv_dtype: torch.dtype):
+    def __init__(self, model, device: torch.device, kv_dtype: torch.dtype, cache_config=None):
+        """`cache_config`: the config the cache is sized from (a tensor-parallel rank's heads); default the model's."""
         self.model = model
         self.config = model.config
+        self.cache_config = cache_config or model.config
         self.device = device
         self.kv_dtype = kv_dtype
         self.cache: HybridCache | None = None
@@ -25,6 +28,13 @@ class ModelRunner:
         """On CUDA: budget = utilization x total memory - peak of a profiling forward of
         `max_num_batched_tokens` tokens (weights + activations). Elsewhere: `cpu_cache_bytes`. With
         `prefix_state_interval`, the budget holds prefix-cache snapshots too (`plan_layout`)."""
+        budget = self.cache_budget(max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, cpu_cache_bytes)
+        return plan_layout(self.cache_config, budget, block_size, max_num_seqs, self.kv_dtype,
+                           prefix_state_interval)
+
+    def cache_budget(self, max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
+                     cpu_cache_bytes: int) -> int:
+        """Bytes the cache may take (see `plan`)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -37,7 +47,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
         else:
             budget = cpu_cache_bytes
-        return plan_layout(self.config, budget, block_size, max_num_seqs, self.kv_dtype, prefix_state_interval)
+        return budget
 
     @torch.no_grad()
     def profile(self, num_tokens: int, num_seqs: int) -> None:
@@ -48,8 +58,11 @@ class ModelRunner:
         self.model(ids, ctx, logits_indices=last)
 
     def allocate(self, layout: CacheLayout) -> HybridCache:
-        self.cache = HybridCache(self.config, layout, self.device, self.kv_dtype)
+        self.cache = HybridCache(self.cache_config, layout, self.device, self.kv_dtype)
         return self.cache
+
+    def set_max_model_len(self, max_model_len: int) -> None:
+        self.cache.set_max_model_len(max_model_len)
 
     def capture(self, max_batch: int, verbose: bool = True) -> None:
         """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""

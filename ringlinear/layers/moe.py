@@ -82,12 +82,16 @@ class MoE(nn.Module):
                                        g.norm_topk_prob, g.routed_scaling_factor, config=RouterConfig(logits="gemm"))
         else:
             idx, w = self.gate(x)
-        if fast and decode and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS:
-            from ringlinear.ops.moe.fused_moe import fused_moe
-
-            out = fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
-        else:
-            out = routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+        out = self.routed(x, idx, w, fused=fast and decode and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The routed experts' weighted sum for the choices (idx, w): the fused decode kernels when `fused`, the
+        grouped GEMMs otherwise (the expert-parallel / FP8 form overrides this: distributed/tensor_parallel.py)."""
+        if fused:
+            from ringlinear.ops.moe.fused_moe import fused_moe
+
+            return fused_moe(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)
+        return routed_experts(x, idx, w, self.gate_proj, self.up_proj, self.down_proj)

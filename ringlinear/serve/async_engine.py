@@ -40,6 +40,8 @@ class AsyncLLMEngine:
         self._admitted: set[str] = set()  # guarded by _cv
         self._busy = False
         self._stopping = False
+        self.fatal_error: BaseException | None = None  # the engine died (a tensor-parallel rank): nothing runs again
+        self.on_fatal: Callable[[BaseException], None] | None = None  # the server sets it to end itself
         self._thread = threading.Thread(target=self._loop, name="ringlinear-engine", daemon=True)
         self._thread.start()
 
@@ -145,10 +147,12 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._calls or self._busy or self._stopping):
-                    self._cv.wait()
+                while not (self._calls or self._busy or self._stopping or self._engine_failure()):
+                    self._cv.wait(1.0)  # an idle engine's death (a worker process exited) is seen within a second
                 calls, self._calls = self._calls, collections.deque()
                 stopping = self._stopping
+            if self._engine_failure() is not None:
+                return self._die(self._engine_failure(), calls)
             for fn, fut in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -163,6 +167,8 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a broken step fails the running requests, not the thread
+                if getattr(e, "fatal", False):
+                    return self._die(e, [])
                 traceback.print_exc(file=sys.stderr)
                 for rid in list(self._streams):
                     self._fail(rid, e)
@@ -170,6 +176,25 @@ class AsyncLLMEngine:
             for out in outputs:
                 self._deliver(out)
             self._busy = self.engine.has_unfinished_requests()
+
+    def _engine_failure(self) -> BaseException | None:
+        return getattr(self.engine, "failure", None)
+
+    def _die(self, error: BaseException, calls) -> None:
+        """The engine cannot continue: fail every request and pending call with `error`, stop, tell the server."""
+        print(f"[ringlinear serve] the engine died: {error}", file=sys.stderr, flush=True)
+        with self._cv:
+            self._stopping = True
+            self.fatal_error = error
+            calls = list(calls) + list(self._calls)
+            self._calls.clear()
+        for _, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(error)
+        for rid in list(self._streams):
+            self._fail(rid, error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _expire(self) -> None:
         """Abort the requests past their deadline; `_deliver` reports them as finished by "length"."""

@@ -51,9 +51,13 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     try:
         server = GracefulServer(uvicorn_config(app, server_config), async_engine,
                                 server_config.graceful_shutdown_timeout_s)
+        async_engine.on_fatal = lambda error: setattr(server, "should_exit", True)  # a dead engine ends the server
         print(f"serving {app.state.limits.model_name} (max_model_len {async_engine.max_model_len}) at "
               f"http://{server_config.host}:{server_config.port}/v1", flush=True)
         server.run()
     finally:
         async_engine.shutdown()
+        async_engine.engine.shutdown()
         app.state.prompts.shutdown()
+    if async_engine.fatal_error is not None:
+        raise async_engine.fatal_error

@@ -94,3 +94,64 @@ def naive_fp8_grouped_gemm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor,
             out[start:end] = (acc * sa[start:end].float()[:, None] * sb[e].float()[None, :]).to(out_dtype)
         start = end
     return out
+
+
+# ---- inference: FP8 weights of any shape (partial edge blocks), and the GEMMs that read them -----------------
+def quantize_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [..., N, K] (any N, K) -> (w8 [..., N, K] e4m3, scale [..., ceil(N/block), ceil(K/block)] fp32): one scale
+    per `block` x `block` tile, an edge tile scaled over its valid part (the layout of HF FP8 checkpoints,
+    `weight_scale_inv`, which despite its name holds these dequantization factors)."""
+    *lead, N, K = w.shape
+    pn, pk = -N % block, -K % block
+    t = torch.nn.functional.pad(w.float(), (0, pk, 0, pn))  # zeros do not change a tile's amax
+    nb, kb = (N + pn) // block, (K + pk) // block
+    t = t.reshape(*lead, nb, block, kb, block)
+    scale = t.abs().amax(dim=(-3, -1)).clamp(min=_EPS) / FP8_MAX
+    w8 = (t / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w8.reshape(*lead, N + pn, K + pk)[..., :N, :K].contiguous(), scale
+
+
+def dequantize_blockwise(w8: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`: [..., N, K] fp32 = w8 * the scale of each element's tile."""
+    N, K = w8.shape[-2:]
+    s = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :N, :K]
+    return w8.float() * s
+
+
+def quantize_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] (any K) -> (x8 [M, K] e4m3, scale [M, ceil(K/group)] fp32): one scale per 1 x `group` slice of a
+    row (DeepSeek-V3's activation tiles), the last slice over its valid columns."""
+    M, K = x.shape
+    pk = -K % group
+    t = torch.nn.functional.pad(x.float(), (0, pk)).view(M, -1, group)
+    scale = t.abs().amax(-1).clamp(min=_EPS) / FP8_MAX
+    x8 = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(M, K + pk)[:, :K].contiguous()
+    return x8, scale
+
+
+def dequantize_groups(x8: torch.Tensor, scale: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    return x8.float() * scale.repeat_interleave(group, -1)[:, : x8.shape[1]]
+
+
+def naive_w8a8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = q(x) W^T (+ b) for an e4m3 weight w8: [N, K] with 128x128 block scales, x: [M, K] quantized per 1x128
+    group at run time (`quantize_groups`): both dequantized, one fp32 GEMM, rounded once to `out_dtype` (x's)."""
+    y = dequantize_groups(*quantize_groups(x)) @ dequantize_blockwise(w8, scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def naive_w8a16_grouped_gemm(a: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor, offs: torch.Tensor,
+                             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Expert GEMMs with e4m3 weights, activations as they are: rows of a: [T, K] sorted by expert (`offs`: [E]
+    cumulative counts), b8: [E, N, K] with block scales sb: [E, ceil(N/128), ceil(K/128)] -> [T, N] (rows past
+    offs[-1] zero). One fp32 GEMM per expert of a and the dequantized weight."""
+    out = torch.zeros(a.shape[0], b8.shape[1], dtype=out_dtype or a.dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = (a[start:end].float() @ dequantize_blockwise(b8[e], sb[e]).t()).to(out.dtype)
+        start = end
+    return out

@@ -8,6 +8,12 @@ and up tiles of its expert from the two weight tensors and stores h = silu(g) * 
 computes w * (h W_down^T) in fp32 into the pair's own row; (4) program (token, H tile) sums its k rows in slot
 order in fp32 and rounds once. Batch-invariant per token for a fixed config: a tile row is computed by the same
 instruction sequence whatever the other rows hold, and no order depends on T.
+
+FP8 weights (`w_scales`: e4m3 experts with one fp32 scale per 128x128 block, the engine's FP8 mode): each weight
+tile is upcast in registers (exact: e4m3 values are bf16 values), the dot runs in fp32 and its block's scale
+multiplies that partial sum; half the weight bytes of bf16, activations as they are (W8A16).
+Expert parallel (`expert_offset`): a rank holding experts [offset, offset + E) passes the global ids; the others
+add nothing, so each rank's output is its part of the sum (`ringlinear.distributed.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def max_blocks(T: int, k: int, E: int, block_m: int) -> int:
 
 
 @triton.jit
-def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, off_ptr, N, E, NUM_BLOCKS,
+def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, off_ptr, N, E, NUM_BLOCKS, OFFSET,
                   BM: tl.constexpr, E_PAD: tl.constexpr, NP: tl.constexpr, FILL: tl.constexpr):
     # One program. sorted[p] = pair index t*k + j at padded position p (N = padding), pairs in (expert, pair)
     # order; expert e owns positions [start_e, start_e + cdiv(count_e, BM) * BM). block_expert[b] = owner of
@@ -63,7 +69,7 @@ def _align_kernel(idx_ptr, sorted_ptr, block_expert_ptr, off_ptr, N, E, NUM_BLOC
     r = tl.arange(0, NP)
     e = tl.arange(0, E_PAD)
     fb = tl.arange(0, FILL)
-    ex = tl.load(idx_ptr + r, mask=r < N, other=0).to(tl.int32)
+    ex = tl.load(idx_ptr + r, mask=r < N, other=0).to(tl.int32) - OFFSET
     ok = (r < N) & (ex >= 0) & (ex < E)
     ex = tl.where(ok, ex, 0)
     counts = tl.histogram(ex, E_PAD, mask=ok)
@@ -108,11 +114,12 @@ def _load_tile(ptrs, rmask, cmask, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr, P
         return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0, eviction_policy=POLICY)
 
 
-def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int, expert_offset: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_idx [T, k] -> (sorted_ids [max_blocks * block_m] int32, block_expert [max_blocks] int32), on the device
     with no host sync. Pair p = t*k + j; expert e's pairs sit in ascending p order in its own run of whole blocks
     (padding slots hold T*k); block_expert[b] is the expert of block b, -1 for the unused tail (see `max_blocks`).
-    Ids outside [0, num_experts) are left out."""
+    Ids are taken relative to `expert_offset`; those outside [0, num_experts) then are left out."""
     T, k = topk_idx.shape
     n = T * k
     nb = max_blocks(T, k, num_experts, block_m)
@@ -126,15 +133,15 @@ def align_by_expert(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> t
     if nb:
         np_ = triton.next_power_of_2(n)
         _align_kernel[(1,)](topk_idx.contiguous().view(-1), sorted_ids, block_expert, offsets, n, num_experts, nb,
-                            BM=block_m, E_PAD=e_pad, NP=np_, FILL=256, num_warps=4 if np_ <= 2048 else 8)
+                            expert_offset, BM=block_m, E_PAD=e_pad, NP=np_, FILL=256, num_warps=4 if np_ <= 2048 else 8)
     return sorted_ids, block_expert
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, N, stride_x, stride_we, stride_wi,
-                    H: tl.constexpr, FF: tl.constexpr, TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, sorted_ptr, block_expert_ptr, N, stride_x,
+                    stride_we, stride_wi, H: tl.constexpr, FF: tl.constexpr, TOP_K: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, W_FP8: tl.constexpr):
     # h[block rows, n tile] = silu(x W_gate[e]^T) * (x W_up[e]^T), all BM rows (padding rows give 0)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(FF, BN)
@@ -154,23 +161,34 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, block_expert_ptr, 
     w_off = e.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wi + kk[None, :]
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
+    # FP8: the scales of [E, cdiv(FF, 128), cdiv(H, 128)] blocks, one per weight row of the tile and K step
+    KB = tl.cdiv(H, 128)
+    s_off = e.to(tl.int64) * tl.cdiv(FF, 128) * KB + (n // 128) * KB
     for k0 in range(0, H, BK):
         kmask = k0 + kk < H
         # weights stream through once (evict first); x rows are reread by every program of the block
         a = _load_tile(a_ptrs + k0, real, kmask, False, EVEN_K, "evict_last")
         bg = _load_tile(wg_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
         bu = _load_tile(wu_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
-        acc_g = exact_dot(a, tl.trans(bg), acc_g, DOT_PREC, UPCAST)
-        acc_u = exact_dot(a, tl.trans(bu), acc_u, DOT_PREC, UPCAST)
+        if W_FP8:  # BK divides 128: the step lies in one scale block
+            zero = tl.zeros([BM, BN], tl.float32)
+            sg = tl.load(sg_ptr + s_off + k0 // 128, mask=nmask, other=0.0)
+            su = tl.load(su_ptr + s_off + k0 // 128, mask=nmask, other=0.0)
+            acc_g += exact_dot(a, tl.trans(bg.to(a.dtype)), zero, DOT_PREC, UPCAST) * sg[None, :]
+            acc_u += exact_dot(a, tl.trans(bu.to(a.dtype)), zero, DOT_PREC, UPCAST) * su[None, :]
+        else:
+            acc_g = exact_dot(a, tl.trans(bg), acc_g, DOT_PREC, UPCAST)
+            acc_u = exact_dot(a, tl.trans(bu), acc_u, DOT_PREC, UPCAST)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(h_ptr + (blk * BM + m)[:, None].to(tl.int64) * FF + n[None, :], round_cast(h, h_ptr.dtype.element_ty, UPCAST),
              mask=nmask[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, wd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N, stride_we, stride_wh,
+def _down_kernel(h_ptr, wd_ptr, sd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N, stride_we, stride_wh,
                  H: tl.constexpr, FF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 W_FP8: tl.constexpr):
     # ys[pair, n tile] = w_pair * (h[row] W_down[e]^T) in fp32, for the block's real pairs
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(H, BN)
@@ -188,18 +206,24 @@ def _down_kernel(h_ptr, wd_ptr, tw_ptr, ys_ptr, sorted_ptr, block_expert_ptr, N,
     a_ptrs = h_ptr + (blk * BM + m)[:, None].to(tl.int64) * FF + kk[None, :]
     w_off = e.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wh + kk[None, :]
     acc = tl.zeros([BM, BN], tl.float32)
+    KB = tl.cdiv(FF, 128)
+    s_off = e.to(tl.int64) * tl.cdiv(H, 128) * KB + (n // 128) * KB
     for k0 in range(0, FF, BK):
         kmask = k0 + kk < FF
         a = _load_tile(a_ptrs + k0, m < BM, kmask, True, EVEN_K, "")  # every row of h was written
         b = _load_tile(wd_ptr + w_off + k0, nmask, kmask, EVEN_N, EVEN_K, "evict_first")
-        acc = exact_dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
+        if W_FP8:
+            sd = tl.load(sd_ptr + s_off + k0 // 128, mask=nmask, other=0.0)
+            acc += exact_dot(a, tl.trans(b.to(a.dtype)), tl.zeros([BM, BN], tl.float32), DOT_PREC, UPCAST) * sd[None, :]
+        else:
+            acc = exact_dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
     w = tl.load(tw_ptr + pair, mask=real, other=0.0).to(tl.float32)
     pair = tl.where(real, pair, 0).to(tl.int64)
     tl.store(ys_ptr + pair[:, None] * H + n[None, :], acc * w[:, None], mask=real[:, None] & nmask[None, :])
 
 
 @triton.jit
-def _sum_slots_kernel(ys_ptr, idx_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BH: tl.constexpr,
+def _sum_slots_kernel(ys_ptr, idx_ptr, out_ptr, H, E, OFFSET, TOP_K: tl.constexpr, BH: tl.constexpr,
                       UPCAST: tl.constexpr):
     # out[t, h tile] = sum_j ys[t*k + j, h tile], j in order, fp32, one rounding; an out-of-range id adds 0
     t = tl.program_id(0).to(tl.int64)
@@ -207,13 +231,13 @@ def _sum_slots_kernel(ys_ptr, idx_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BH: t
     hm = hh < H
     acc = tl.zeros([BH], tl.float32)
     for j in tl.static_range(TOP_K):
-        ex = tl.load(idx_ptr + t * TOP_K + j)
+        ex = tl.load(idx_ptr + t * TOP_K + j) - OFFSET
         ok = (ex >= 0) & (ex < E)
         acc += tl.load(ys_ptr + (t * TOP_K + j) * H + hh, mask=hm & ok, other=0.0)
     tl.store(out_ptr + t * H + hh, round_cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=hm)
 
 
-def _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config):
+def _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config, w_scales):
     if x.dim() != 2:
         raise ValueError(f"fused_moe: x must be [T, H], got {tuple(x.shape)}")
     T, H = x.shape
@@ -233,15 +257,30 @@ def _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config):
                          f"MAX_PAIRS = {MAX_PAIRS} (the decode path; use routed_experts for larger batches)")
     if topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fused_moe: topk_idx must be int32 or int64, got {topk_idx.dtype}")
+    fp8 = w_scales is not None
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if w.dtype != x.dtype:
-            raise ValueError(f"fused_moe: {name} is {w.dtype} but x is {x.dtype}; they must match")
+        if w.dtype != (torch.float8_e4m3fn if fp8 else x.dtype):
+            raise ValueError(f"fused_moe: {name} is {w.dtype} but x is {x.dtype}; they must match (or be "
+                             "float8_e4m3fn with w_scales)")
         if w.device != x.device:
             raise ValueError(f"fused_moe: {name} is on {w.device} but x on {x.device}")
         if w.stride(2) != 1:
             raise ValueError(f"fused_moe: {name} needs a unit stride on its last dim (no copy is made)")
     if w_up.stride() != w_gate.stride():
         raise ValueError(f"fused_moe: w_gate and w_up need equal strides, got {w_gate.stride()} and {w_up.stride()}")
+    if fp8:
+        nb = lambda n: -(-n // 128)  # noqa: E731 - 128x128 scale blocks, edges rounded up
+        want = {"w_gate": (E, nb(ff), nb(H)), "w_up": (E, nb(ff), nb(H)), "w_down": (E, nb(H), nb(ff))}
+        if len(w_scales) != 3:
+            raise ValueError("fused_moe: w_scales must be (gate, up, down) block scales")
+        for (name, shape), sc in zip(want.items(), w_scales):
+            if sc.shape != shape or sc.dtype != torch.float32 or not sc.is_contiguous() or sc.device != x.device:
+                raise ValueError(f"fused_moe: the {name} scales must be a contiguous fp32 {shape} tensor on "
+                                 f"{x.device}, got {sc.dtype} {tuple(sc.shape)}")
+        for f in ("gate_up_block_k", "down_block_k"):
+            if getattr(config, f) > 128:
+                raise ValueError(f"fused_moe: config.{f}={getattr(config, f)} must be <= 128 with FP8 weights (a K "
+                                 "step must lie in one 128-wide scale block)")
     if out is not None and (out.shape != (T, H) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"fused_moe: out must be a contiguous [{T}, {H}] {x.dtype} tensor")
     for f in fields(config):
@@ -262,14 +301,18 @@ def fused_moe(
     w_down: torch.Tensor,
     out: torch.Tensor | None = None,
     config: FusedMoEConfig | None = None,
+    w_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    expert_offset: int = 0,
 ) -> torch.Tensor:
     """x: [T, H]; topk_idx [T, k] (int32/int64, in [0, E)), topk_weight [T, k]; w_gate, w_up: [E, I, H];
     w_down: [E, H, I] (x's dtype: bf16 on the GPU, fp32 or bf16 in tests) -> [T, H] in x's dtype (written into
     `out` when given). Any H and I; duplicate ids in a row count twice; ids outside [0, E) add nothing. The decode
     path: T*k at most MAX_PAIRS = 8192 (the alignment sorts all pairs in one program); larger batches belong to
-    `routed_experts`."""
+    `routed_experts`. `w_scales`: (gate, up, down) fp32 block scales of e4m3 weights ([E, I/128, H/128] and
+    [E, H/128, I/128], edges rounded up; reference: `naive_moe` on the dequantized weights). `expert_offset`: the
+    weights are experts [offset, offset + E) of the model; ids are global, those outside add nothing."""
     config = config or FusedMoEConfig()
-    _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config)
+    _check(x, topk_idx, topk_weight, w_gate, w_up, w_down, out, config, w_scales)
     T, H = x.shape
     k = topk_idx.shape[1]
     E, ff, _ = w_gate.shape
@@ -284,22 +327,25 @@ def fused_moe(
     tw = topk_weight.contiguous().view(-1)
     N = T * k
     BM = config.block_m
-    sorted_ids, block_expert = align_by_expert(idx.view(T, k), E, BM)
+    sorted_ids, block_expert = align_by_expert(idx.view(T, k), E, BM, expert_offset)
     nb = block_expert.numel()
     h = _empty((nb * BM, ff), x.dtype, dev)
     ys = _empty((N, H), torch.float32, dev)
     upcast = interpreting()
     prec = "tf32x3" if x.dtype == torch.float32 else "tf32"
+    fp8 = w_scales is not None
+    sg, su, sd = w_scales if fp8 else (w_gate, w_up, w_down)  # unread stand-ins without FP8
     bn, bk = config.gate_up_block_n, config.gate_up_block_k
     _gate_up_kernel[(nb * triton.cdiv(ff, bn),)](
-        x, w_gate, w_up, h, sorted_ids, block_expert, N, x.stride(0), w_gate.stride(0), w_gate.stride(1),
+        x, w_gate, w_up, sg, su, h, sorted_ids, block_expert, N, x.stride(0), w_gate.stride(0), w_gate.stride(1),
         H=H, FF=ff, TOP_K=k, BM=BM, BN=bn, BK=bk, EVEN_N=ff % bn == 0, EVEN_K=H % bk == 0, DOT_PREC=prec,
-        UPCAST=upcast, num_warps=config.gate_up_warps, num_stages=config.gate_up_stages)
+        UPCAST=upcast, W_FP8=fp8, num_warps=config.gate_up_warps, num_stages=config.gate_up_stages)
     bn, bk = config.down_block_n, config.down_block_k
     _down_kernel[(nb * triton.cdiv(H, bn),)](
-        h, w_down, tw, ys, sorted_ids, block_expert, N, w_down.stride(0), w_down.stride(1),
+        h, w_down, sd, tw, ys, sorted_ids, block_expert, N, w_down.stride(0), w_down.stride(1),
         H=H, FF=ff, BM=BM, BN=bn, BK=bk, EVEN_N=H % bn == 0, EVEN_K=ff % bk == 0, DOT_PREC=prec,
-        UPCAST=upcast, num_warps=config.down_warps, num_stages=config.down_stages)
+        UPCAST=upcast, W_FP8=fp8, num_warps=config.down_warps, num_stages=config.down_stages)
     bh = min(1024, triton.next_power_of_2(H))
-    _sum_slots_kernel[(T, triton.cdiv(H, bh))](ys, idx, out, H, E, TOP_K=k, BH=bh, UPCAST=upcast, num_warps=4)
+    _sum_slots_kernel[(T, triton.cdiv(H, bh))](ys, idx, out, H, E, expert_offset, TOP_K=k, BH=bh, UPCAST=upcast,
+                                               num_warps=4)
     return out

@@ -1,0 +1,348 @@
+"""Serving Ring-flash-linear-2.0 and Ring-mini-linear-2.0 with FP8 weights and over several GPUs (issue 21).
+Random weights are made on each GPU by the engine itself (`load_format="dummy"`, no checkpoint, no CPU init).
+
+    --mode flash-fp8   Ring-flash shape, FP8 weights, one GPU (98 GiB of weights: fits an H200): prefill tok/s,
+                       decode tok/s at B=8 and at the largest batch the cache admits, contexts 4K/32K/64K, and
+                       decode step / byte floor (the FP8 bytes a step must read over the copy bandwidth; goal <= 1.6x)
+    --mode mini-fp8    Ring-mini, bf16 vs FP8 weights on one GPU: decode step time at B=8 and B=64 (goal: bf16 /
+                       FP8 >= 1.5x), and prefill tok/s of each
+    --mode logprob     log-probability difference FP8 vs bf16 on a trained checkpoint (--checkpoint DIR, or the
+                       `small` preset trained here for ~2 minutes with `ringlinear train` on the pydoc corpus)
+    --mode tp2         two GPUs: Ring-flash bf16 over TP=2; Ring-mini TP=1 vs TP=2 at B=64, context 32K
+    --mode gemm        the decode GEMMs alone at Ring-flash / Ring-mini shapes, M = 1, 8, 64: bf16 F.linear vs the
+                       W8A8 Triton GEMM (+ its activation quantize) under a CUDA graph, weight GB/s, and a sweep of
+                       the W8A8 tiles (set the best as W8A8Config's defaults); the FP8 fused MoE vs bf16
+    --quick            a CPU smoke run of every mode on the tiny preset
+
+    python benchmarks/bench_tp_fp8.py --mode flash-fp8 --json flash_fp8.json      (one H200)
+    python benchmarks/bench_tp_fp8.py --mode tp2 --json tp2.json                  (a machine with 2 GPUs)
+
+Each mode prints a table and, with --json, writes its rows (after every measurement, so a cut-short run keeps
+what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_serving import copy_bandwidth, fill_running, max_batch, prefill_tps, sync  # noqa: E402
+
+from ringlinear.engine.llm import EngineConfig, LLMEngine  # noqa: E402
+from ringlinear.layers.moe import MoE  # noqa: E402
+
+
+def engine(model: str, args, **kw) -> LLMEngine:
+    cfg = dict(model=model, load_format="dummy", max_num_seqs=args.max_batch, max_num_batched_tokens=args.chunk,
+               gpu_memory_utilization=args.mem, cpu_cache_gib=args.cpu_cache_gib, verbose=True)
+    if args.quick:
+        cfg.update(device="cpu", max_model_len=2048)
+    cfg.update(kw)
+    t0 = time.perf_counter()
+    eng = LLMEngine(EngineConfig(**cfg))
+    print(f"[bench] engine up in {time.perf_counter() - t0:.1f} s", flush=True)
+    return eng
+
+
+def close(eng: LLMEngine) -> None:
+    eng.shutdown()
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def floor_bytes(eng: LLMEngine, B: int, C: int) -> float:
+    """Bytes one rank reads in a decode step of B tokens at context C: its weights as stored (FP8 bytes and block
+    scales where FP8), of its experts the share B tokens touch under uniform routing, B embedding rows, its KV of every
+    softmax layer and its linear states (read + write). Ranks read in parallel: this over the bandwidth is the floor."""
+    model, config = eng.model, eng.config
+    expert = emb = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            for name, p in list(m.named_parameters(recurse=False)):
+                if "_proj" in name:
+                    expert += p.numel() * p.element_size()
+    w = model.model.word_embeddings.weight
+    emb = w.numel() * w.element_size()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    E, k = max(config.num_experts, 1), config.num_experts_per_tok
+    touched = 1 - (1 - k / E) ** B if config.num_experts else 0.0
+    cache = eng.scheduler.cache
+    layout = cache.layout
+    return (total - expert - emb + expert * touched + B * w.shape[1] * w.element_size()
+            + B * (C * layout.kv_bytes_per_token + 2 * layout.state_bytes_per_slot))
+
+
+def decode_step(eng: LLMEngine, B: int, C: int, steps: int) -> float:
+    """Seconds per decode step of B running sequences holding C tokens (their cache filled at random)."""
+    seqs = fill_running(eng, B, C)
+    if hasattr(eng.runner, "adopt"):  # tensor parallel: the workers take the block tables as they are
+        eng.runner.adopt(seqs)
+    eng.step()  # warm-up
+    sync(eng.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    sync(eng.device)
+    dt = (time.perf_counter() - t0) / steps
+    for s in seqs:
+        eng.abort_request(s.request_id)
+    eng.step()
+    return dt
+
+
+def measure(name: str, eng: LLMEngine, contexts, batches, args, bw: float, rows: list, prefill: bool = True) -> None:
+    C0 = min(contexts[0], eng.max_model_len - 64)
+    prefill_tps(eng, min(C0, args.chunk), eng.device)  # warm-up: compilation, autotuning
+    for C in contexts:
+        row = {"model": name, "context": C}
+        if C + 64 > eng.max_model_len:
+            row["skipped"] = f"the cache holds {eng.max_model_len} tokens"
+            rows.append(row)
+            print(row, flush=True)
+            continue
+        if prefill:
+            row["prefill_tok_s"] = prefill_tps(eng, C, eng.device)
+        mb = max_batch(eng, C, args.max_batch)
+        for tag in batches:
+            B = mb if tag == "max" else min(int(tag), mb)
+            dt = decode_step(eng, B, C, args.decode_steps)
+            row[f"decode_b{tag}_batch"] = B
+            row[f"decode_b{tag}_step_ms"] = dt * 1e3
+            row[f"decode_b{tag}_tok_s"] = B / dt
+            if bw == bw:  # a GPU: the byte floor
+                floor = floor_bytes(eng, B, C) / bw
+                row[f"decode_b{tag}_floor_ms"] = floor * 1e3
+                row[f"decode_b{tag}_floor_ratio"] = dt / floor
+        rows.append(row)
+        print(row, flush=True)
+        dump(args, rows)
+
+
+def dump(args, rows) -> None:
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "gpus": torch.cuda.device_count(), "torch": torch.__version__, "args": vars(args)}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+def table(rows: list[dict], keys: list[str]) -> None:
+    print(" | ".join(["model", "context"] + keys))
+    for r in rows:
+        vals = []
+        for k in keys:
+            v = r.get(k, float("nan"))
+            vals.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print(" | ".join([r["model"], str(r["context"])] + vals))
+
+
+# ---- the modes ---------------------------------------------------------------------------------------------------
+def mode_flash_fp8(args, bw, rows):
+    name = "tiny" if args.quick else "ring-flash-linear-2.0"
+    eng = engine(name, args, quantization="fp8")
+    measure("flash-fp8", eng, args.contexts, ["8", "max"], args, bw, rows)
+    close(eng)
+    table([r for r in rows if r["model"] == "flash-fp8"],
+          ["prefill_tok_s", "decode_b8_tok_s", "decode_b8_floor_ratio", "decode_bmax_batch", "decode_bmax_tok_s",
+           "decode_bmax_floor_ratio"])
+    print("goal: decode step / byte floor <= 1.6x")
+
+
+def mode_mini_fp8(args, bw, rows):
+    name = "tiny" if args.quick else "ring-mini-linear-2.0"
+    for q in (None, "fp8"):
+        eng = engine(name, args, quantization=q)
+        measure(f"mini-{q or 'bf16'}", eng, args.contexts[:1], ["8", "64"], args, bw, rows)
+        close(eng)
+    by = {r["model"]: r for r in rows if r["model"].startswith("mini-")}
+    b, f = by.get("mini-bf16", {}), by.get("mini-fp8", {})
+    table([b, f], ["prefill_tok_s", "decode_b8_step_ms", "decode_b64_step_ms", "decode_b8_floor_ratio",
+                   "decode_b64_floor_ratio"])
+    for tag in ("8", "64"):
+        ratio = b.get(f"decode_b{tag}_step_ms", float("nan")) / f.get(f"decode_b{tag}_step_ms", float("nan"))
+        print(f"decode step bf16 / FP8 at B={tag}: {ratio:.2f}x (goal >= 1.5x)")
+        rows.append({"model": "mini-ratio", "context": args.contexts[0], f"b{tag}_bf16_over_fp8": ratio})
+    dump(args, rows)
+
+
+def train_small(out: str, quick: bool) -> str:
+    """The `small` preset trained for a few minutes on the pydoc corpus with `ringlinear train`; its HF export."""
+    from ringlinear.demo import default_corpus
+
+    corpus = default_corpus(os.path.join(out, "corpus.txt"))
+    steps, batch, seq = (20, 2, 64) if quick else (1000, 32, 512)
+    cmd = [sys.executable, "-m", "ringlinear.cli", "train", "--model", "tiny" if quick else "small", "--data", corpus,
+           "--steps", str(steps), "--micro-batch", str(batch), "--seq-len", str(seq), "--lr", "2e-3",
+           "--warmup-steps", "50", "--save-dir", out, "--no-plot", "--no-progress"]
+    print("[bench]", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"[bench] trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return os.path.join(out, "final")
+
+
+@torch.no_grad()
+def mode_logprob(args, bw, rows):
+    from ringlinear.distributed.sharded_load import load_for_inference
+    from ringlinear.tokenizer import load_tokenizer
+
+    tmp = tempfile.mkdtemp(prefix="bench_fp8_")
+    ckpt = args.checkpoint or train_small(tmp, args.quick)
+    device = torch.device("cpu" if args.quick else "cuda")
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    tok = load_tokenizer(ckpt)
+    from ringlinear.demo import default_corpus
+
+    text = open(default_corpus(os.path.join(tmp, "eval.txt")), encoding="utf-8").read()
+    ids = tok.encode(text[-200_000:]).ids  # the corpus's last documents
+    n, L = (4, 128) if args.quick else (32, 1024)
+    step = max(1, (len(ids) - L - 1) // n)
+    windows = torch.tensor([ids[i * step : i * step + L + 1] for i in range(n)], device=device)
+    out = {}
+    for q in (None, "fp8"):
+        model = load_for_inference(ckpt, device, dtype, quantization=q)
+        logp = torch.cat([torch.log_softmax(model(w[None, :-1])[0].float(), -1) for w in windows])  # [n L, V]
+        out[q] = logp
+        del model
+    tgt = windows[:, 1:].reshape(-1)
+    lb, lf = out[None].gather(1, tgt[:, None])[:, 0], out["fp8"].gather(1, tgt[:, None])[:, 0]
+    d = (lf - lb).abs()
+    kl = (out[None].exp() * (out[None] - out["fp8"])).sum(-1)
+    row = {"model": "logprob", "context": L, "checkpoint": ckpt, "tokens": int(tgt.numel()),
+           "nll_bf16": float(-lb.mean()), "nll_fp8": float(-lf.mean()), "mean_abs_dlogprob": float(d.mean()),
+           "p99_abs_dlogprob": float(d.quantile(0.99)), "max_abs_dlogprob": float(d.max()),
+           "mean_kl_bf16_fp8": float(kl.mean()),
+           "argmax_agreement": float((out[None].argmax(-1) == out["fp8"].argmax(-1)).float().mean())}
+    rows.append(row)
+    print(json.dumps(row, indent=1))
+    dump(args, rows)
+
+
+def mode_tp2(args, bw, rows):
+    if not args.quick and torch.cuda.device_count() < 2:
+        raise SystemExit("--mode tp2 needs 2 GPUs")
+    ctx = [32768] if not args.quick else [512]
+    flash = "tiny" if args.quick else "ring-flash-linear-2.0"
+    mini = "tiny" if args.quick else "ring-mini-linear-2.0"
+    eng = engine(flash, args, tensor_parallel_size=2)
+    measure("flash-bf16-tp2", eng, args.contexts, ["8", "max"], args, bw, rows)
+    close(eng)
+    for tp in (1, 2):
+        eng = engine(mini, args, tensor_parallel_size=tp)
+        measure(f"mini-bf16-tp{tp}", eng, ctx, ["8", "64"], args, bw, rows)
+        close(eng)
+    table([r for r in rows if "-tp" in r["model"]], ["prefill_tok_s", "decode_b8_tok_s", "decode_b8_floor_ratio", "decode_b64_step_ms",
+                 "decode_b64_tok_s", "decode_bmax_batch", "decode_bmax_tok_s"])
+    by = {r["model"]: r for r in rows}
+    s1 = by.get("mini-bf16-tp1", {}).get("decode_b64_step_ms", float("nan"))
+    s2 = by.get("mini-bf16-tp2", {}).get("decode_b64_step_ms", float("nan"))
+    print(f"Ring-mini decode step at B=64, {ctx[0]} tokens: TP=1 {s1:.2f} ms, TP=2 {s2:.2f} ms ({s1 / s2:.2f}x)")
+
+
+def mode_gemm(args, bw, rows):
+    from common import graph_ms
+
+    from ringlinear.config import preset
+    from ringlinear.ops.fp8.inference import quantize_weight, w8a8_linear
+    from ringlinear.ops.fp8.w8a8 import W8A8Config, quantize_groups, w8a8_gemm
+    from ringlinear.ops.moe.fused_moe import fused_moe
+
+    if args.quick:
+        print("--mode gemm times kernels on a GPU; nothing to do on the CPU")
+        return
+    dev = torch.device("cuda")
+    sweep = [W8A8Config(block_n=bn, block_n_large=bn, warps=w, stages=st)
+             for bn in (16, 32, 64, 128) for w in (4, 8) for st in (3, 4, 5)]
+    for model in ("ring-flash-linear-2.0", "ring-mini-linear-2.0"):
+        c = preset(model)
+        H, D, nh = c.hidden_size, c.head_dim, c.num_attention_heads
+        shapes = {"linear qkv": (3 * nh * D, H), "g_proj": (nh * D, H), "dense": (H, nh * D),
+                  "mlp gate": (c.intermediate_size, H), "mlp down": (H, c.intermediate_size),
+                  "shared gate": (c.shared_expert_intermediate_size, H)}
+        for name, (N, K) in shapes.items():
+            w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+            w8, s = quantize_weight(w)
+            for M in (1, 8, 64):
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                t_bf16 = graph_ms(partial(torch.nn.functional.linear, x, w))
+                t_fp8 = graph_ms(partial(w8a8_linear, x, w8, s))
+                x8, sx = quantize_groups(x)
+                best = min(((graph_ms(partial(w8a8_gemm, x8, sx, w8, s, config=cfg)), cfg) for cfg in sweep),
+                           key=lambda r: r[0])
+                row = {"model": f"gemm {model} {name}", "context": M, "N": N, "K": K, "bf16_ms": t_bf16,
+                       "fp8_ms": t_fp8, "bf16_over_fp8": t_bf16 / t_fp8, "fp8_weight_GBps": N * K / t_fp8 / 1e6,
+                       "best_gemm_ms": best[0], "best_config": str(best[1])}
+                rows.append(row)
+                print(f"{model:24s} {name:12s} M={M:3d} N={N:6d} K={K:6d}: bf16 {t_bf16 * 1e3:7.1f} us, fp8 "
+                      f"{t_fp8 * 1e3:7.1f} us ({t_bf16 / t_fp8:.2f}x, {N * K / t_fp8 / 1e6:.0f} GB/s), best GEMM "
+                      f"{best[0] * 1e3:.1f} us at {best[1]}", flush=True)
+        # the routed experts of one MoE layer at decode batches
+        E, ff, k = c.num_experts, c.moe_intermediate_size, c.num_experts_per_tok
+        ws = [torch.randn(E, ff, H, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+        ws.append(torch.randn(E, H, ff, device=dev, dtype=torch.bfloat16) * 0.02)
+        qs = [quantize_weight(t) for t in ws]
+        for T in (1, 8, 64):
+            x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            idx = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(T)]).sort(-1).values
+            wt = torch.rand(T, k, device=dev)
+            t_bf16 = graph_ms(partial(fused_moe, x, idx, wt, *ws))
+            t_fp8 = graph_ms(partial(fused_moe, x, idx, wt, *(q for q, _ in qs), w_scales=tuple(s for _, s in qs)))
+            rows.append({"model": f"fused_moe {model}", "context": T, "bf16_ms": t_bf16, "fp8_ms": t_fp8,
+                         "bf16_over_fp8": t_bf16 / t_fp8})
+            print(f"{model:24s} fused MoE T={T:3d}: bf16 {t_bf16 * 1e3:7.1f} us, fp8 {t_fp8 * 1e3:7.1f} us "
+                  f"({t_bf16 / t_fp8:.2f}x)", flush=True)
+        dump(args, rows)
+
+
+MODES = {"flash-fp8": mode_flash_fp8, "mini-fp8": mode_mini_fp8, "logprob": mode_logprob, "tp2": mode_tp2,
+         "gemm": mode_gemm}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=sorted(MODES), action="append", help="repeatable; default: all one-GPU modes")
+    ap.add_argument("--contexts", default="4096,32768,65536")
+    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--mem", type=float, default=0.92, help="gpu_memory_utilization")
+    ap.add_argument("--cpu-cache-gib", type=float, default=0.5)
+    ap.add_argument("--checkpoint", help="--mode logprob: a trained checkpoint (default: train `small` here)")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run on the tiny preset")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    if args.quick:
+        args.contexts, args.chunk, args.max_batch, args.decode_steps = [256, 1024], 256, 8, 2
+    modes = args.mode or ["flash-fp8", "mini-fp8", "logprob"]
+    bw = copy_bandwidth(torch.device("cuda")) if torch.cuda.is_available() and not args.quick else float("nan")
+    if bw == bw:
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict] = []
+    for m in modes:
+        t0 = time.perf_counter()
+        try:
+            MODES[m](args, bw, rows)
+        except Exception as e:  # noqa: BLE001 - report what ran; the failure is printed and recorded
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"model": m, "context": 0, "error": repr(e)[:300]})
+            dump(args, rows)
+        print(f"[bench] mode {m}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
