@@ -1,6 +1,6 @@
 """/metrics in Prometheus' text format (`prometheus_client`, one registry per app): the engine's load (requests
 running and waiting, KV blocks and state slots in use, read from the scheduler and the cache on the engine
-thread), its work (prefill and decode tokens computed, preemptions: the scheduler's counters), requests
+thread), its work (prefill and decode tokens computed, preemptions: the scheduler's counters), choices
 finished by reason, and latency histograms (time to first token, inter-token latency) timed on the engine
 thread as outputs leave it."""
 
@@ -91,8 +91,8 @@ class ServingMetrics:
                               "to its first generated token.", buckets=TTFT_BUCKETS, registry=self.registry)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between successive outputs of a "
                              "choice that bring new tokens.", buckets=ITL_BUCKETS, registry=self.registry)
-        self.finished = Counter(PREFIX + "requests_finished", "Requests (each prompt of a request) finished, by "
-                                "the reason of their choices.", ["finish_reason"], registry=self.registry)
+        self.finished = Counter(PREFIX + "choices_finished", "Choices (sequences: n per prompt) finished, by "
+                                "reason (stop, length, abort, error).", ["finish_reason"], registry=self.registry)
         self._arrival: dict[str, float] = {}  # engine thread only, as the two below
         self._first_seen: set[str] = set()
         self._last: dict[str, dict[int, tuple[int, float]]] = {}  # request -> choice -> (tokens seen, when)
@@ -104,10 +104,9 @@ class ServingMetrics:
 
     def output(self, out: RequestOutput) -> None:
         rid, now = out.request_id, time.monotonic()
-        if out.finished:
-            reasons = {c.finish_reason for c in out.outputs} or {"abort"}
-            for reason in reasons:
-                self.finished.labels(reason or "abort").inc()
+        if out.finished:  # a request's outputs arrive once finished: each choice counted once
+            for c in out.outputs:
+                self.finished.labels(c.finish_reason or "abort").inc()
         arrival = self._arrival.get(rid)
         if arrival is None:  # aborted and forgotten: its last output is not a latency
             return

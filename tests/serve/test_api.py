@@ -318,7 +318,7 @@ def test_metrics(ckpt, monkeypatch):
         assert 4 + chat_prompt <= m["ringlinear_prefill_tokens_total"] <= 2 * 4 + chat_prompt
         assert m["ringlinear_time_to_first_token_seconds_count"] == 2  # once per request
         assert m["ringlinear_inter_token_latency_seconds_count"] == 2 * 7 + 2
-        assert m["ringlinear_requests_finished_total"] == 2  # both finished by length
+        assert m["ringlinear_choices_finished_total"] == 3  # all by length (one label value)
         assert m["ringlinear_num_preemptions_total"] == 0
         # while a long request runs: one running, its blocks and slot in use
         slow_steps(monkeypatch, s.engine.engine)
