@@ -366,3 +366,30 @@ def test_prompt_lists_and_admission(ckpt, monkeypatch):
             assert len(post(s, "/v1/completions", {"prompt": ["a", "b"], **GREEDY})["choices"]) == 2
         del lines
         assert wait_idle(s.engine)
+
+
+def test_a_failed_choice_fails_its_request_alone(server, monkeypatch):
+    """Choice 1 of an n = 3 request gets NaN logits: the request is a 500 (streamed: an error event, then
+    [DONE]) and its other choices are ended, freeing the cache; the next request is unaffected."""
+    eng = server.engine.engine
+    execute = eng.runner.execute
+    beside = {"prompt": "beside", **GREEDY}
+    alone = post(server, "/v1/completions", beside)["choices"][0]["text"]
+
+    def poisoned(batch, rows, *rest):
+        logits = execute(batch, rows, *rest)
+        for j, i in enumerate(rows):
+            seq = batch[i][0]
+            if seq.index == 1 and bytes(t for t in seq.prompt_token_ids if t < 256) == b"poison":
+                logits[j] = float("nan")
+        return logits
+
+    monkeypatch.setattr(eng.runner, "execute", poisoned)
+    r = server.client.post("/v1/completions", json={"prompt": "poison", "n": 3, **GREEDY, "max_tokens": 200})
+    assert r.status_code == 500 and "not finite" in r.json()["error"]["message"]
+    with server.client.stream("POST", "/v1/completions", json={"prompt": "poison", "n": 3, "stream": True,
+                                                               **GREEDY, "max_tokens": 200}) as resp:
+        events = sse(resp.iter_lines())
+    assert events[-1] is None and "not finite" in events[-2]["error"]["message"]
+    assert post(server, "/v1/completions", beside)["choices"][0]["text"] == alone
+    assert wait_idle(server.engine)
