@@ -139,16 +139,20 @@ async def _admit(request: Request, rid: str, parse: Callable, encode: Callable, 
         texts = prompt_texts(req, prompt_ids)
         choices = R.Choices([R.Prompt(i, t) for i, t in zip(ids, texts)], req.params.n)
         queue: asyncio.Queue = asyncio.Queue()
-        for i, (rid_i, tokens) in enumerate(zip(ids, prompt_ids)):
+
+        async def add(i: int, rid_i: str, tokens: list[int]) -> None:
             # a copy per prompt: the engine keeps (and may set max_tokens on) the one it is given
             params = dataclasses.replace(req.params) if len(ids) > 1 else req.params
             try:
-                added.append(rid_i)
                 await engine.add(rid_i, tokens, params, getattr(req, "fill_max_tokens", False), queue)
             except RequestError as e:
                 field = "messages" if e.field == "prompt" and isinstance(req, P.ChatRequest) else e.field
                 where = f"prompt[{i}]: " if len(ids) > 1 and e.field == "prompt" else ""
                 raise P.APIError(400, where + str(e), field) from None
+
+        added = ids
+        # the adds are queued at once, so the engine thread takes them all before its next step
+        await asyncio.gather(*(add(i, rid_i, tokens) for i, (rid_i, tokens) in enumerate(zip(ids, prompt_ids))))
     except BaseException:
         for rid_i in ids:  # a request added (or being added) is aborted, which also ends its admission
             if rid_i in added:

@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 
-from _serving import CHAT, GREEDY, running_server, sse, wait_idle  # noqa: E402
+from _serving import CHAT, GREEDY, MAX_LEN, running_server, sse, wait_idle  # noqa: E402
 
 from ringlinear.engine.sequence import SamplingParams  # noqa: E402
 from ringlinear.serve.config import ServerConfig  # noqa: E402
@@ -392,4 +392,14 @@ def test_a_failed_choice_fails_its_request_alone(server, monkeypatch):
         events = sse(resp.iter_lines())
     assert events[-1] is None and "not finite" in events[-2]["error"]["message"]
     assert post(server, "/v1/completions", beside)["choices"][0]["text"] == alone
+    assert wait_idle(server.engine)
+
+
+def test_one_refused_prompt_refuses_the_request(server):
+    """The engine refuses prompt[1] (no room for max_tokens): a 400 naming it, and prompt[0], added beside it, is
+    aborted."""
+    r = server.client.post("/v1/completions", json={"prompt": ["fine", [97] * (MAX_LEN - 4)],
+                                                     **GREEDY, "max_tokens": 8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert r.json()["error"]["message"].startswith("prompt[1]")
     assert wait_idle(server.engine)
