@@ -24,6 +24,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # tokens scheduled for computation since start (the server's /metrics): decode = the one new token of a
+        # sequence that has generated; prefill = the rest (prompt chunks, recomputation after preemption)
+        self.num_prefill_tokens = 0
+        self.num_decode_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,6 +80,9 @@ class Scheduler:
             seq = self.waiting[0]
             raise RuntimeError(f"request {seq.request_id} ({seq.num_tokens} tokens) cannot be scheduled into an "
                                f"empty cache of {self.cache.layout.num_blocks} blocks x {self.cache.block_size}")
+        decode = sum(1 for seq, n in batch if n == 1 and seq.num_outputs and seq.num_computed == seq.num_tokens - 1)
+        self.num_decode_tokens += decode
+        self.num_prefill_tokens += sum(n for _, n in batch) - decode
         return batch
 
     def _match(self, seq: Sequence):

@@ -42,6 +42,8 @@ class AsyncLLMEngine:
         self._stopping = False
         self.fatal_error: BaseException | None = None  # the engine died (a tensor-parallel rank): nothing runs again
         self.on_fatal: Callable[[BaseException], None] | None = None  # the server sets it to end itself
+        # told of each request's arrival and outputs on the engine thread (`serve.metrics.ServingMetrics`)
+        self.observer: Any = None
         self._thread = threading.Thread(target=self._loop, name="ringlinear-engine", daemon=True)
         self._thread.start()
 
@@ -68,14 +70,19 @@ class AsyncLLMEngine:
         return fut
 
     # ---- admission ----------------------------------------------------------------------------------
-    def reserve(self, request_id: str) -> None:
-        """Admit a request (before its body is read or its prompt tokenised); `EngineBusy` when full. The admission
-        ends with `release`: the engine thread releases it when an added request finishes, fails or is aborted; a
-        caller that does not get as far as `add` releases it itself."""
+    def reserve(self, request_ids: str | list[str], replacing: str | None = None) -> None:
+        """Admit requests, all or none (before a body is read or a prompt tokenised); `EngineBusy` when full.
+        `replacing`: an admission of the same caller that these take over (released in the same step). An
+        admission ends with `release`: the engine thread releases it when an added request finishes, fails or is
+        aborted; a caller that does not get as far as `add` releases it itself."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         with self._cv:
-            if self.max_admitted is not None and len(self._admitted) >= self.max_admitted:
-                raise EngineBusy(f"the server holds {len(self._admitted)} requests, as many as it admits: retry later")
-            self._admitted.add(request_id)
+            held = len(self._admitted) - (replacing in self._admitted)
+            if self.max_admitted is not None and held + len(ids) > self.max_admitted:
+                raise EngineBusy(f"the server holds {held} requests and admits {self.max_admitted}: "
+                                 f"{len(ids)} more do not fit, retry later")
+            self._admitted.discard(replacing)
+            self._admitted.update(ids)
 
     def release(self, request_id: str) -> None:
         """End a request's admission; idempotent."""
@@ -89,11 +96,13 @@ class AsyncLLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------
     async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                  fill_max_tokens: bool = False) -> asyncio.Queue:
+                  fill_max_tokens: bool = False, queue: asyncio.Queue | None = None) -> asyncio.Queue:
         """Add a request; returns the queue that receives its cumulative `RequestOutput`s (the last one has
-        `finished`), or an exception if the engine fails. `fill_max_tokens`: max_tokens = what the context has
-        left after the prompt. Raises `RequestError` for a request the engine refuses."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        `finished`), or an exception if the engine fails: `queue` when given (several requests may share one: their
+        outputs carry their ids), else a new one. `fill_max_tokens`: max_tokens = what the context has left after
+        the prompt. Raises `RequestError` for a request the engine refuses."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue() if queue is None else queue
+        arrival = time.monotonic()
 
         def add():
             if fill_max_tokens:
@@ -103,6 +112,8 @@ class AsyncLLMEngine:
                 params.max_tokens = max(1, self.engine.max_model_len - len(prompt_ids))
             self.engine.add_request(request_id, prompt_ids, params)
             self._streams[request_id] = (loop, queue)
+            if self.observer is not None:
+                self.observer.added(request_id, arrival)
             if self.request_timeout_s is not None:
                 self._deadlines[request_id] = time.monotonic() + self.request_timeout_s
 
@@ -207,6 +218,8 @@ class AsyncLLMEngine:
             self.engine.abort_request(rid)
 
     def _forget(self, request_id: str) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None:
+        if self.observer is not None:
+            self.observer.forget(request_id)
         self._deadlines.pop(request_id, None)
         self._timed_out.discard(request_id)
         self.release(request_id)
@@ -216,6 +229,8 @@ class AsyncLLMEngine:
         if out.finished and out.request_id in self._timed_out:  # ended by the time limit, not by the client
             out = dataclasses.replace(out, outputs=[dataclasses.replace(c, finish_reason="length")
                                                     if c.finish_reason == "abort" else c for c in out.outputs])
+        if self.observer is not None:
+            self.observer.output(out)
         entry = self._forget(out.request_id) if out.finished else self._streams.get(out.request_id)
         if entry is None:
             return

@@ -32,7 +32,8 @@ class ServerConfig(ConfigBase):
     served_model_name: str | None = None
     """The model name clients send and see in /v1/models (default: the checkpoint directory's name)."""
     api_key: str | None = None
-    """When set, /v1/* requires the header `Authorization: Bearer <api_key>` (401 otherwise); /health stays open."""
+    """When set, /v1/*, /tokenize and /detokenize require the header `Authorization: Bearer <api_key>` (401
+    otherwise); /health and /metrics stay open."""
     allowed_hosts: list[str] | None = None
     """Host header values accepted (the port is ignored; "*" accepts any), a defence against DNS rebinding. Default:
     the loopback names when `host` is a loopback address, else any."""

@@ -1,5 +1,6 @@
 """What a request must pass before a route handles it: the Host header allow-list (against DNS rebinding: a web
-page on another name must not reach a server on this machine's loopback), the API key on /v1/*, a JSON
+page on another name must not reach a server on this machine's loopback), the API key on the API (/v1/*,
+/tokenize, /detokenize; /health and /metrics stay open for probes and scrapers, as vLLM's), a JSON
 Content-Type on POST (a cross-site form cannot send one without a CORS preflight), and the body's size and
 read time. Refusals are OpenAI-style JSON errors."""
 
@@ -36,8 +37,14 @@ def host_name(host_header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+def needs_key(path: str) -> bool:
+    """The API's routes: /v1/*, and /tokenize, /detokenize (they run the tokenizer and the chat template, which
+    cost the server CPU; vLLM leaves them open)."""
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class RequestGuard:
-    """ASGI middleware: the Host allow-list for every HTTP request, the API key for /v1/*."""
+    """ASGI middleware: the Host allow-list for every HTTP request, the API key for the API routes."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str], api_key: str | None):
         self.app = app
@@ -54,7 +61,7 @@ class RequestGuard:
         if not self.any_host and host_name(headers.get("host", "")) not in self.allowed_hosts:
             error = APIError(400, "the Host header names a host this server does not answer for (set "
                                   "--allowed-hosts (server config field allowed_hosts) to allow it)")
-        elif self.api_key is not None and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        elif self.api_key is not None and needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode("latin-1"), self.api_key):

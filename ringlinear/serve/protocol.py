@@ -1,6 +1,6 @@
 """The OpenAI API's shapes. A request body is checked field by field (type, finiteness, range, valid Unicode)
 into a `CompletionRequest` or `ChatRequest`; every refusal is an `APIError` naming the field, the value and
-what is allowed. The responses, stream chunks, usage and logprobs are built here too."""
+what is allowed. Usage and stream events are written here; the responses' shapes are `responses`'."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ringlinear.engine.sequence import CompletionOutput, RequestError, RequestOutput, SamplingParams
+from ringlinear.engine.sequence import (
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGPROBS,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as vLLM's protocol accepts
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 1024  # checked on every step: kept small
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias: added to the logits on every step, so kept small
+MAX_PROMPTS = 1024  # prompts in one completions request (fewer where the server admits fewer requests)
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -113,16 +121,12 @@ def get_object(body: dict, name: str) -> dict | None:
     return v
 
 
-# Fields of the OpenAI API this server does not implement: accepted only with their neutral value (or null).
+# Fields of the OpenAI API (and vLLM's extensions) this server does not implement: accepted only with their neutral
+# value (or null), so that a client relying on them learns it at once.
 _NEUTRAL = {
-    "presence_penalty": ("0", lambda v: is_number(v) and v == 0),
-    "frequency_penalty": ("0", lambda v: is_number(v) and v == 0),
-    "repetition_penalty": ("1", lambda v: is_number(v) and v == 1),
-    "logit_bias": ("{}", lambda v: v == {}),
-    "best_of": ("1", lambda v: is_int(v) and v == 1),
     "suffix": ('""', lambda v: v == ""),
-    "min_tokens": ("0", lambda v: is_int(v) and v == 0),
     "use_beam_search": ("false", lambda v: v is False),
+    "prompt_logprobs": ("null", lambda v: False),
     "tools": ("[]", lambda v: v == []),
     "functions": ("[]", lambda v: v == []),
     "tool_choice": ('"none" or "auto"', lambda v: v in ("none", "auto")),
@@ -131,8 +135,8 @@ _NEUTRAL = {
 }
 
 
-def check_unsupported(body: dict) -> None:
-    for name, (neutral, ok) in _NEUTRAL.items():
+def check_unsupported(body: dict, fields: dict = _NEUTRAL) -> None:
+    for name, (neutral, ok) in fields.items():
         v = body.get(name)
         if v is not None and not ok(v):
             raise bad(name, f"is not supported by this server (only {neutral} is accepted), got {show(v)}")
@@ -140,38 +144,84 @@ def check_unsupported(body: dict) -> None:
 
 @dataclass(frozen=True)
 class Limits:
-    """What request checks need to know about the served model."""
+    """What request checks need to know about the served model and engine."""
 
     model_name: str
     max_model_len: int
     vocab_size: int
+    max_n: int = 64  # choices of one prompt (the engine's max_num_seqs: they run in one batch)
+    max_prompts: int = MAX_PROMPTS  # prompts of one completions request (each is an engine request)
 
 
-def common_fields(body: dict, limits: Limits) -> tuple[bool, bool]:
-    """The fields both endpoints share that are not sampling parameters; returns (stream, include_usage)."""
+@dataclass(frozen=True)
+class Streaming:
+    stream: bool
+    include_usage: bool  # a final chunk with the usage of the whole request
+    continuous_usage: bool  # every chunk carries the usage so far (vLLM's stream_options.continuous_usage_stats)
+
+
+def check_model(body: dict, limits: Limits) -> None:
     model = get_str(body, "model", None)
     if model is not None and model != limits.model_name:
         raise APIError(404, f"model {show(model)} is not served here (this server serves "
                             f"{show(limits.model_name)})", "model")
+
+
+def common_fields(body: dict, limits: Limits) -> tuple[Streaming, int]:
+    """The fields both endpoints share that are not sampling parameters; returns (streaming, n)."""
+    check_model(body, limits)
     get_str(body, "user", None)
-    if get_int(body, "n", 1, 1) != 1:
-        raise bad("n", f"must be 1 (one choice per request), got {show(body['n'])}")
+    n = body.get("n")
+    if n is not None and not (is_int(n) and 1 <= n <= limits.max_n):
+        raise bad("n", f"must be an integer in [1, {limits.max_n}] (the choices of a prompt run together in one batch "
+                       f"of at most max_num_seqs={limits.max_n} sequences), got {show(n)}")
+    n = n or 1
+    best_of = get_int(body, "best_of", None, 1)
+    if best_of is not None and best_of != n:  # best_of = n asks for n samples and returns them all: what n does
+        raise bad("best_of", f"is not supported other than equal to n={n} (ranking extra samples is not "
+                             f"implemented), got {show(best_of)}")
     check_unsupported(body)
     stream = get_bool(body, "stream", False)
     opts = get_object(body, "stream_options")
     if opts is None:
-        return stream, False
+        return Streaming(stream, False, False), n
     if not stream:
         raise bad("stream_options", "is only allowed with stream=true")
     for key in ("include_usage", "continuous_usage_stats"):
         if opts.get(key) is not None and not isinstance(opts[key], bool):
             raise APIError(400, f"'stream_options.{key}' must be true or false, got {show(opts[key])}",
                            "stream_options")
-    return stream, bool(opts.get("include_usage"))
+    usage = bool(opts.get("include_usage"))
+    return Streaming(stream, usage, usage and bool(opts.get("continuous_usage_stats"))), n
 
 
-def sampling_params(body: dict, limits: Limits, max_tokens: int, max_tokens_name: str,
-                    logprobs: bool) -> SamplingParams:
+def get_logit_bias(body: dict, limits: Limits) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"<token id>": bias in [-100, 100]} -> {token id: bias}; empty gives None."""
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"must be an object of at most {MAX_LOGIT_BIAS} entries \"<token id>\": bias, got "
+                                f"{show(v)}")
+    out = {}
+    for key, bias in v.items():
+        # JSON keys are strings: decimal ASCII digits only (no sign, space or other scripts' digits)
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < limits.vocab_size):
+            raise bad("logit_bias", f"keys must be token ids in [0, {limits.vocab_size}) written as decimal strings, "
+                                    f"got {show(key)}")
+        if not (is_number(bias) and (isinstance(bias, int) or math.isfinite(bias))
+                and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+            raise bad("logit_bias", f"values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], got "
+                                    f"{show(bias)} for token {key}")
+        out[int(key)] = float(bias)
+    return out or None
+
+
+def sampling_params(body: dict, limits: Limits, n: int, max_tokens: int, max_tokens_name: str,
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's parameters from the fields both endpoints share. `max_tokens` is this request's (for a chat
+    request without one, an upper bound the engine lowers to what the context leaves); `logprobs`: None, or the
+    number of alternatives per token."""
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -184,17 +234,27 @@ def sampling_params(body: dict, limits: Limits, max_tokens: int, max_tokens_name
             is_int(t) and 0 <= t < limits.vocab_size for t in stop_ids)):
         raise bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
                                     f"[0, {limits.vocab_size}), got {show(stop_ids)}")
+    min_tokens = get_int(body, "min_tokens", 0, 0)
+    if min_tokens > max_tokens:
+        raise bad("min_tokens", f"must be at most {max_tokens_name} ({max_tokens}), got {min_tokens}")
     try:
         return SamplingParams(
+            n=n,
             temperature=get_number(body, "temperature", 1.0, 0.0, 100.0),
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=get_int(body, "top_k", 0, -1),
             seed=get_int(body, "seed", None, *SEED_RANGE),
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             stop=stop or None,
             stop_token_ids=stop_ids or None,
             ignore_eos=get_bool(body, "ignore_eos", False),
-            logprobs=0 if logprobs else None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=get_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True),
+            logit_bias=get_logit_bias(body, limits),
         )
     except RequestError as e:  # SamplingParams' own checks, should a field slip past the ones above
         raise APIError(400, str(e), max_tokens_name if e.field == "max_tokens" else e.field) from None
@@ -203,79 +263,140 @@ def sampling_params(body: dict, limits: Limits, max_tokens: int, max_tokens_name
 # ---- requests -------------------------------------------------------------------------------------------
 @dataclass
 class CompletionRequest:
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # one engine request each; choice index = prompt index * n + choice
     params: SamplingParams
-    stream: bool
-    include_usage: bool
+    streaming: Streaming
+    echo: bool  # the prompt is prepended to each choice's text (and its logprobs to the choice's)
+    logprobs: int | None  # None, or the alternatives per token
 
 
 @dataclass
 class ChatRequest:
     messages: list[dict]
     params: SamplingParams
-    stream: bool
-    include_usage: bool
+    streaming: Streaming
     fill_max_tokens: bool  # no max_tokens given: generate up to the context's end
     template_kwargs: dict
+    top_logprobs: int | None  # None: no logprobs; k: the chosen token's and the k most likely alternatives
 
 
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
-    stream, include_usage = common_fields(body, limits)
-    prompt = completion_prompt(body.get("prompt"), limits)
-    if get_bool(body, "echo", False):
-        raise bad("echo", "is not supported by this server (only false is accepted)")
-    logprobs = get_int(body, "logprobs", None, 0, 20)
+    streaming, n = common_fields(body, limits)
+    prompts = completion_prompts(body.get("prompt"), limits)
+    echo = get_bool(body, "echo", False)
+    logprobs = get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = get_int(body, "max_tokens", 16, 1, limits.max_model_len)
-    params = sampling_params(body, limits, max_tokens, "max_tokens", logprobs is not None)
-    return CompletionRequest(prompt, params, stream, include_usage)
+    # echo with logprobs reports the prompt's tokens too (as vLLM: prompt logprobs with as many alternatives)
+    params = sampling_params(body, limits, n, max_tokens, "max_tokens", logprobs, logprobs if echo else None)
+    return CompletionRequest(prompts, params, streaming, echo, logprobs)
 
 
-def completion_prompt(prompt: Any, limits: Limits) -> str | list[int]:
-    """A string, a list of token ids, or a one-element list of either. The string's length against the context
+def completion_prompts(prompt: Any, limits: Limits) -> list[str | list[int]]:
+    """A string, a list of token ids, or a list of those (several prompts). A string's length against the context
     is checked by the tokeniser (`serve.prompts`); a list of ids is checked here."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > limits.max_prompts:
+            raise bad("prompt", f"holds {len(prompt)} prompts, more than the {limits.max_prompts} one request may "
+                                "hold")
+        return [one_prompt(p, limits, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [one_prompt(prompt, limits, "prompt")]
+
+
+def one_prompt(prompt: Any, limits: Limits, name: str) -> str | list[int]:
+    def refuse(message: str) -> APIError:
+        return APIError(400, f"'{name}' {message}", "prompt")
+
     if isinstance(prompt, str):
         if not prompt:
-            raise bad("prompt", "is empty")
+            raise refuse("is empty")
         if not valid_unicode(prompt):
-            raise bad("prompt", "is not valid Unicode text (it holds a lone surrogate)")
+            raise refuse("is not valid Unicode text (it holds a lone surrogate)")
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > 1:
-            raise bad("prompt", "holds several prompts: batched prompts are not supported, send one per request")
-    elif isinstance(prompt, list) and prompt:
+    if isinstance(prompt, list) and prompt:
         if len(prompt) >= limits.max_model_len:  # before looking at each element: the list may be huge
-            raise bad("prompt", f"has {len(prompt)} token ids, which leaves no room to generate within "
-                                f"max_model_len={limits.max_model_len}")
+            raise refuse(f"has {len(prompt)} token ids, which leaves no room to generate within "
+                         f"max_model_len={limits.max_model_len}")
         if all(is_int(t) and 0 <= t < limits.vocab_size for t in prompt):
             return prompt
-        raise bad("prompt", f"must hold token ids in [0, {limits.vocab_size})")
-    elif isinstance(prompt, list):
-        raise bad("prompt", "is empty")
-    raise bad("prompt", f"must be a string, a list of token ids, or a list holding one of those, got {show(prompt)}")
+        raise refuse(f"must hold token ids in [0, {limits.vocab_size})")
+    if isinstance(prompt, list):
+        raise refuse("is empty")
+    raise refuse(f"must be a string, a list of token ids, or a list of those, got {show(prompt)}")
 
 
-def parse_chat(body: dict, limits: Limits) -> ChatRequest:
-    stream, include_usage = common_fields(body, limits)
-    messages = chat_messages(body.get("messages"))
-    get_bool(body, "parallel_tool_calls", None)
-    logprobs = get_bool(body, "logprobs", False)
-    if get_int(body, "top_logprobs", 0, 0, 20) != 0:
-        raise bad("top_logprobs", "is not supported (only 0): the chosen tokens' logprobs come with logprobs=true")
+_CHAT_NEUTRAL = {"echo": ("false", lambda v: v is False)}  # vLLM's chat echo (prepend the last message): not done
+
+
+def template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs: passed to the template as variables (enable_thinking=...), valid Unicode throughout."""
     kwargs = get_object(body, "chat_template_kwargs") or {}
     for key in ("messages", "add_generation_prompt"):
         if key in kwargs:
             raise bad("chat_template_kwargs", f"may not set '{key}' (the server sets it)")
     if not all(valid_unicode(s) for s in _strings(kwargs)):
         raise bad("chat_template_kwargs", "holds a string that is not valid Unicode (a lone surrogate)")
+    return kwargs
+
+
+def parse_chat(body: dict, limits: Limits) -> ChatRequest:
+    streaming, n = common_fields(body, limits)
+    check_unsupported(body, _CHAT_NEUTRAL)
+    messages = chat_messages(body.get("messages"))
+    get_bool(body, "parallel_tool_calls", None)
+    logprobs = get_bool(body, "logprobs", False)
+    top_logprobs = get_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise bad("top_logprobs", "needs logprobs=true (it is the number of alternatives to each logprob)")
+    kwargs = template_kwargs(body)
     # max_tokens is the older name of max_completion_tokens: both are checked, max_tokens wins when both are set
     max_tokens = get_int(body, "max_tokens", None, 1, limits.max_model_len)
     max_completion_tokens = get_int(body, "max_completion_tokens", None, 1, limits.max_model_len)
     name = "max_tokens" if max_tokens is not None else "max_completion_tokens"
     max_tokens = max_tokens if max_tokens is not None else max_completion_tokens
-    params = sampling_params(body, limits, 1 if max_tokens is None else max_tokens, name, logprobs)
-    return ChatRequest(messages, params, stream, include_usage, max_tokens is None, kwargs)
+    k = (top_logprobs or 0) if logprobs else None
+    # without max_tokens the engine sets it to what the context leaves after the prompt, and checks min_tokens then
+    params = sampling_params(body, limits, n, limits.max_model_len - 1 if max_tokens is None else max_tokens, name, k)
+    return ChatRequest(messages, params, streaming, max_tokens is None, kwargs, k)
+
+
+@dataclass
+class TokenizeRequest:
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    prompt: str | None
+    messages: list[dict] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    template_kwargs: dict
+    return_token_strs: bool
+
+
+def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
+    check_model(body, limits)
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if prompt is None and messages is None:
+        raise bad("prompt", "or 'messages' is required")
+    if prompt is not None and messages is not None:
+        raise bad("messages", "cannot come with 'prompt': send one of them")
+    return_token_strs = get_bool(body, "return_token_strs", False)
+    if prompt is not None:
+        if not isinstance(prompt, str) or not valid_unicode(prompt):
+            raise bad("prompt", f"must be a string of valid Unicode, got {show(prompt)}")
+        return TokenizeRequest(prompt, None, get_bool(body, "add_special_tokens", True), False, {}, return_token_strs)
+    check_unsupported(body, {"continue_final_message": ("false", lambda v: v is False),
+                             "chat_template": ("null: the checkpoint's own template is used", lambda v: False),
+                             "tools": ("[]", lambda v: v == [])})
+    # as vLLM: the template writes the special tokens of a conversation, so none are added by default
+    return TokenizeRequest(None, chat_messages(messages), get_bool(body, "add_special_tokens", False),
+                           get_bool(body, "add_generation_prompt", True), template_kwargs(body), return_token_strs)
+
+
+def parse_detokenize(body: dict, limits: Limits) -> list[int]:
+    check_model(body, limits)
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(is_int(t) and 0 <= t < limits.vocab_size for t in tokens)):
+        raise bad("tokens", f"must be a list of token ids in [0, {limits.vocab_size}), got {show(tokens)}")
+    return tokens
 
 
 def _strings(value: Any):
@@ -358,39 +479,3 @@ def usage(out: RequestOutput) -> dict:
     p, c = len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
-
-
-def chosen_logprobs(choice: CompletionOutput, first: int = 0) -> list[float]:
-    """The logprobs of a choice's tokens from the `first`."""
-    return [lp[t].logprob for t, lp in zip(choice.token_ids[first:], choice.logprobs[first:])]
-
-
-class TokenText:
-    """The text of single tokens, for logprobs (special tokens included)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def completion_logprobs(piece: TokenText, ids: list[int], logprobs: list[float], offset: int) -> tuple[dict, int]:
-    """OpenAI completion logprobs of the chosen tokens (no alternatives: top_logprobs is null); text offsets
-    count the tokens' own texts from `offset`. Returns it and the offset after the last token."""
-    tokens = [piece(t) for t in ids]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}, offset
-
-
-def chat_logprobs(piece: TokenText, ids: list[int], logprobs: list[float]) -> dict:
-    content = []
-    for t, lp in zip(ids, logprobs):
-        s = piece(t)
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
-    return {"content": content}

@@ -1,5 +1,5 @@
-"""Fuzzing the server on loopback (seeded, bounded): every field of /v1/completions and /v1/chat/completions, and
-every field of a chat message, gets wrong types, NaN/Infinity (as raw JSON tokens), huge and negative numbers,
+"""Fuzzing the server on loopback (seeded, bounded): every field of /v1/completions, /v1/chat/completions, /tokenize
+(with a prompt, with messages) and /detokenize, and every field of a chat message, gets wrong types, NaN/Infinity (as raw JSON tokens), huge and negative numbers,
 empty and nested junk, and Unicode junk (lone surrogates, controls, private-use markers, special-token text);
 malformed bodies too. Each answer is checked against an oracle of what the API allows: an accepted value is a
 200, a refused one a 4xx whose error.param names the field (null for a malformed body); never a 5xx. Good
@@ -27,8 +27,7 @@ RANDOM_PER_FIELD = 3
 BUDGET_S = 40.0  # the inputs are shuffled: a slow machine tries fewer, still of every field
 VOCAB = 320  # the tiny preset's vocabulary
 TOKENIZER = byte_level_tokenizer()
-BASE = {"/v1/completions": {"prompt": "fuzz", "max_tokens": 1, "temperature": 0},
-        "/v1/chat/completions": {"messages": CHAT, "max_tokens": 1, "temperature": 0}}
+MAX_PROMPTS = 320  # prompts per completions request: the fuzz server admits max_num_seqs 64 + 256 waiting
 CHAT_PROMPT_LEN = 40  # at most, for CHAT under the tiny template
 
 
@@ -73,12 +72,36 @@ def max_tokens_ok(v):
     return None
 
 
-def prompt_ok(v):
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]
+def one_prompt_ok(v):
     if isinstance(v, str):
         return bool(v) and text(v) and len(TOKENIZER.encode(v).ids) + 1 <= MAX_LEN
     return isinstance(v, list) and bool(v) and len(v) < MAX_LEN and all(integer(t) and 0 <= t < VOCAB for t in v)
+
+
+def prompt_ok(v):
+    """A prompt, or a list of prompts (strings or token-id lists)."""
+    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        return len(v) <= MAX_PROMPTS and all(one_prompt_ok(p) for p in v)
+    return one_prompt_ok(v)
+
+
+def finite_in(lo, hi, lo_open=False):
+    return lambda v: v is None or (finite(v) and (v > lo if lo_open else v >= lo) and v <= hi)
+
+
+def logit_bias_ok(v):
+    return v is None or (isinstance(v, dict) and len(v) <= 1024 and all(
+        k.isascii() and k.isdigit() and len(k) <= 12 and int(k) < VOCAB and finite(b) and -100 <= b <= 100
+        for k, b in v.items()))
+
+
+def template_kwargs_ok(v):
+    return v is None or (isinstance(v, dict) and "messages" not in v and "add_generation_prompt" not in v
+                         and all(text(s) for s in strings(v)))
+
+
+def messages_ok(v):
+    return None if isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m for m in v) else False
 
 
 def stop_ok(v):
@@ -104,38 +127,56 @@ COMMON = {
     "stop_token_ids": lambda v: v is None or (isinstance(v, list) and len(v) <= 1024
                                               and all(integer(t) and 0 <= t < VOCAB for t in v)),
     "ignore_eos": lambda v: v is None or isinstance(v, bool),
-    "n": lambda v: v is None or (integer(v) and v == 1),
+    "n": lambda v: v is None or (integer(v) and 1 <= v <= 64),  # up to max_num_seqs
     "stream": lambda v: v is None or isinstance(v, bool),
     "stream_options": lambda v: v is None,  # only with stream=true
     "user": lambda v: v is None or text(v),
-    "best_of": lambda v: v is None or (integer(v) and v == 1),
-    "presence_penalty": lambda v: v is None or (finite(v) and v == 0),
-    "frequency_penalty": lambda v: v is None or (finite(v) and v == 0),
-    "repetition_penalty": lambda v: v is None or (finite(v) and v == 1),
-    "logit_bias": lambda v: v is None or v == {},
+    "best_of": lambda v: v is None or (integer(v) and v == 1),  # = n
+    "presence_penalty": finite_in(-2, 2),
+    "frequency_penalty": finite_in(-2, 2),
+    "repetition_penalty": finite_in(0, 100, lo_open=True),
+    "logit_bias": logit_bias_ok,
     "suffix": lambda v: v is None or v == "",
-    "min_tokens": lambda v: v is None or (integer(v) and v == 0),
+    "min_tokens": lambda v: v is None or (integer(v) and 0 <= v <= 1),  # up to max_tokens (1 in the bodies)
+    "prompt_logprobs": lambda v: v is None,
     "use_beam_search": lambda v: v is None or v is False,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "x_unknown_field": lambda v: True,  # unknown fields are ignored, whatever they hold
 }
-FIELDS = {
-    "/v1/completions": {**COMMON, "prompt": prompt_ok, "echo": lambda v: v is None or v is False,
-                        "logprobs": lambda v: v is None or (integer(v) and 0 <= v <= 20)},
-    "/v1/chat/completions": {
+def flag(v):
+    return v is None or isinstance(v, bool)
+
+
+ENDPOINTS = {  # name: (path, base body, {field: oracle}, {field: params a refusal may name besides the field})
+    "completions": ("/v1/completions", {"prompt": "fuzz", "max_tokens": 1, "temperature": 0}, {
+        **COMMON, "prompt": prompt_ok, "echo": flag, "logprobs": lambda v: v is None or (integer(v) and 0 <= v <= 20),
+    }, {"max_tokens": {"prompt"}}),
+    "chat": ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 1, "temperature": 0}, {
         **COMMON, "max_completion_tokens": lambda v: v is None or (integer(v) and 1 <= v <= MAX_LEN),
-        "messages": lambda v: None if isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m
-                                                                         for m in v) else False,
-        "logprobs": lambda v: v is None or isinstance(v, bool),
-        "top_logprobs": lambda v: v is None or (integer(v) and v == 0),
+        "messages": messages_ok, "logprobs": flag,
+        "top_logprobs": lambda v: v is None or (integer(v) and v == 0),  # more needs logprobs=true
+        "echo": lambda v: v is None or v is False,
         "tools": lambda v: v is None or v == [], "functions": lambda v: v is None or v == [],
         "tool_choice": lambda v: v is None or v in ("none", "auto"),
         "function_call": lambda v: v is None or v in ("none", "auto"),
-        "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
-        "chat_template_kwargs": lambda v: v is None or (isinstance(v, dict) and "messages" not in v
-                                                        and "add_generation_prompt" not in v
-                                                        and all(text(s) for s in strings(v))),
-    },
+        "parallel_tool_calls": flag, "chat_template_kwargs": template_kwargs_ok,
+    }, {"max_tokens": {"messages"}}),
+    "tokenize": ("/tokenize", {"prompt": "fuzz"}, {
+        "model": COMMON["model"], "add_special_tokens": flag, "return_token_strs": flag,
+        "prompt": lambda v: text(v) and len(TOKENIZER.encode(v).ids) <= MAX_LEN,  # null: neither prompt nor messages
+        "messages": lambda v: v is None,  # not with a prompt
+        "x_unknown_field": lambda v: True,
+    }, {}),
+    "tokenize chat": ("/tokenize", {"messages": CHAT}, {
+        "model": COMMON["model"], "messages": messages_ok, "add_special_tokens": flag, "return_token_strs": flag,
+        "add_generation_prompt": flag, "chat_template_kwargs": template_kwargs_ok,
+        "continue_final_message": lambda v: v is None or v is False, "chat_template": lambda v: v is None,
+        "tools": lambda v: v is None or v == [], "x_unknown_field": lambda v: True,
+    }, {"messages": {"prompt"}}),
+    "detokenize": ("/detokenize", {"tokens": [104, 105]}, {
+        "model": COMMON["model"], "x_unknown_field": lambda v: True,
+        "tokens": lambda v: isinstance(v, list) and all(integer(t) and 0 <= t < VOCAB for t in v),
+    }, {}),
 }
 MESSAGE_FIELDS = {  # keys of CHAT[1] (a user message); any refusal names "messages"
     "role": lambda v: v in ("system", "developer", "user", "assistant"),
@@ -192,7 +233,7 @@ def random_value(rng: random.Random, depth: int = 0):
 
 
 def malformed_bodies(rng: random.Random) -> list[bytes]:
-    good = json.dumps(BASE["/v1/completions"]).encode()
+    good = json.dumps(ENDPOINTS["completions"][1]).encode()
     fixed = [b"", b"{", b"}", b"null", b"[]", b'"str"', b"1", b"{'prompt': 'x'}", b'{"prompt": "x",}',
              b'{"prompt": "x"}{}', b"\xef\xbb\xbf" + good, good.decode().encode("utf-16"), b"\xff\xfe\x00",
              b'{"prompt": "\xed\xa0\x80"}', b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
@@ -217,7 +258,7 @@ def malformed_bodies(rng: random.Random) -> list[bytes]:
 def cases(rng: random.Random, model: str) -> list[tuple]:
     """(path, field, body bytes, verdict, params allowed in a refusal (None: any)), distinct bodies."""
     out = []
-    for path, fields in FIELDS.items():
+    for name, (path, base, fields, also) in ENDPOINTS.items():
         for field, ok in fields.items():
             values = FIXED + [random_value(rng) for _ in range(RANDOM_PER_FIELD)]
             for v in values:
@@ -225,17 +266,16 @@ def cases(rng: random.Random, model: str) -> list[tuple]:
                 if field in ("max_tokens", "max_completion_tokens") and integer(v) and 16 < v <= MAX_LEN:
                     continue  # valid but slow: long generations are not what this suite is about
                 verdict = ok("MODEL" if v == model else v)
-                allowed = {field}
-                if field == "max_tokens":
-                    allowed.add("prompt" if path == "/v1/completions" else "messages")
-                body = {**BASE[path], field: v}
-                out.append((path, field, json.dumps(body).encode(), verdict, allowed))
+                body = {**base, field: v}
+                out.append((path, f"{name}.{field}", json.dumps(body).encode(), verdict, {field} | also.get(field,
+                                                                                                          set())))
     for field, ok in MESSAGE_FIELDS.items():
         for v in FIXED + [random_value(rng) for _ in range(RANDOM_PER_FIELD)]:
             message = {**CHAT[1], field: v}
-            body = {**BASE["/v1/chat/completions"], "messages": [CHAT[0], message]}
-            out.append(("/v1/chat/completions", f"messages[1].{field}", json.dumps(body).encode(), ok(v),
-                        {"messages"}))
+            for name in ("chat", "tokenize chat"):
+                path, base = ENDPOINTS[name][:2]
+                body = {**base, "messages": [CHAT[0], message]}
+                out.append((path, f"{name}.messages[1].{field}", json.dumps(body).encode(), ok(v), {"messages"}))
     for raw in malformed_bodies(rng):
         try:
             parsed = json.loads(raw)
