@@ -1,6 +1,7 @@
 """Triton kernels (ringlinear.ops.lightning, ops.fp8) run in the interpreter on the CPU: set before triton is
 imported (only when no GPU is present, so `pytest -m gpu` on the device runs the compiled kernels)."""
 
+import gc
 import os
 
 import pytest
@@ -28,3 +29,13 @@ def fused_path(monkeypatch):
         return run(), ref
 
     return check
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_memory():
+    """Engines size their cache from the memory the process holds (as vLLM): free each test's engines and cached
+    blocks before the next test plans its own."""
+    yield
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -65,8 +65,9 @@ class Fp8Linear(nn.Linear):
         return fp8_linear(x, self.weight, self.bias, wq)
 
 
-def _fp8_moe_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
-    # Same routing and combine as ringlinear.ops.moe.routed_experts; the expert GEMMs in FP8.
+def _fp8_moe_forward(self: MoE, x: torch.Tensor, decode: bool = False, inference: bool = False) -> torch.Tensor:
+    # Same routing and combine as ringlinear.ops.moe.routed_experts; the expert GEMMs in FP8. `decode` and
+    # `inference` (the engine's fused small-batch paths, MoE.forward's signature) do not apply to training.
     idx, w = self.gate(x)
     k = idx.shape[1]
     flat = idx.reshape(-1)

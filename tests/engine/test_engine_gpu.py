@@ -48,13 +48,15 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     save_model(init_model(cfg, seed=4), str(tmp_path))
     prompts = [list(range(5, 40)), [11, 12, 13], list(range(900, 1000)), [7] * 17, [1, 2]]
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
-    graphed = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, verbose=False)
+    graphed = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, gpu_memory_utilization=0.3,
+                  verbose=False)
     assert graphed.engine.runner.graphs is not None  # on by default on CUDA
     with_graphs = graphed.generate(prompts, sp)
     del graphed  # one engine at a time: each sizes its cache from the free memory
     gc.collect()
     torch.cuda.empty_cache()
-    eager = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, enforce_eager=True, verbose=False)
+    eager = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, enforce_eager=True,
+                gpu_memory_utilization=0.3, verbose=False)
     assert eager.engine.runner.graphs is None
     for a, b in zip(with_graphs, eager.generate(prompts, sp)):
         a, b = a.outputs[0], b.outputs[0]

@@ -169,3 +169,34 @@ def test_fp8_recipe_rejects_unknown_grouped_gemm():
         apply_fp8_recipe(torch.nn.Linear(128, 128), grouped_gemm="cutlass")
     with pytest.raises(ValueError, match="fp8_grouped_gemm.*must be one of"):
         TrainConfig(model="tiny", data=["x"], fp8_grouped_gemm="cutlass").validate()
+
+
+def test_fp8_moe_forward_takes_moe_forward_arguments():
+    # the recipe swaps MoE.forward for its own: every argument the decoder passes (decode=, inference=) is accepted
+    import inspect
+
+    from ringlinear.layers.moe import MoE
+    from ringlinear.train.fp8_recipe import _fp8_moe_forward
+
+    want = list(inspect.signature(MoE.forward).parameters)
+    assert list(inspect.signature(_fp8_moe_forward).parameters) == want
+
+
+@pytest.mark.gpu
+def test_fp8_recipe_whole_model_gpu():
+    # the recipe on a whole model (dense MLP, MoE layers, both attention kinds): a training forward and backward run
+    # and the loss is the BF16 model's within FP8 error
+    from ringlinear.train.fp8_recipe import apply_fp8_recipe
+
+    cfg = preset("tiny", hidden_size=256, moe_intermediate_size=128, intermediate_size=256, num_attention_heads=8,
+                 head_dim=32)
+    model = init_model(cfg, seed=0).cuda().bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (300,), device="cuda")
+    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+    with torch.no_grad():
+        want = model.loss(ids, cu)["loss"].float()
+    apply_fp8_recipe(model, experts=True)
+    got = model.loss(ids, cu)["loss"]
+    got.backward()
+    assert abs(got.item() - want.item()) < 0.05 * abs(want.item())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
