@@ -76,6 +76,10 @@ def test_engine_refuses_by_name(ckpt):
         with pytest.raises(RequestError) as e:
             eng.add_request("r", [1, 2, 3], SamplingParams(**kw))
         assert e.value.field == field, kw
+    for prompt in ([1, True, 3], [1, 2.0], [1, -1], [1, eng.config.vocab_size], [], "", None):
+        with pytest.raises(RequestError) as e:
+            eng.add_request("r", prompt, SamplingParams())
+        assert e.value.field == "prompt", prompt
     assert not eng.has_unfinished_requests()
 
 
