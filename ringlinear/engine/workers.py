@@ -284,6 +284,8 @@ class TensorParallelRunner(ModelRunner):
             self.channel.send(cmd, args, payload)
             yield
         except Exception as e:
+            if w.failure is None:  # a collective can fail on a dead rank before the watchdog has seen it exit
+                w.await_failure(2.0)
             if w.failure is None:  # rank 0 failed after the workers took the command: they cannot be resynchronised
                 w.abandon(f"rank 0 failed in the middle of a {_NAMES[cmd]} command ({type(e).__name__}: {e})")
                 raise
@@ -399,6 +401,11 @@ class Workers:
     def check(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+    def await_failure(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the watchdog to report a worker's death."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.failure is not None, timeout)
 
     def _wait_for(self, kind: str) -> list:
         with self._cv:
