@@ -223,14 +223,20 @@ class HybridCache:
 
     # ---- device copies --------------------------------------------------------------------------
     def _record(self, kind: str, src: list[int], dst: list[int]) -> None:
-        if self.recorded is not None:
+        if self.recorded is None:
+            return
+        if kind == "zero" and self.recorded and self.recorded[-1][0] == "zero":  # zeroings commute: one replay
+            self.recorded[-1][1].extend(src)
+        else:
             self.recorded.append((kind, list(src), list(dst)))
 
     def zero_states(self, slots: list[int]) -> None:
-        """Zero state slots (a sequence starting from nothing), every linear layer."""
+        """Zero state slots (sequences starting from nothing), every linear layer."""
         self._record("zero", slots, [])
-        for slot in slots:
-            self.state_pool[:, slot].zero_()
+        if len(slots) == 1:
+            self.state_pool[:, slots[0]].zero_()
+        elif slots:
+            self.state_pool.index_fill_(1, torch.tensor(slots, dtype=torch.long).to(self.device), 0.0)
 
     def copy_states(self, src: list[int], dst: list[int]) -> None:
         """State slots src[i] -> dst[i], every linear layer, one gather and one scatter."""
