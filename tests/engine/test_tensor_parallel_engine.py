@@ -9,6 +9,7 @@ too."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -315,28 +316,40 @@ def test_fp8_engine_cuda_graphs_equal_eager(tmp_path):
         assert abs(g.logprobs[0] - b.logprobs[0]) < 0.5
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_nccl_n_choices_and_prefix_hits_equal_tp1(tmp_path):
-    """2 GPUs over NCCL, decode under CUDA graphs: n > 1 and prefix-cache hits give one GPU's tokens."""
-    save_model(init_model(preset("small"), seed=3), str(tmp_path))
-    kw = dict(device="cuda", dtype="float32", max_num_batched_tokens=128, max_num_seqs=8, block_size=16,
-              prefix_state_interval=64, gpu_memory_utilization=0.3, verbose=False)
+def _n_choices_and_prefix_hits(path: str, **kw) -> None:
+    """A cold request that fills the prefix cache, then n > 1 requests sharing its prefix: TP=2 (its decode graphs on
+    CUDA) gives one rank's tokens without caching."""
+    kw = dict(dtype="float32", max_num_batched_tokens=128, max_num_seqs=8, block_size=16, prefix_state_interval=64,
+              verbose=False, **kw)
     prefix = list(range(5, 300))
     prompts = [prefix + [7, 8], prefix + list(range(900, 950))]
     params = [SamplingParams(n=3, max_tokens=16, seed=7, **SEEDED), SamplingParams(n=2, max_tokens=16, **GREEDY)]
     runs = []
     for extra in ({"enable_prefix_caching": False}, {"tensor_parallel_size": 2}):
-        llm = LLM(str(tmp_path), **kw, **extra)
+        llm = LLM(path, **kw, **extra)
         try:
-            first = llm.generate([prefix], SamplingParams(max_tokens=4, **GREEDY))  # fills the prefix cache
+            first = llm.generate([prefix], SamplingParams(max_tokens=4, **GREEDY))
             runs.append(first + llm.generate(prompts, params))
             if extra.get("tensor_parallel_size"):
-                assert llm.engine.runner.graphs is not None
-                assert all(out.num_cached_tokens > 0 for out in runs[-1][1:])
+                assert llm.engine.runner.graphs is not None or llm.engine.device.type != "cuda"
+                # from the end-of-prompt snapshot (294) at least
+                assert runs[-1][0].num_cached_tokens == 0 and all(o.num_cached_tokens >= 294 for o in runs[-1][1:])
         finally:
             llm.shutdown()
+        del llm  # one engine at a time: each sizes its cache from the free memory
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     for one, two in zip(*runs):
         for a, b in zip(_choices(one), _choices(two)):
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_n_choices_and_prefix_hits_equal_tp1(tmp_path):
+    """2 GPUs over NCCL, decode under CUDA graphs (fp32 graphs need a dense MLP: MoE experts capture in bf16 only):
+    n > 1 and prefix-cache hits give one GPU's tokens."""
+    save_model(init_model(preset("small", num_experts=0), seed=3), str(tmp_path))
+    _n_choices_and_prefix_hits(str(tmp_path), device="cuda", gpu_memory_utilization=0.3)
