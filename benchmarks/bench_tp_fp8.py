@@ -87,8 +87,6 @@ def floor_bytes(eng: LLMEngine, B: int, C: int) -> float:
 def decode_step(eng: LLMEngine, B: int, C: int, steps: int) -> float:
     """Seconds per decode step of B running sequences holding C tokens (their cache filled at random)."""
     seqs = fill_running(eng, B, C)
-    if hasattr(eng.runner, "adopt"):  # tensor parallel: the workers take the block tables as they are
-        eng.runner.adopt(seqs)
     eng.step()  # warm-up
     sync(eng.device)
     t0 = time.perf_counter()

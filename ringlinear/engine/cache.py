@@ -108,6 +108,9 @@ class HybridCache:
         self.tables = torch.full((layout.num_slots + 1, 1), self.pad_block, dtype=torch.int32, device=self.device)
         self._pending: list[tuple[int, int, int]] = []  # (slot, column, block) not yet in `tables`
         self.prefix = None  # the PrefixCache over these blocks, when prefix caching is on
+        # device copies and zeroings made outside a forward, in order, when another rank must replay them on its own
+        # heads (tensor parallel: `workers.TensorParallelRunner` ships them with the next step); None: not recorded
+        self.recorded: list[tuple[str, list[int], list[int]]] | None = None
 
     # ---- allocation -----------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -153,7 +156,7 @@ class HybridCache:
         if seq.slot < 0:
             seq.slot = self.free_slots.popleft()
             if match is None:
-                self.state_pool[:, seq.slot].zero_()
+                self.zero_states([seq.slot])
             else:
                 self.prefix.restore(seq, match)
         if not self.kv:
@@ -219,15 +222,33 @@ class HybridCache:
             seq.slot = -1
 
     # ---- device copies --------------------------------------------------------------------------
+    def _record(self, kind: str, src: list[int], dst: list[int]) -> None:
+        if self.recorded is None:
+            return
+        if kind == "zero" and self.recorded and self.recorded[-1][0] == "zero":  # zeroings commute: one replay
+            self.recorded[-1][1].extend(src)
+        else:
+            self.recorded.append((kind, list(src), list(dst)))
+
+    def zero_states(self, slots: list[int]) -> None:
+        """Zero state slots (sequences starting from nothing), every linear layer."""
+        self._record("zero", slots, [])
+        if len(slots) == 1:
+            self.state_pool[:, slots[0]].zero_()
+        elif slots:
+            self.state_pool.index_fill_(1, torch.tensor(slots, dtype=torch.long).to(self.device), 0.0)
+
     def copy_states(self, src: list[int], dst: list[int]) -> None:
         """State slots src[i] -> dst[i], every linear layer, one gather and one scatter."""
         if src:
+            self._record("states", src, dst)
             s, d = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in (src, dst))
             self.state_pool.index_copy_(1, d, self.state_pool.index_select(1, s))
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """KV blocks src[i] -> dst[i] in every softmax layer."""
         if src and self.kv:
+            self._record("blocks", src, dst)
             s, d = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in (src, dst))
             for kv in self.kv.values():
                 kv.index_copy_(1, d, kv.index_select(1, s))

@@ -77,8 +77,7 @@ class LLMEngine:
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = (self.workers.runner(model, self.device, kv_dtype) if self.workers
                        else ModelRunner(model, self.device, kv_dtype))
-        # tensor-parallel ranks mirror only slots taken at token 0: no prefix cache there yet
-        interval = config.prefix_state_interval if config.enable_prefix_caching and not self.workers else None
+        interval = config.prefix_state_interval if config.enable_prefix_caching else None
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                                   config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30), interval)
         cache = self.runner.allocate(layout)
@@ -115,8 +114,7 @@ class LLMEngine:
                           f"({layout.snapshot_bytes / 2**20:.2f} MiB each, one per {interval} tokens of KV; kept "
                           f"every {interval} tokens and at the end of each prompt and sequence)")
             elif config.enable_prefix_caching:
-                prefix = ("; prefix cache off: " + ("not yet with tensor parallel" if self.workers else
-                                                     "an all-linear model has no KV blocks to key prefixes by"
+                prefix = ("; prefix cache off: " + ("an all-linear model has no KV blocks to key prefixes by"
                                                      if not cache.kv else "the budget holds no snapshot"))
             else:
                 prefix = "; prefix cache off"
@@ -218,9 +216,6 @@ class LLMEngine:
         if params.n > self.engine_config.max_num_seqs:
             raise RequestError("n", f"{params.n} choices exceed max_num_seqs={self.engine_config.max_num_seqs} "
                                     "(the choices of a request run together)")
-        if params.n > 1 and self.workers is not None:
-            raise RequestError("n", f"not yet: n={params.n} under tensor parallel (its ranks do not mirror forked "
-                                    "state slots); n=1 is allowed")
         V = self.config.vocab_size
         for name, ids_ in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids or ())):
             bad = [t for t in ids_ if t >= V]

@@ -4,9 +4,11 @@ spawns ranks 1..N-1 itself (no torchrun), one per GPU; each loads only its slice
 (`ringlinear.distributed.sharded_load`) and then mirrors rank 0's `ModelRunner`: every runner call of rank 0
 (plan, allocate, set_max_model_len, capture, execute) is first broadcast as a command on a gloo control group, as
 small int64 CPU tensors, then run by every rank. A step is described by its token ids, lengths, start positions,
-state slots, sampling and prompt-logprob rows, the block-table entries added since the last step and the state slots handed to new
-sequences; each worker replays it on its own cache (same block and slot numbers, its own heads). The forwards'
-all-reduces and the logits' gather run on the default group, inside the model.
+state slots, sampling and prompt-logprob rows, the block-table entries written since the last step, and the cache's
+device copies made since then outside a forward (`HybridCache.recorded`: state slots zeroed for new sequences, copied
+for forks (n > 1) and into and out of prefix-cache snapshots, KV blocks copied on write and into and out of
+snapshots); each worker replays the copies in order, then the step, on its own cache (same block and slot numbers,
+its own heads). The forwards' all-reduces and the logits' gather run on the default group, inside the model.
 
 A worker that exits (error, OOM, killed) is seen at once by a watchdog thread of rank 0 (the process sentinels):
 the engine is then dead, `step` raises `EngineDeadError` with the worker's error, and a step blocked on the dead rank's
@@ -41,6 +43,7 @@ STEP, PLAN, ALLOCATE, SET_LEN, CAPTURE, STOP = range(1, 7)
 _NAMES = {STEP: "step", PLAN: "plan", ALLOCATE: "allocate", SET_LEN: "set_max_model_len", CAPTURE: "capture",
           STOP: "stop"}
 _ACTIVE: list = []  # the Workers of this process not yet shut down (one default process group per process)
+_COPIES = ("zero", "states", "blocks")  # HybridCache.recorded kinds, by their code on the wire
 
 
 class EngineDeadError(RuntimeError):
@@ -120,10 +123,10 @@ class ControlChannel:
             dist.broadcast(payload, 0, group=self.group)
         return cmd, args, payload.tolist()
 
-    def agree(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
+    def agree(self, values: list[int]) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return int(t)
+        return t.tolist()
 
 
 class _Window:
@@ -150,7 +153,8 @@ class _MirroredSequence:
 # ---- the runner every rank runs -----------------------------------------------------------------------------------
 class TensorParallelRunner(ModelRunner):
     """`ModelRunner` of one rank; on rank 0 each call is first sent to the workers (`serve` runs them there).
-    Cache sizes are agreed (the smallest block count of any rank); so is whether decode runs under CUDA graphs."""
+    Cache sizes are agreed (the smallest block and prefix-snapshot counts of any rank); so is whether decode runs under
+    CUDA graphs. Rank 0's cache records its device copies (`HybridCache.recorded`) for the workers to replay."""
 
     def __init__(self, model, device, kv_dtype, channel: ControlChannel, rank: int, backend: str,
                  ranks_on_device: int = 1, workers: Workers | None = None):
@@ -158,8 +162,6 @@ class TensorParallelRunner(ModelRunner):
         self.channel, self.rank, self.backend = channel, rank, backend
         self.ranks_on_device, self.workers = ranks_on_device, workers
         self._layout = None
-        self._sent: dict[int, int] = {}  # slot -> block-table entries the workers hold
-        self._owner: dict[int, int] = {}  # slot -> id() of the sequence whose table the workers hold
 
     # -- cache sizes
     def cache_budget(self, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, cpu_cache_bytes) -> int:
@@ -169,26 +171,31 @@ class TensorParallelRunner(ModelRunner):
 
     def plan(self, max_num_seqs, max_num_batched_tokens, block_size, gpu_memory_utilization, cpu_cache_bytes,
              prefix_state_interval=None):
-        if prefix_state_interval is not None:
-            raise NotImplementedError("not yet: prefix caching under tensor parallel")
-        args = (max_num_seqs, max_num_batched_tokens, block_size, gpu_memory_utilization, cpu_cache_bytes)
-        with self._lockstep(PLAN, (*args[:3], _float_bits(gpu_memory_utilization), cpu_cache_bytes)):
-            error, blocks = None, -1
+        args = (max_num_seqs, max_num_batched_tokens, block_size, gpu_memory_utilization, cpu_cache_bytes,
+                prefix_state_interval)
+        with self._lockstep(PLAN, (*args[:3], _float_bits(gpu_memory_utilization), cpu_cache_bytes,
+                                   prefix_state_interval or 0)):
+            error, sizes = None, [-1, -1]
             try:
                 layout = super().plan(*args)
-                blocks = layout.num_blocks
+                sizes = [layout.num_blocks, layout.num_snapshots]
             except Exception as e:  # every rank must reach the agreement, or the others wait for ever
                 error = e
-            agreed = self.channel.agree(blocks)
-            if agreed < 0:
+            blocks, snapshots = self.channel.agree(sizes)
+            if blocks < 0:
                 raise error or RuntimeError("another tensor-parallel rank could not plan its cache (its error is "
                                             "above)")
-            self._layout = dataclasses.replace(layout, num_blocks=agreed)
+            # the smallest of each fits every rank's budget; snapshot i is slot num_slots + i and block
+            # num_blocks + i on every rank
+            self._layout = dataclasses.replace(layout, num_blocks=blocks, num_snapshots=snapshots)
             return self._layout
 
     def allocate(self, layout=None):
         with self._lockstep(ALLOCATE):
-            return super().allocate(layout or self._layout)
+            cache = super().allocate(layout or self._layout)
+            if self.rank == 0:
+                cache.recorded = []
+            return cache
 
     def set_max_model_len(self, max_model_len: int) -> None:
         with self._lockstep(SET_LEN, (max_model_len,)):
@@ -202,7 +209,7 @@ class TensorParallelRunner(ModelRunner):
                           "decode runs eagerly", flush=True)
                 return
             super().capture(max_batch, verbose and self.rank == 0)
-            if not self.channel.agree(int(self.graphs is not None)) and self.graphs is not None:
+            if not self.channel.agree([int(self.graphs is not None)])[0] and self.graphs is not None:
                 self.graphs = None
                 if self.rank == 0:
                     print("[ringlinear engine] CUDA graphs off: another rank could not capture its decode graphs",
@@ -216,48 +223,44 @@ class TensorParallelRunner(ModelRunner):
         with self._lockstep(STEP, args, payload):
             return super().execute(batch, sampling_rows, token_rows)
 
-    def adopt(self, seqs) -> None:
-        """Sequences a benchmark placed in rank 0's cache by hand (slot and blocks granted, tokens counted as
-        computed): the workers take their block tables at the next step; their cache contents stay as they are."""
-        for seq in seqs:
-            self._owner[seq.slot], self._sent[seq.slot] = id(seq), 0
-
     def _describe(self, batch, sampling_rows, token_rows) -> tuple[tuple[int, ...], list[int]]:
-        ids, lens, starts, slots, updates, fresh = [], [], [], [], [], []
-        kv = bool(self.cache.kv)
+        """The step as (args, payload); takes the cache's recorded copies and reads its unflushed table entries
+        (the forward flushes them)."""
+        cache = self.cache
+        ids, lens, starts, slots = [], [], [], []
         for seq, n in batch:
-            s, c = seq.slot, seq.num_computed
+            c = seq.num_computed
             ids += seq.token_ids[c : c + n]
             lens.append(n)
             starts.append(c)
-            slots.append(s)
-            if c == 0:  # the cache handed this sequence its slot in this step's schedule (and zeroed it)
-                fresh.append(s)
-                self._owner[s], sent = id(seq), 0
-            elif self._owner.get(s) != id(seq):
-                raise NotImplementedError(f"not yet: sequence {seq.request_id} resumes at token {c} in state slot {s} "
-                                          "without starting there; tensor parallel mirrors only slots taken at "
-                                          "token 0 (no prefix cache)")
-            else:
-                sent = self._sent.get(s, 0)
-            if kv:
-                table = seq.block_table
-                for j in range(sent, len(table)):
-                    updates += (s, j, table[j])
-                self._sent[s] = len(table)
-        payload = ids + lens + starts + slots + list(sampling_rows) + list(token_rows) + updates + fresh
-        return (len(batch), len(sampling_rows), len(token_rows), len(updates) // 3, len(fresh)), payload
+            slots.append(seq.slot)
+        updates = [x for entry in cache._pending for x in entry]  # (slot, column, block)
+        copies = []
+        for kind, src, dst in cache.recorded:
+            copies += [_COPIES.index(kind), len(src), *src, *dst]
+        cache.recorded = []
+        payload = ids + lens + starts + slots + list(sampling_rows) + list(token_rows) + updates + copies
+        return (len(batch), len(sampling_rows), len(token_rows), len(updates) // 3, len(copies)), payload
 
     def _step(self, args: list[int], payload: list[int]) -> None:
-        N, R, K, U, Z = args[:5]
-        T = len(payload) - 3 * N - R - K - 3 * U - Z
+        N, R, K, U, C = args[:5]
+        T = len(payload) - 3 * N - R - K - 3 * U - C
         ids, rest = payload[:T], payload[T:]
         lens, starts, slots = rest[:N], rest[N : 2 * N], rest[2 * N : 3 * N]
         rows, rest = rest[3 * N : 3 * N + R], rest[3 * N + R :]
-        token_rows, upd, fresh = rest[:K], rest[K : K + 3 * U], rest[K + 3 * U :]
+        token_rows, upd, copies = rest[:K], rest[K : K + 3 * U], rest[K + 3 * U :]
         cache = self.cache
-        if fresh:
-            cache.state_pool[:, torch.tensor(fresh, device=cache.device)] = 0
+        i = 0
+        while i < len(copies):  # in rank 0's order: a snapshot taken from a slot before the slot is zeroed again
+            kind, n = _COPIES[copies[i]], copies[i + 1]
+            src = copies[i + 2 : i + 2 + n]
+            if kind == "zero":
+                cache.zero_states(src)
+                i += 2 + n
+                continue
+            dst = copies[i + 2 + n : i + 2 + 2 * n]
+            (cache.copy_states if kind == "states" else cache.copy_blocks)(src, dst)
+            i += 2 + 2 * n
         if upd:
             u = torch.tensor(upd, dtype=torch.int64).view(-1, 3).to(cache.device)
             cache.tables[u[:, 0], u[:, 1]] = u[:, 2].to(cache.tables.dtype)
@@ -281,6 +284,8 @@ class TensorParallelRunner(ModelRunner):
             self.channel.send(cmd, args, payload)
             yield
         except Exception as e:
+            if w.failure is None:  # a collective can fail on a dead rank before the watchdog has seen it exit
+                w.await_failure(2.0)
             if w.failure is None:  # rank 0 failed after the workers took the command: they cannot be resynchronised
                 w.abandon(f"rank 0 failed in the middle of a {_NAMES[cmd]} command ({type(e).__name__}: {e})")
                 raise
@@ -297,7 +302,7 @@ class TensorParallelRunner(ModelRunner):
             if cmd == STEP:
                 self._step(args, payload)
             elif cmd == PLAN:
-                self.plan(args[0], args[1], args[2], _bits_float(args[3]), args[4])
+                self.plan(args[0], args[1], args[2], _bits_float(args[3]), args[4], args[5] or None)
             elif cmd == ALLOCATE:
                 self.allocate()
             elif cmd == SET_LEN:
@@ -396,6 +401,11 @@ class Workers:
     def check(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+    def await_failure(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the watchdog to report a worker's death."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.failure is not None, timeout)
 
     def _wait_for(self, kind: str) -> list:
         with self._cv:

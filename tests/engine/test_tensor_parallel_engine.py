@@ -1,11 +1,15 @@
 """The engine over 2 ranks (gloo, worker processes it starts itself) and with FP8 weights, on the CPU: TP=2 greedy
-tokens equal TP=1 (ragged batch, chunked prefill, preemption), log-probabilities within 1e-5; FP8 quantized at load
-equals an HF FP8 checkpoint loaded as it is, close to fp32; a worker that dies ends the engine with an error naming
-it, not a hang. On a GPU (marked gpu): the TP code path with 2 ranks over gloo on one GPU gives TP=1's tokens."""
+tokens equal TP=1 (ragged batch, chunked prefill, preemption), log-probabilities within 1e-5; n > 1 (forked state
+slots, copy-on-write blocks; greedy and seeded) and prefix-cache hits (restored snapshots, also after preemption)
+give one rank's tokens without caching; FP8 quantized at load equals an HF FP8 checkpoint loaded as it is, close to
+fp32; a worker that dies ends the engine with an error naming it, not a hang. On GPUs (marked gpu): the TP code path
+with 2 ranks over gloo on one GPU gives TP=1's tokens; with 2 GPUs, NCCL and CUDA graphs, n > 1 and prefix hits
+too."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -25,6 +29,7 @@ from ringlinear.model import init_model
 from ringlinear.ops.fp8.naive import quantize_blockwise
 
 GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=0)
+SEEDED = dict(temperature=1.0, top_k=60, ignore_eos=True, logprobs=0)
 PROMPTS = [list(range(40, 57)), [7, 8, 9], list(range(100, 171)), [3] * 9]
 ENGINE = dict(max_num_batched_tokens=32, block_size=4, cpu_cache_gib=0.02, verbose=False)
 
@@ -89,6 +94,111 @@ def test_tp2_preemption_recomputes_the_same(ckpt):
     assert llm.engine.scheduler.cache.layout.num_blocks == 14
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in one] == [o.token_ids for o in two]
+
+
+def _choices(out) -> list[Out]:
+    return [Out(c.token_ids, [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in out.outputs]
+
+
+def _assert_same(got: list[Out], ref: list[Out]) -> None:
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
+def _assert_all_free(llm) -> None:
+    cache = llm.engine.scheduler.cache
+    assert cache.num_free_blocks() == cache.layout.num_blocks and len(cache.free_slots) == cache.layout.num_slots
+    assert not cache.recorded or llm.engine.scheduler.prefix is not None  # copies wait only for the next step
+
+
+def test_tp2_n_choices_equal_tp1(ckpt):
+    """n > 1: the prompt is computed once and forked (each choice's state slot a copy of the parent's, its blocks
+    shared, the partial last one copied on write); the workers replay the copies, so every choice is one rank's."""
+    prompts = [list(range(40, 57)), [7, 8, 9], list(range(100, 171))]  # 17 and 71 tokens: a shared partial block
+    params = [SamplingParams(n=3, max_tokens=9, seed=11, **SEEDED), SamplingParams(n=2, max_tokens=6, **GREEDY),
+              SamplingParams(n=4, max_tokens=7, seed=5, **SEEDED)]
+    runs = []
+    for kw in ({}, {"tensor_parallel_size": 2}):
+        llm = LLM(ckpt, **{**ENGINE, **kw}, enable_prefix_caching=False)
+        try:
+            runs.append(llm.generate(prompts, params))
+            _assert_all_free(llm)
+        finally:
+            llm.shutdown()
+    for one, two in zip(*runs):
+        _assert_same(_choices(two), _choices(one))
+    assert len({tuple(c.token_ids) for c in runs[1][0].outputs}) == 3  # seeded choices differ
+
+
+PREFIX = dict(block_size=4, prefix_state_interval=8, verbose=False)
+A = list(range(40, 78))  # 38 tokens: its end-of-prompt snapshot (37 tokens) lies mid-block
+
+
+@pytest.mark.parametrize("chunk", [64, 6], ids=["whole", "chunked"])
+def test_tp2_prefix_hits_equal_no_caching(ckpt, chunk):
+    """Under TP=2 a request that shares a prefix with an earlier one starts from its snapshot (state slot and
+    partial block copied on every rank, full blocks shared) and gives the tokens of one rank without caching."""
+    two = LLM(ckpt, max_num_batched_tokens=chunk, tensor_parallel_size=2, **PREFIX)
+    off = LLM(ckpt, max_num_batched_tokens=chunk, enable_prefix_caching=False, **PREFIX)
+    try:
+        assert two.engine.scheduler.prefix is not None and two.engine.scheduler.cache.layout.num_snapshots > 0
+        sp = SamplingParams(max_tokens=8, seed=3, **SEEDED)
+        cold = two.generate([A], sp)[0]
+        assert cold.num_cached_tokens == 0
+        _assert_same(_choices(cold), _choices(off.generate([A], sp)[0]))
+        reply = cold.outputs[0].token_ids
+        # the same prompt (end-of-prompt snapshot, mid-block), an extension, a shorter prefix (the snapshot at 24),
+        # the prompt + its reply + more (the end-of-sequence snapshot); greedy and seeded
+        cases = [(A, 37), (A + [5, 6, 7, 8, 9, 10], 37), (A[:27], 24), (A + reply + [9, 9], len(A) + len(reply) - 1)]
+        for prompt, cached in cases:
+            for again, p in enumerate((sp, SamplingParams(max_tokens=6, **GREEDY))):
+                hit = two.generate([prompt], p)[0]
+                # the second time from the snapshot the first took at its prompt's end
+                assert hit.num_cached_tokens == (len(prompt) - 1 if again else cached), len(prompt)
+                _assert_same(_choices(hit), _choices(off.generate([prompt], p)[0]))
+        # n > 1 from the cache: resumed from the snapshot, then forked
+        group = SamplingParams(n=3, max_tokens=7, seed=21, **SEEDED)
+        [hit] = two.generate([A + [1, 2]], group)
+        assert hit.num_cached_tokens == 37
+        _assert_same(_choices(hit), _choices(off.generate([A + [1, 2]], group)[0]))
+        assert two.engine.scheduler.prefix.hits > 0
+        _assert_all_free(two)
+    finally:
+        two.shutdown()
+
+
+def test_tp2_prefix_cache_under_preemption(ckpt):
+    """3 slots, 14 blocks and 6 snapshots per rank: sequences (and forked choices) are preempted, snapshotted and
+    resumed from their snapshots on every rank; the tokens stay those of one rank without caching or preemption
+    limits."""
+    def budget(n, snapshots):
+        kv, state = cache_bytes(local_config(preset("tiny"), n), torch.float32)
+        return (3 * state + 14 * 4 * kv + snapshots * (state + 4 * kv)) / 2**30
+
+    kw = dict(max_num_seqs=3, max_num_batched_tokens=64, **PREFIX)
+    two = LLM(ckpt, tensor_parallel_size=2, cpu_cache_gib=budget(2, 6), **kw)
+    off = LLM(ckpt, cpu_cache_gib=budget(1, 0), enable_prefix_caching=False, **kw)
+    try:
+        layout = two.engine.scheduler.cache.layout
+        assert (layout.num_blocks, layout.num_snapshots) == (14, 6)
+        prompts = [list(range(20, 31)), list(range(50, 59)), list(range(80, 90))]
+        for sampling in (GREEDY, SEEDED):
+            sp = [SamplingParams(max_tokens=20, seed=4, **sampling), SamplingParams(n=2, max_tokens=20, seed=5,
+                                                                                    **sampling)]
+            got, ref = two.generate(prompts[:2], sp), off.generate(prompts[:2], sp)
+            for a, b in zip(got, ref):
+                _assert_same(_choices(a), _choices(b))
+            sp = [SamplingParams(max_tokens=20, seed=i, **sampling) for i in range(3)]
+            got, ref = two.generate(prompts, sp), off.generate(prompts, sp)
+            for a, b in zip(got, ref):
+                _assert_same(_choices(a), _choices(b))
+        assert two.engine.scheduler.num_preemptions > 0
+        assert two.engine.scheduler.prefix.hits > 0  # preempted sequences resumed from their snapshots
+        _assert_all_free(two)
+    finally:
+        two.shutdown()
 
 
 def _fp8_checkpoint(src: str, dst: str) -> None:
@@ -204,3 +314,42 @@ def test_fp8_engine_cuda_graphs_equal_eager(tmp_path):
         assert g.token_ids == e.token_ids
         assert max(abs(x - y) for x, y in zip(g.logprobs, e.logprobs)) < 0.05
         assert abs(g.logprobs[0] - b.logprobs[0]) < 0.5
+
+
+def _n_choices_and_prefix_hits(path: str, **kw) -> None:
+    """A cold request that fills the prefix cache, then n > 1 requests sharing its prefix: TP=2 (its decode graphs on
+    CUDA) gives one rank's tokens without caching."""
+    kw = dict(dtype="float32", max_num_batched_tokens=128, max_num_seqs=8, block_size=16, prefix_state_interval=64,
+              verbose=False, **kw)
+    prefix = list(range(5, 300))
+    prompts = [prefix + [7, 8], prefix + list(range(900, 950))]
+    params = [SamplingParams(n=3, max_tokens=16, seed=7, **SEEDED), SamplingParams(n=2, max_tokens=16, **GREEDY)]
+    runs = []
+    for extra in ({"enable_prefix_caching": False}, {"tensor_parallel_size": 2}):
+        llm = LLM(path, **kw, **extra)
+        try:
+            first = llm.generate([prefix], SamplingParams(max_tokens=4, **GREEDY))
+            runs.append(first + llm.generate(prompts, params))
+            if extra.get("tensor_parallel_size"):
+                assert llm.engine.runner.graphs is not None or llm.engine.device.type != "cuda"
+                # from the end-of-prompt snapshot (294) at least
+                assert runs[-1][0].num_cached_tokens == 0 and all(o.num_cached_tokens >= 294 for o in runs[-1][1:])
+        finally:
+            llm.shutdown()
+        del llm  # one engine at a time: each sizes its cache from the free memory
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for one, two in zip(*runs):
+        for a, b in zip(_choices(one), _choices(two)):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_n_choices_and_prefix_hits_equal_tp1(tmp_path):
+    """2 GPUs over NCCL, decode under CUDA graphs (fp32 graphs need a dense MLP: MoE experts capture in bf16 only):
+    n > 1 and prefix-cache hits give one GPU's tokens."""
+    save_model(init_model(preset("small", num_experts=0), seed=3), str(tmp_path))
+    _n_choices_and_prefix_hits(str(tmp_path), device="cuda", gpu_memory_utilization=0.3)
