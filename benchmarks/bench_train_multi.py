@@ -78,7 +78,7 @@ def run_trainer(args, layers: int, parallelism: dict, steps: int, lr: float = 1e
     cfg = TrainConfig.from_dict({
         "model": args.preset, "model_overrides": {"num_hidden_layers": layers}, "data": ["<synthetic>"],
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": 100_000, "lr": lr, "warmup_steps": 1,
-        "min_lr_ratio": 1.0, "progress": False, "plot": False, "export": False, "tensorboard": False,
+        "min_lr_ratio": 1.0, "init_device": "device", "progress": False, "plot": False, "export": False, "tensorboard": False,
         "parallelism": parallelism if world > 1 else {}})
     rows = 4 * args.micro_batch * world * (warmup + steps)
     if torch.cuda.is_available():
@@ -169,7 +169,7 @@ def launch(args, nproc: int, out: str) -> float:
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation at the memory edge
-    # torchrun sets one thread per process otherwise: the fp32 init on the CPU of billions of parameters needs more
+    # torchrun sets one thread per process otherwise (the weights are drawn on the GPUs: `init_device`)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(nproc, 1))))
     if nproc == 1 and not args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
