@@ -169,9 +169,21 @@ def step_collectives(model_name: str, n: int, B: int) -> list[tuple[str, int, st
     return ops
 
 
-def collectives_model(model_name: str, n: int, cap: int, backend: str, rows: list, args) -> callable:
+def collectives_model(model_name: str, n: int, cap: int, backend: str, rows: list, args):
     """B -> seconds of the collectives of a decode step of B tokens: each distinct collective timed on n ranks at
-    B = 1, 2, 4, ..., cap (and cap), linear in B between them."""
+    B = 1, 2, 4, ..., cap (and cap), linear in B between them. None (and an error row) when the timing failed: the
+    floor is then the bytes alone."""
+    try:
+        return _collectives_model(model_name, n, cap, backend, rows, args)
+    except Exception as e:  # noqa: BLE001 - the decode figures are still worth measuring
+        import traceback
+
+        traceback.print_exc()
+        rows.append({"model": f"collectives {model_name} tp{n}", "context": 0, "error": repr(e)[:300]})
+        return None
+
+
+def _collectives_model(model_name: str, n: int, cap: int, backend: str, rows: list, args):
     from common import collective_ms
 
     batches = sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)})
