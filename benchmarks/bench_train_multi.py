@@ -11,7 +11,7 @@ One command runs it all: this script (no torchrun around it) starts `torchrun --
 2-GPU parts and one plain process for the 1-GPU baseline, then merges their JSON and prints the table.
 
     python benchmarks/bench_train_multi.py --json train_multi.json             (2 GPUs)
-    python benchmarks/bench_train_multi.py --quick --json train_multi.json     (2 GPUs, ~3-4 minutes)
+    python benchmarks/bench_train_multi.py --quick --json train_multi.json     (2 GPUs, fewer steps: the 9-minute call)
     python benchmarks/bench_train_multi.py --smoke                             (CPU: gloo, 2 processes, tiny)
 """
 
