@@ -7,8 +7,9 @@
     curve    the same global batch over 2 ranks with ep=2 vs ep=1 for a few steps on learnable synthetic rows:
              the loss curves and their largest relative difference (EP must not change the mathematics)
 
-One command runs it all: this script (no torchrun around it) starts `torchrun --nproc-per-node 2` on itself for the
-2-GPU parts and one plain process for the 1-GPU baseline, then merges their JSON and prints the table.
+One command runs it all: this script (no torchrun around it) starts one plain process for the 1-GPU baseline, then
+`torchrun --nproc-per-node 2` on itself for the 2-GPU parts (scaling, curves, big: the one that may not fit last),
+merges their JSON (written after every part: a run cut short keeps what it measured) and prints the table.
 
     python benchmarks/bench_train_multi.py --json train_multi.json             (2 GPUs)
     python benchmarks/bench_train_multi.py --quick --json train_multi.json     (2 GPUs, fewer steps: the 9-minute call)
@@ -146,11 +147,11 @@ def worker(args) -> None:
     if world == 1:
         part("scaling_1gpu", lambda: run_trainer(args, args.slice_layers, {}, args.steps))
         return
+    part("scaling_2gpu", lambda: run_trainer(args, args.slice_layers, ep, args.steps))
     part("curve_ep1", lambda: run_trainer(args, args.curve_layers, {"dp_shard": 2, "ep": 1}, args.curve_steps,
                                           lr=args.curve_lr, warmup=0))
     part("curve_ep2", lambda: run_trainer(args, args.curve_layers, ep, args.curve_steps, lr=args.curve_lr, warmup=0))
-    part("scaling_2gpu", lambda: run_trainer(args, args.slice_layers, ep, args.steps))
-    part("big", lambda: run_trainer(args, args.big_layers, ep, args.steps))
+    part("big", lambda: run_trainer(args, args.big_layers, ep, args.steps))  # last: the one that may not fit
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -255,7 +256,7 @@ def main() -> None:
            "steps": args.steps, "torch": torch.__version__, "peak_TFLOPs": (peak_flops(dev) or 0) / 1e12}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc in (2, 1):
+        for nproc in (1, 2):  # the baseline first: a run cut short still has the scaling pair once the slice ran
             out = os.path.join(tmp, f"{nproc}.json")
             res[f"wall_{nproc}proc_s"] = launch(args, nproc, out)
             if os.path.exists(out):
