@@ -176,9 +176,12 @@ def launch(args, nproc: int, out: str) -> float:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     print("[bench]", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, timeout=args.part_timeout)
-    if r.returncode:
-        print(f"[bench] exit code {r.returncode} (what it measured before is kept)", flush=True)
+    try:
+        r = subprocess.run(cmd, env=env, timeout=args.part_timeout)
+        if r.returncode:
+            print(f"[bench] exit code {r.returncode} (what it measured before is kept)", flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"[bench] stopped after {args.part_timeout} s (what it measured before is kept)", flush=True)
     return time.perf_counter() - t0
 
 
