@@ -8,14 +8,19 @@ Random weights are made on each GPU by the engine itself (`load_format="dummy"`,
                        FP8 >= 1.5x), and prefill tok/s of each
     --mode logprob     log-probability difference FP8 vs bf16 on a trained checkpoint (--checkpoint DIR, or the
                        `small` preset trained here for ~2 minutes with `ringlinear train` on the pydoc corpus)
-    --mode tp2         two GPUs: Ring-flash bf16 over TP=2; Ring-mini TP=1 vs TP=2 at B=64, context 32K
+    --mode tp2         two GPUs (issue 28): Ring-flash bf16 over TP=2 at 4K/32K/64K (prefill tok/s, decode tok/s at
+                       B=8 and at the largest batch, decode step / floor where the floor is one rank's bytes over the
+                       copy bandwidth plus the step's all-reduces and logits gather, each timed at its size on the
+                       two GPUs; goal <= 1.6x); Ring-mini TP=1 vs TP=2 at B=64, context 32K (goal >= 1.6x) and
+                       whether both give the same greedy tokens (dummy weights are the same model on any TP degree)
     --mode gemm        the decode GEMMs alone at Ring-flash / Ring-mini shapes, M = 1, 8, 64: bf16 F.linear vs the
                        W8A8 Triton GEMM (+ its activation quantize) under a CUDA graph, weight GB/s, and a sweep of
                        the W8A8 tiles (set the best as W8A8Config's defaults); the FP8 fused MoE vs bf16
-    --quick            a CPU smoke run of every mode on the tiny preset
+    --quick            a short GPU run (fewer decode steps, fewer greedy tokens)
+    --smoke            a CPU smoke run of every mode on the tiny preset (TP over 2 gloo processes)
 
     python benchmarks/bench_tp_fp8.py --mode flash-fp8 --json flash_fp8.json      (one H200)
-    python benchmarks/bench_tp_fp8.py --mode tp2 --json tp2.json                  (a machine with 2 GPUs)
+    python benchmarks/bench_tp_fp8.py --mode tp2 --mode flash-fp8 --json tp2.json (2 GPUs; FP8 one-GPU figures beside)
 
 Each mode prints a table and, with --json, writes its rows (after every measurement, so a cut-short run keeps
 what it measured).
@@ -45,7 +50,7 @@ from ringlinear.layers.moe import MoE  # noqa: E402
 def engine(model: str, args, **kw) -> LLMEngine:
     cfg = dict(model=model, load_format="dummy", max_num_seqs=args.max_batch, max_num_batched_tokens=args.chunk,
                gpu_memory_utilization=args.mem, cpu_cache_gib=args.cpu_cache_gib, verbose=True)
-    if args.quick:
+    if args.smoke:
         cfg.update(device="cpu", max_model_len=2048)
     cfg.update(kw)
     t0 = time.perf_counter()
@@ -100,7 +105,10 @@ def decode_step(eng: LLMEngine, B: int, C: int, steps: int) -> float:
     return dt
 
 
-def measure(name: str, eng: LLMEngine, contexts, batches, args, bw: float, rows: list, prefill: bool = True) -> None:
+def measure(name: str, eng: LLMEngine, contexts, batches, args, bw: float, rows: list, prefill: bool = True,
+            comm=None) -> None:
+    """Prefill tok/s and decode at each context; `comm(B)`: seconds of the collectives of a decode step of B
+    tokens (tensor parallel), added to the byte floor."""
     C0 = min(contexts[0], eng.max_model_len - 64)
     prefill_tps(eng, min(C0, args.chunk), eng.device)  # warm-up: compilation, autotuning
     for C in contexts:
@@ -119,13 +127,126 @@ def measure(name: str, eng: LLMEngine, contexts, batches, args, bw: float, rows:
             row[f"decode_b{tag}_batch"] = B
             row[f"decode_b{tag}_step_ms"] = dt * 1e3
             row[f"decode_b{tag}_tok_s"] = B / dt
-            if bw == bw:  # a GPU: the byte floor
-                floor = floor_bytes(eng, B, C) / bw
+            if bw == bw or comm is not None:  # a GPU (or the smoke run's gloo collectives): the floor
+                floor = floor_bytes(eng, B, C) / bw if bw == bw else 0.0
+                row[f"decode_b{tag}_bytes_floor_ms"] = floor * 1e3
+                if comm is not None:
+                    row[f"decode_b{tag}_collectives_ms"] = comm(B) * 1e3
+                    floor += comm(B)
                 row[f"decode_b{tag}_floor_ms"] = floor * 1e3
-                row[f"decode_b{tag}_floor_ratio"] = dt / floor
+                row[f"decode_b{tag}_floor_ratio"] = dt / floor if floor else float("nan")
         rows.append(row)
         print(row, flush=True)
         dump(args, rows)
+
+
+def step_collectives(model_name: str, n: int, B: int) -> list[tuple[str, int, str]]:
+    """The collectives of one decode step of B tokens on rank 0 of n (one entry per call, elements per rank):
+    the all-reduce of every row-parallel linear that reduces (attention output, dense MLP down), of every MoE block
+    (routed + shared partial sums), of the vocabulary-parallel embedding, and the gather of the fp32 logits."""
+    from ringlinear.config import preset
+    from ringlinear.distributed.tensor_parallel import (
+        ParallelMoE,
+        RowParallelLinear,
+        ShardGroup,
+        VocabParallelEmbedding,
+        shard_model,
+    )
+    from ringlinear.model import build_model
+
+    model = shard_model(build_model(preset(model_name), "meta", torch.bfloat16), ShardGroup(0, n))
+    ops = []
+    for m in model.modules():
+        if isinstance(m, RowParallelLinear) and m.reduce:
+            ops.append(("all_reduce", B * m.out_features, "bfloat16"))
+        elif isinstance(m, VocabParallelEmbedding):
+            ops.append(("all_reduce", B * m.weight.shape[1], "bfloat16"))
+        elif isinstance(m, ParallelMoE) and m.shard_group is not None:
+            ops.append(("all_reduce", B * model.config.hidden_size, "bfloat16"))
+    ops.append(("all_gather", B * model.lm_head_weight.shape[0], "float32"))
+    return ops
+
+
+def collectives_model(model_name: str, n: int, cap: int, backend: str, rows: list, args):
+    """B -> seconds of the collectives of a decode step of B tokens: each distinct collective timed on n ranks at
+    B = 1, 2, 4, ..., cap (and cap), linear in B between them. None (and an error row) when the timing failed: the
+    floor is then the bytes alone."""
+    try:
+        return _collectives_model(model_name, n, cap, backend, rows, args)
+    except Exception as e:  # noqa: BLE001 - the decode figures are still worth measuring
+        import traceback
+
+        traceback.print_exc()
+        rows.append({"model": f"collectives {model_name} tp{n}", "context": 0, "error": repr(e)[:300]})
+        return None
+
+
+def _collectives_model(model_name: str, n: int, cap: int, backend: str, rows: list, args):
+    from common import collective_ms
+
+    batches = sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)})
+    per_b = {B: step_collectives(model_name, n, B) for B in batches}
+    distinct = sorted({op for ops in per_b.values() for op in ops})
+    t0 = time.perf_counter()
+    times = collective_ms(distinct, n, backend, iters=5 if args.smoke else 20)
+    step_s = {}
+    for B, ops in per_b.items():
+        step_s[B] = sum(times[f"{op} {numel} {dt}"]["ms"] for op, numel, dt in ops) / 1e3
+    row = {"model": f"collectives {model_name} tp{n}", "context": 0, "backend": backend,
+           "calls_per_step": len(per_b[batches[0]]),
+           "step_collectives_ms": {str(B): v * 1e3 for B, v in step_s.items()},
+           "each_ms": {k: v["ms"] for k, v in times.items()}, "timed_as": sorted({v["how"] for v in times.values()})}
+    rows.append(row)
+    print(f"[bench] {model_name} TP={n}: {row['calls_per_step']} collectives a decode step, timed in "
+          f"{time.perf_counter() - t0:.0f} s ({'/'.join(row['timed_as'])}): "
+          + ", ".join(f"B={B} {v * 1e3:.3f} ms" for B, v in step_s.items()), flush=True)
+    dump(args, rows)
+
+    def comm(B: int) -> float:
+        lo = max(b for b in batches if b <= B)
+        hi = min((b for b in batches if b >= B), default=lo)
+        if hi == lo:
+            return step_s[lo]
+        return step_s[lo] + (step_s[hi] - step_s[lo]) * (B - lo) / (hi - lo)
+
+    return comm
+
+
+def greedy_tokens(eng: LLMEngine, prompts: list[list[int]], n: int) -> list[dict]:
+    """Greedy continuations of `prompts` (n tokens each) with each step's top-2 log-probabilities."""
+    from ringlinear.engine.sequence import SamplingParams
+
+    for i, p in enumerate(prompts):
+        eng.add_request(f"greedy{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2))
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    outs = []
+    for i in range(len(prompts)):
+        c = done[f"greedy{i}"]
+        margins = [sorted((lp.logprob for lp in d.values()), reverse=True) for d in c.logprobs]
+        outs.append({"tokens": list(c.token_ids), "margin": [m[0] - m[1] if len(m) > 1 else float("inf")
+                                                              for m in margins]})
+    return outs
+
+
+def compare_greedy(a: list[dict], b: list[dict], near_tie: float = 0.02) -> dict:
+    """Token agreement of two greedy runs: equal tokens; at a first divergence, whether the reference's top-2
+    log-probabilities were within `near_tie` there (a bf16 rounding flip, not a wrong model)."""
+    total = equal = 0
+    divergences = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        n = len(x["tokens"])
+        total += n
+        first = next((j for j in range(n) if x["tokens"][j] != y["tokens"][j]), n)
+        equal += first
+        if first < n:
+            divergences.append({"prompt": i, "at": first, "tp1_top2_margin": x["margin"][first]})
+    return {"greedy_tokens": total, "greedy_equal_prefix_tokens": equal, "greedy_identical": not divergences,
+            "greedy_divergences": divergences,
+            "greedy_divergences_at_near_ties": all(d["tp1_top2_margin"] < near_tie for d in divergences)}
 
 
 def dump(args, rows) -> None:
@@ -148,7 +269,7 @@ def table(rows: list[dict], keys: list[str]) -> None:
 
 # ---- the modes ---------------------------------------------------------------------------------------------------
 def mode_flash_fp8(args, bw, rows):
-    name = "tiny" if args.quick else "ring-flash-linear-2.0"
+    name = "tiny" if args.smoke else "ring-flash-linear-2.0"
     eng = engine(name, args, quantization="fp8")
     measure("flash-fp8", eng, args.contexts, ["8", "max"], args, bw, rows)
     close(eng)
@@ -159,7 +280,7 @@ def mode_flash_fp8(args, bw, rows):
 
 
 def mode_mini_fp8(args, bw, rows):
-    name = "tiny" if args.quick else "ring-mini-linear-2.0"
+    name = "tiny" if args.smoke else "ring-mini-linear-2.0"
     for q in (None, "fp8"):
         eng = engine(name, args, quantization=q)
         measure(f"mini-{q or 'bf16'}", eng, args.contexts[:1], ["8", "64"], args, bw, rows)
@@ -197,15 +318,15 @@ def mode_logprob(args, bw, rows):
     from ringlinear.tokenizer import load_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench_fp8_")
-    ckpt = args.checkpoint or train_small(tmp, args.quick)
-    device = torch.device("cpu" if args.quick else "cuda")
-    dtype = torch.float32 if args.quick else torch.bfloat16
+    ckpt = args.checkpoint or train_small(tmp, args.smoke)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
     tok = load_tokenizer(ckpt)
     from ringlinear.demo import default_corpus
 
     text = open(default_corpus(os.path.join(tmp, "eval.txt")), encoding="utf-8").read()
     ids = tok.encode(text[-200_000:]).ids  # the corpus's last documents
-    n, L = (4, 128) if args.quick else (32, 1024)
+    n, L = (4, 128) if args.smoke else (32, 1024)
     step = max(1, (len(ids) - L - 1) // n)
     windows = torch.tensor([ids[i * step : i * step + L + 1] for i in range(n)], device=device)
     out = {}
@@ -229,24 +350,60 @@ def mode_logprob(args, bw, rows):
 
 
 def mode_tp2(args, bw, rows):
-    if not args.quick and torch.cuda.device_count() < 2:
+    if not args.smoke and torch.cuda.device_count() < 2:
         raise SystemExit("--mode tp2 needs 2 GPUs")
-    ctx = [32768] if not args.quick else [512]
-    flash = "tiny" if args.quick else "ring-flash-linear-2.0"
-    mini = "tiny" if args.quick else "ring-mini-linear-2.0"
+    ctx = [512] if args.smoke else [32768]
+    flash = "tiny" if args.smoke else "ring-flash-linear-2.0"
+    mini = "tiny" if args.smoke else "ring-mini-linear-2.0"
+    backend = "gloo" if args.smoke else "nccl"
+    comm = collectives_model(flash, 2, args.max_batch, backend, rows, args)
     eng = engine(flash, args, tensor_parallel_size=2)
-    measure("flash-bf16-tp2", eng, args.contexts, ["8", "max"], args, bw, rows)
+    measure("flash-bf16-tp2", eng, args.contexts, ["8", "max"], args, bw, rows, comm=comm)
     close(eng)
+    comm = collectives_model(mini, 2, 64, backend, rows, args)
+    g = torch.Generator().manual_seed(0)
+    from ringlinear.config import preset
+
+    vocab = preset(mini).vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (17, 100, 333, 1000)]
+    greedy = {}
     for tp in (1, 2):
         eng = engine(mini, args, tensor_parallel_size=tp)
-        measure(f"mini-bf16-tp{tp}", eng, ctx, ["8", "64"], args, bw, rows)
+        greedy[tp] = greedy_tokens(eng, prompts, 8 if args.smoke else (32 if args.quick else 64))
+        measure(f"mini-bf16-tp{tp}", eng, ctx, ["8", "64"], args, bw, rows, comm=comm if tp == 2 else None)
         close(eng)
-    table([r for r in rows if "-tp" in r["model"]], ["prefill_tok_s", "decode_b8_tok_s", "decode_b8_floor_ratio", "decode_b64_step_ms",
-                 "decode_b64_tok_s", "decode_bmax_batch", "decode_bmax_tok_s"])
     by = {r["model"]: r for r in rows}
-    s1 = by.get("mini-bf16-tp1", {}).get("decode_b64_step_ms", float("nan"))
-    s2 = by.get("mini-bf16-tp2", {}).get("decode_b64_step_ms", float("nan"))
-    print(f"Ring-mini decode step at B=64, {ctx[0]} tokens: TP=1 {s1:.2f} ms, TP=2 {s2:.2f} ms ({s1 / s2:.2f}x)")
+    t1 = by.get("mini-bf16-tp1", {}).get("decode_b64_tok_s", float("nan"))
+    t2 = by.get("mini-bf16-tp2", {}).get("decode_b64_tok_s", float("nan"))
+    B = by.get("mini-bf16-tp2", {}).get("decode_b64_batch", 64)
+    cmp = compare_greedy(greedy[1], greedy[2])
+    rows.append({"model": "mini-tp2-over-tp1", "context": ctx[0], "batch": B, "decode_tok_s_ratio": t2 / t1, **cmp})
+    dump(args, rows)
+    table([r for r in rows if r["model"].startswith(("flash-bf16-tp2", "mini-bf16-tp"))],
+          ["prefill_tok_s", "decode_b8_tok_s", "decode_b8_collectives_ms", "decode_b8_floor_ratio",
+           "decode_b64_tok_s", "decode_bmax_batch", "decode_bmax_tok_s", "decode_bmax_floor_ratio"])
+    print("goal: Ring-flash TP=2 decode step / floor <= 1.6x")
+    print(f"Ring-mini decode at B={B}, {ctx[0]} tokens: TP=1 {t1:.0f} tok/s, TP=2 {t2:.0f} tok/s "
+          f"({t2 / t1:.2f}x, goal >= 1.6x); greedy tokens TP=1 vs TP=2: {cmp['greedy_equal_prefix_tokens']} of "
+          f"{cmp['greedy_tokens']} equal before any divergence"
+          + ("" if cmp["greedy_identical"] else f", divergences {cmp['greedy_divergences']} (all at near ties: "
+                                                 f"{cmp['greedy_divergences_at_near_ties']})"))
+
+
+def side_by_side(rows: list[dict]) -> None:
+    """Ring-flash bf16 over TP=2 beside FP8 on one GPU, context by context (when both modes ran)."""
+    tp2 = {r["context"]: r for r in rows if r["model"] == "flash-bf16-tp2"}
+    fp8 = {r["context"]: r for r in rows if r["model"] == "flash-fp8"}
+    if not tp2 or not fp8:
+        return
+    keys = ["prefill_tok_s", "decode_b8_tok_s", "decode_b8_floor_ratio", "decode_bmax_batch", "decode_bmax_tok_s",
+            "decode_bmax_floor_ratio"]
+    print("\nRing-flash: bf16 TP=2 (2 GPUs) | FP8 (1 GPU)")
+    print(" | ".join(["context"] + keys))
+    for C in sorted(set(tp2) | set(fp8)):
+        a, b = tp2.get(C, {}), fp8.get(C, {})
+        cell = lambda r, k: f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))  # noqa: E731
+        print(" | ".join([str(C)] + [f"{cell(a, k)} | {cell(b, k)}" for k in keys]))
 
 
 def mode_gemm(args, bw, rows):
@@ -257,7 +414,7 @@ def mode_gemm(args, bw, rows):
     from ringlinear.ops.fp8.w8a8 import W8A8Config, quantize_groups, w8a8_gemm
     from ringlinear.ops.moe.fused_moe import fused_moe
 
-    if args.quick:
+    if args.smoke:
         print("--mode gemm times kernels on a GPU; nothing to do on the CPU")
         return
     dev = torch.device("cuda")
@@ -318,14 +475,17 @@ def main():
     ap.add_argument("--mem", type=float, default=0.92, help="gpu_memory_utilization")
     ap.add_argument("--cpu-cache-gib", type=float, default=0.5)
     ap.add_argument("--checkpoint", help="--mode logprob: a trained checkpoint (default: train `small` here)")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run on the tiny preset")
+    ap.add_argument("--quick", action="store_true", help="a short GPU run: fewer decode steps and greedy tokens")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke run on the tiny preset (TP over gloo)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
-    if args.quick:
+    if args.smoke:
         args.contexts, args.chunk, args.max_batch, args.decode_steps = [256, 1024], 256, 8, 2
+    elif args.quick:
+        args.decode_steps = min(args.decode_steps, 8)
     modes = args.mode or ["flash-fp8", "mini-fp8", "logprob"]
-    bw = copy_bandwidth(torch.device("cuda")) if torch.cuda.is_available() and not args.quick else float("nan")
+    bw = copy_bandwidth(torch.device("cuda")) if torch.cuda.is_available() and not args.smoke else float("nan")
     if bw == bw:
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
@@ -340,6 +500,7 @@ def main():
             rows.append({"model": m, "context": 0, "error": repr(e)[:300]})
             dump(args, rows)
         print(f"[bench] mode {m}: {time.perf_counter() - t0:.0f} s", flush=True)
+    side_by_side(rows)
 
 
 if __name__ == "__main__":

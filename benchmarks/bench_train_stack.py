@@ -75,7 +75,12 @@ def make_trainer(preset: str, layers: int, seq_len: int, micro_batch: int, fp8: 
 def apply_torchao(tr) -> str:
     """torchao float8 training on the trainer's model: rowwise-scaled Float8Linear for the dense projections and
     its scaled grouped GEMM for the routed experts; then fresh masters / AdamW over the (possibly new)
-    parameters. Returns what was converted."""
+    parameters. Returns what was converted.
+
+    No float8 all-gather (`enable_fsdp_float8_all_gather`, issue 25): it does not apply here. This benchmark runs
+    one process, where the trainer applies no FSDP and nothing is all-gathered; torchao 0.18 allows it only with
+    tensorwise weight scaling (its Float8LinearConfig asserts that; this recipe is rowwise); and its weight wrapper
+    must be in place before `fully_shard`, while the trainer shards the model inside its constructor."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     from ringlinear.train.optim import MasterWeights, make_adamw

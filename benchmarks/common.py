@@ -62,3 +62,90 @@ def kernel_times(fn, iters: int, key_len: int = 60) -> dict[str, float]:
         if us:
             out[e.key[:key_len]] = us / iters / 1000
     return out
+
+
+# ---- collectives between ranks, timed in processes of their own ---------------------------------------------------
+def _repeat(fn, n: int) -> None:
+    for _ in range(n):
+        fn()
+
+
+def _time_collectives(rank: int, world: int, port: int, backend: str, ops: list, reps: int, iters: int,
+                      out: str) -> None:
+    import json
+    import os
+    import time
+    from functools import partial
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
+    cuda = backend == "nccl"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device if cuda else None)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    result = {}
+    for op, numel, dtype_name in ops:
+        x = torch.ones(numel, dtype=getattr(torch, dtype_name), device=device)
+        y = x.new_empty(world * numel)
+        one = partial(dist.all_reduce, x) if op == "all_reduce" else partial(gather, y, x)
+        for _ in range(3):
+            one()
+        how = "eager"
+        run = None
+        if cuda:  # the engine decodes under CUDA graphs: time the collectives the same way
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(reps):
+                        one()
+                run, how = g.replay, "graph"
+            except Exception:  # noqa: BLE001 - eager timing below, recorded as such
+                torch.cuda.synchronize()
+        if run is None:
+            run = partial(_repeat, one, reps)
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+        result[f"{op} {numel} {dtype_name}"] = {"ms": (time.perf_counter() - t0) / (iters * reps) * 1e3, "how": how}
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+def collective_ms(ops: list[tuple[str, int, str]], world: int = 2, backend: str = "nccl", reps: int = 10,
+                  iters: int = 20) -> dict[str, dict]:
+    """Milliseconds of each collective `(op, elements per rank, dtype name)` (op: all_reduce or all_gather), timed
+    over `world` fresh processes (one GPU each under NCCL, captured `reps` at a time in a CUDA graph; gloo on the
+    CPU): `{"op elements dtype": {"ms": ..., "how": "graph" | "eager"}}`. Fresh processes: the caller's own
+    (an engine's) process group is left alone."""
+    import json
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        mp.start_processes(_time_collectives, args=(world, port, backend, list(ops), reps, iters, out),
+                           nprocs=world, start_method="spawn")
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.remove(out)

@@ -114,18 +114,21 @@ class RingLinearForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, embedding_std: float | None = None) -> None:
         """Normal(0, initializer_range) for projections, embeddings and experts; ones for norms; zero biases.
-        `embedding_std` overrides the std of the input embeddings (small models: see `ringlinear.study`)."""
-        gen = torch.Generator(device="cpu")
+        `embedding_std` overrides the std of the input embeddings (small models: see `ringlinear.study`). The numbers
+        come from a generator on the model's device: on the CPU the same everywhere; on a GPU far faster (the CPU
+        draws them on one thread), the same on every GPU of one kind."""
+        gen = torch.Generator(device=next(self.parameters()).device)
         if seed is not None:
             gen.manual_seed(seed)
         std = self.config.initializer_range
 
         def normal_(p: torch.Tensor) -> None:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device).mul_(std).to(p.dtype))
 
         for mod in self.modules():
             if isinstance(mod, nn.Embedding) and embedding_std is not None:
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen).mul_(embedding_std).to(mod.weight.dtype))
+                w = mod.weight
+                w.copy_(torch.randn(w.shape, generator=gen, device=w.device).mul_(embedding_std).to(w.dtype))
             elif isinstance(mod, (nn.Linear, nn.Embedding)):
                 normal_(mod.weight)
                 if getattr(mod, "bias", None) is not None:

@@ -57,14 +57,15 @@ def preset_with_tokenizer(name: str, overrides: dict | None = None, tokenizer: s
 def load_pretrained(source: str, *, overrides: dict | None = None, tokenizer: str | None = None,
                     require_tokenizer: bool = True, seed: int = 0, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype | None = "float32", embedding_std: float | None = None,
-                    progress: bool = False, model_loader=None) -> Pretrained:
+                    progress: bool = False, model_loader=None, init_device: str | torch.device = "cpu") -> Pretrained:
     """`source`: a preset name (`overrides` applied, initial weights from `seed`, `embedding_std` for the input
     embeddings) or a checkpoint directory (its weights; `overrides` and `embedding_std` are refused there: the
     checkpoint brings its config). Tokenizer: directory `tokenizer`, else the checkpoint's own `tokenizer.json`,
     else the byte-level one for small presets; `require_tokenizer` makes its absence an error. Weights land on
     `device` in `dtype` (None: the checkpoint's own `torch_dtype`), routers fp32. `model_loader(source, device=,
     dtype=, progress=)` makes the model instead of `ringlinear.hf.load_model` / `init_model` (the engine's
-    tensor-parallel slice, FP8 weights, random weights for benchmarks)."""
+    tensor-parallel slice, FP8 weights, random weights for benchmarks). A preset's initial weights are drawn on
+    `init_device` (`init_weights`: the CPU gives the same weights on any machine, a GPU gives them far faster)."""
     from ringlinear.hf import load_model
     from ringlinear.tokenizer import load_tokenizer
 
@@ -74,7 +75,7 @@ def load_pretrained(source: str, *, overrides: dict | None = None, tokenizer: st
         if model_loader is not None:
             model = model_loader(source, device=device, dtype=dtype, progress=progress)
         else:
-            model = init_model(config, seed=seed, device="cpu", dtype="float32" if dtype is None else dtype,
+            model = init_model(config, seed=seed, device=init_device, dtype="float32" if dtype is None else dtype,
                                embedding_std=embedding_std).to(device)
     elif os.path.isdir(source):
         if overrides or embedding_std is not None:

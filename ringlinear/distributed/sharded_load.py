@@ -191,34 +191,51 @@ def load_shards(model: nn.Module, reader, progress: bool = False) -> None:
             loader.put(name, dst, scale, src)
 
 
-@torch.no_grad()
-def fill_random(model: nn.Module, std: float = 0.02) -> None:
-    """Random weights made where the model lives (benchmarks: no checkpoint, no host copy): N(0, std) matrices,
-    unit norms, zero biases and expert biases; FP8 weights quantized from such values one expert (or 128 rows at a
-    time: their block rows) at a time. Each tensor's generator is seeded by its name, so what every rank holds whole
-    (norms, routers) is the same on every rank."""
-    state = model.state_dict(keep_vars=True)
-    for name, t in state.items():
-        if name.endswith("_scale_inv"):
-            continue
-        g = torch.Generator(t.device).manual_seed(zlib.crc32(name.encode()))
-        scale = state.get(name + "_scale_inv")
-        if scale is not None:
-            parts = [(t[j], scale[j]) for j in range(t.shape[0])] if t.dim() == 3 else [(t, scale)]
-            for w8, s in parts:
-                for r in range(0, w8.shape[0], 1024):  # 1024 rows: whole 128-row blocks, bounded temporaries
-                    rows = w8[r : r + 1024]
-                    v = torch.randn(rows.shape, generator=g, device=t.device, dtype=torch.bfloat16).mul_(std)
-                    q, sc = quantize_weight(v)
-                    rows.copy_(q)
-                    s[r // BLOCK : r // BLOCK + sc.shape[0]].copy_(sc)
-        elif "norm" in name:
-            t.fill_(1.0)
-        elif t.dim() < 2 or name.endswith("expert_bias"):
-            t.zero_()
+class RandomReader:
+    """Random checkpoint tensors (`load_format="dummy"`: benchmarks, no checkpoint, no host copy), read like a
+    checkpoint: each HF tensor is made whole on `device` from a generator seeded by its name (N(0, std) matrices,
+    unit norms, zero biases and expert biases) and the reads cut it, so N tensor-parallel ranks hold the slices of
+    the very weights one rank holds (their greedy tokens can be compared). FP8 slots are quantized from these
+    values by the loader, as for a bf16 checkpoint."""
+
+    def __init__(self, config: RingLinearConfig, device: torch.device, dtype: torch.dtype | None = None,
+                 std: float = 0.02):
+        whole = build_model(config, "meta", dtype)
+        whole.model.mtp = nn.ModuleList()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for name, t in whole.state_dict(keep_vars=True).items():
+            for p in default_source(name, t).pieces:
+                self.shapes[p.name] = tuple(t.shape[1:]) if t.dim() == 3 else tuple(t.shape)
+                self.dtypes[p.name] = t.dtype
+        self.device, self.std = device, std
+        self._last: tuple[str, torch.Tensor] | None = None  # fused tensors (qkv) are read piece by piece
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtypes[name]
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        shape, dtype = self.shapes[name], self.dtypes[name]
+        if "norm" in name:
+            t = torch.ones(shape, device=self.device, dtype=dtype)
+        elif len(shape) < 2 or name.endswith("expert_bias"):
+            t = torch.zeros(shape, device=self.device, dtype=dtype)
         else:
-            for part in (t if t.dim() == 3 else [t]):  # stacked experts one at a time: bounded temporaries
-                part.copy_(torch.randn(part.shape, generator=g, device=t.device, dtype=torch.float32).mul_(std))
+            g = torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()))
+            t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32).mul_(self.std).to(dtype)
+        self._last = (name, t)
+        return t
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self._tensor(name).narrow(dim, start, stop - start)
 
 
 def peak_host_memory() -> int:
@@ -232,8 +249,8 @@ def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtyp
                        dummy: bool = False) -> nn.Module:
     """This rank's slice of the checkpoint at `path` (or `reader` + `config`), ready to run on `device`: built on
     meta, split over `group` (None: one rank), FP8 where `quantization == "fp8"` asks or the checkpoint holds FP8,
-    materialised and filled slice by slice. `dummy`: random weights instead (`fill_random`; `path` may be a preset
-    name), nothing read. The MTP modules are not loaded (the engine does not run them)."""
+    materialised and filled slice by slice. `dummy`: random weights instead (`RandomReader`; `path` may be a
+    preset name), nothing read. The MTP modules are not loaded (the engine does not run them)."""
     from ringlinear.config import PRESETS, preset
     from ringlinear.quantization import QUANTIZATIONS, fp8_checkpoint, fp8_weight_names, quantize_fp8
 
@@ -242,7 +259,7 @@ def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtyp
     if config is None:
         config = preset(path) if dummy and path in PRESETS else RingLinearConfig.load(path)
     if dummy:
-        reader = StateDictReader({})
+        reader = RandomReader(config, device, dtype)
     reader = reader or CheckpointReader(path)
     on_disk_fp8 = fp8_checkpoint(config) and not dummy
     model = build_model(config, "meta", dtype)
@@ -261,10 +278,7 @@ def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtyp
             raise CheckpointError(f"{path}: config.json has a quantization_config of FP8, but none of the weights is "
                                   "float8_e4m3fn")
     model.to_empty(device=device)
-    if dummy:
-        fill_random(model)
-    else:
-        load_shards(model, reader, progress)
+    load_shards(model, reader, progress and not dummy)
     model.reset_buffers()
     model.source_path = os.path.abspath(path) if path and os.path.isdir(path) else None
     return model.eval()

@@ -59,6 +59,10 @@ class TrainConfig(ConfigBase):
     """Seed of the initial weights (presets), data order and dropout-free RNG state."""
     embedding_init_std: float | None = None
     """Presets: std of the input embeddings at init (default: initializer_range)."""
+    init_device: str = "cpu"
+    """Presets: where the initial weights are drawn: cpu (the same weights on any machine; one CPU thread draws
+    them, minutes for billions of parameters) or device (each rank's own device, seconds; the same on every rank
+    of one kind of GPU). A checkpoint's weights are read, not drawn."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: identical runs give identical losses and a resume continues bit for bit
     (slower on GPUs). Without it runs are NOT reproducible: two runs of one config differ from the first step on.
@@ -115,6 +119,7 @@ class TrainConfig(ConfigBase):
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.init_device in ("cpu", "device"), "init_device", "must be cpu or device")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.save_every >= 0, "save_every", "must be >= 0")

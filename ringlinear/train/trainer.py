@@ -84,9 +84,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.compute_dtype = compute_dtype(self.device, cfg.compute_dtype)
-        # fp32 init on the CPU with the run's seed: the same weights on every rank and device
+        # fp32 init with the run's seed, on the CPU (the same weights on every rank and device) unless asked on the
+        # device (`init_device`: the same on every rank of one kind of GPU)
+        init = self.device if cfg.init_device == "device" else torch.device("cpu")
         loaded = load_pretrained(cfg.model, overrides=cfg.model_overrides, tokenizer=cfg.tokenizer, seed=cfg.seed,
-                                 device="cpu", dtype="float32", embedding_std=cfg.embedding_init_std)
+                                 device=init, dtype="float32", embedding_std=cfg.embedding_init_std, init_device=init)
         model, self.tokenizer, self.model_config = loaded.model.to(self.device), loaded.tokenizer, loaded.config
         model.train()
         if cfg.fp8 and cfg.fp8_experts and self.parallel.ep > 1:

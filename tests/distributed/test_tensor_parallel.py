@@ -163,3 +163,17 @@ def test_dummy_weights_agree_where_ranks_hold_the_same_tensor():
     assert sa["model.layers.1.mlp.gate_proj"].dtype == torch.float8_e4m3fn
     assert (sa["model.layers.1.mlp.gate_proj_scale_inv"] > 0).all()
     assert 0.01 < sa["model.word_embeddings.weight"].std() < 0.03
+
+
+def test_dummy_weights_of_two_ranks_are_slices_of_one_ranks():
+    """load_format dummy makes each HF tensor whole from its name and cuts it: TP=2's experts and columns are TP=1's
+    (so TP=1 and TP=2 engines on dummy weights run the same model and their greedy tokens can be compared)."""
+    one = load_for_inference("tiny", torch.device("cpu"), torch.float32, dummy=True).state_dict()
+    two = [load_for_inference("tiny", torch.device("cpu"), torch.float32, ShardGroup(r, 2), dummy=True).state_dict()
+           for r in range(2)]
+    name = "model.layers.1.mlp.gate_proj"  # stacked experts: rank r holds experts [r E/2, (r + 1) E/2)
+    assert torch.equal(torch.cat([two[0][name], two[1][name]]), one[name])
+    rows = one["model.word_embeddings.weight"]  # vocabulary rows, the last shard zero-padded
+    cat = torch.cat([two[0]["model.word_embeddings.weight"], two[1]["model.word_embeddings.weight"]])
+    assert torch.equal(cat[: rows.shape[0]], rows)
+    assert not torch.equal(two[0][name], two[1][name])

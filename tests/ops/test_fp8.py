@@ -171,3 +171,47 @@ def test_fp8_linear_gpu():
     starts = [0, 64, 64, 160]
     ref = torch.cat([xs.float()[a:b] @ we[e].t() for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
     assert _rel(ys, ref) < 6e-2
+
+
+@pytest.mark.parametrize("M,H", [(37, 384), (130, 256)])
+def test_rmsnorm_quantize_emits_the_norm_and_rstd(M, H):
+    """emit_norm: the same FP8 values and scales, plus rmsnorm(x) * w in x's dtype and 1/rms per row."""
+    x, w = (torch.randn(M, H) * 5).to(torch.bfloat16).to(DEV), torch.randn(H, device=DEV)
+    y, s = rmsnorm_quantize(x, w, 1e-6)
+    y2, s2, h, rstd = rmsnorm_quantize(x, w, 1e-6, emit_norm=True)
+    assert torch.equal(y2.float(), y.float()) and torch.equal(s2, s)
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert h.dtype == torch.bfloat16 and _rel(h, ref * w) < 1e-2
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6), rtol=1e-5, atol=0)
+
+
+def test_fp8_rmsnorm_fn_matches_rmsnorm_forward_and_backward():
+    """Fp8RMSNormFn: h and its gradients (x, weight) are RMSNorm's; its FP8 output (rows padded to 128) is
+    h's 1x128 quantization."""
+    from ringlinear.ops.fp8.linear import Fp8RMSNormFn
+    from ringlinear.ops.rmsnorm import naive_rmsnorm
+
+    M, H = 70, 256
+    x = (torch.randn(M, H, device=DEV) * 3).bfloat16().requires_grad_()
+    w = (1 + 0.1 * torch.randn(H, device=DEV)).requires_grad_()
+    h, x8, sx = Fp8RMSNormFn.apply(x, w, 1e-6)
+    assert x8.shape == (128, H) and sx.shape == (128, H // 128) and x8.dtype == torch.float8_e4m3fn
+    xr, wr = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = naive_rmsnorm(xr, wr, 1e-6)
+    assert _rel(h, ref) < 1e-2
+    assert _rel(dequantize_1x128(x8[:M], sx[:M]), ref) < 0.05 and (x8[M:].float() == 0).all()
+    dh = torch.randn_like(ref)
+    h.backward(dh.bfloat16())
+    ref.backward(dh.bfloat16().float())
+    assert _rel(x.grad, xr.grad) < 2e-2 and _rel(w.grad, wr.grad) < 2e-2
+
+
+def test_naive_fp8_gemm_blockwise_is_the_dequantized_product():
+    from ringlinear.ops.fp8.gemm import blockwise_scale_b
+    from ringlinear.ops.fp8.naive import naive_fp8_gemm_blockwise, quantize_1x128, quantize_128x128
+
+    a, b = torch.randn(128, 256), torch.randn(384, 256)
+    (a8, sa), (b8, sb) = quantize_1x128(a), quantize_128x128(b)
+    out = naive_fp8_gemm_blockwise(a8, sa, b8, sb, torch.float32)
+    assert _rel(out, a @ b.t()) < 0.05
+    assert torch.equal(naive_fp8_gemm_blockwise(a8, sa, b8, blockwise_scale_b(sb), torch.float32, sb_prepared=True), out)

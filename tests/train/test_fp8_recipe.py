@@ -200,3 +200,91 @@ def test_fp8_recipe_whole_model_gpu():
     got.backward()
     assert abs(got.item() - want.item()) < 0.05 * abs(want.item())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+# ---- the RMSNorm -> FP8 projection fusion ---------------------------------------------------------------------
+def _fused_vs_unfused(monkeypatch, device):
+    """Forward + backward of one tiny model (linear layers, softmax layer, dense MLP, shared experts all FP8-sized)
+    in BF16 (key None) and with the recipe, its norms unfused (False) and fused (True); per run: the output, the
+    gradients, and the calls of each activation quantizer in the forward."""
+    import copy
+
+    import ringlinear.ops.fp8.linear as fp8_linear
+    from ringlinear.layers.attention_context import PackedContext
+    from ringlinear.train import fp8_recipe
+
+    calls = {}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(fp8_linear, "quantize_transpose", counted("quantize_transpose", fp8_linear.quantize_transpose))
+    monkeypatch.setattr(fp8_linear, "rmsnorm_quantize", counted("rmsnorm_quantize", fp8_linear.rmsnorm_quantize))
+    cfg = preset("tiny", num_hidden_layers=3, moe_shared_expert_intermediate_size=128,
+                 num_nextn_predict_layers=0)
+    base = init_model(cfg, seed=2, device=device, dtype="bfloat16")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (100,), generator=g).to(device)
+    ctx = PackedContext.from_lens([60, 40], device)
+    out = {}
+    for fuse in (None, False, True):  # None: BF16, no recipe
+        model = copy.deepcopy(base)
+        counts = {} if fuse is None else fp8_recipe.apply_fp8_recipe(model, experts=False, fuse_norms=fuse)
+        calls.clear()
+        h = model.model(ids, ctx)
+        fwd = dict(calls)
+        loss = h.float().pow(2).mean()
+        loss.backward()
+        out[fuse] = {"counts": counts, "fwd_calls": fwd, "h": h.detach().float(),
+                     "grads": {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}}
+    return out
+
+
+def _check_fusion(out):
+    """The fused path is as close to BF16 as the unfused one (both FP8; they differ by where the norm's values are
+    rounded before quantizing), and the fusion ran: the norms' kernel, no second quantization of its output."""
+    bf16, plain, fused = out[None], out[False], out[True]
+    # 3 layers: 3 input norms (qkv + g_proj of the linear layers, qkv of the softmax one), 3 post-attention norms
+    # (the dense MLP, the shared experts of the 2 MoE layers)
+    assert plain["counts"]["fp8_norms"] == 0 and fused["counts"]["fp8_norms"] == 6
+    assert plain["fwd_calls"].get("rmsnorm_quantize", 0) == 0 and fused["fwd_calls"]["rmsnorm_quantize"] == 6
+    # every projection reading a norm took its FP8 rows instead of quantizing: 2 + 2 + 1 (attention) + 3 (MLPs)
+    assert plain["fwd_calls"]["quantize_transpose"] - fused["fwd_calls"].get("quantize_transpose", 0) == 8
+    err_plain, err_fused = _rel(plain["h"], bf16["h"]), _rel(fused["h"], bf16["h"])
+    print(f"output vs BF16: unfused FP8 {err_plain:.4f}, fused FP8 {err_fused:.4f}; fused vs unfused "
+          f"{_rel(fused['h'], plain['h']):.4f}")
+    assert err_fused < 1.25 * err_plain and err_fused < 0.15
+    assert plain["grads"].keys() == fused["grads"].keys() == bf16["grads"].keys()
+    worst = []
+    for name, g in bf16["grads"].items():
+        assert torch.isfinite(fused["grads"][name]).all(), name
+        worst.append((_rel(fused["grads"][name], g), _rel(plain["grads"][name], g), name))
+    # each gradient: the fused path's error against BF16 within 1.25x the unfused one's (+ a floor for the tiny ones)
+    for e_fused, e_plain, name in worst:
+        assert e_fused < 1.25 * e_plain + 0.02, (name, e_fused, e_plain)
+
+
+def test_fused_norm_fp8_recipe_cpu_reference_gemm(monkeypatch):
+    """On the CPU (Triton kernels in the interpreter; the FP8 GEMM, which has no CPU kernel, replaced by its
+    dequantize-then-fp32 reference `naive_fp8_gemm_blockwise`): the recipe with the norms fused computes what it
+    computes unfused, within FP8 rounding (the fused norm quantizes its fp32 values, the unfused path the bf16
+    ones), and the fusion is really used: the norms' kernel runs and the projections quantize nothing it made."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU variant; the GPU runs test_fused_norm_fp8_recipe_gpu")
+    import ringlinear.ops.fp8.linear as fp8_linear
+    from ringlinear.ops.fp8.naive import naive_fp8_gemm_blockwise
+    from ringlinear.train import fp8_recipe
+
+    monkeypatch.setattr(fp8_linear, "fp8_gemm_blockwise", naive_fp8_gemm_blockwise)
+    monkeypatch.setattr(fp8_recipe, "require_fp8", lambda device: None)
+    _check_fusion(_fused_vs_unfused(monkeypatch, "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_norm_fp8_recipe_gpu(monkeypatch):
+    """The same on the GPU with the real FP8 GEMMs."""
+    _check_fusion(_fused_vs_unfused(monkeypatch, "cuda"))

@@ -302,3 +302,31 @@ def test_step_loss_is_the_mean_over_all_targets_of_its_micro_batches(corpus):
     want = (2 * c["lm_loss"] + 40 * d["lm_loss"]).item() / 42
     assert rec["targets"] == 42 and abs(rec["lm_loss"] - want) < 1e-5 * want
     assert abs(rec["lm_loss"] - (c["lm_loss"] + d["lm_loss"]).item() / 2) > 1e-3  # not the mean of the means
+
+
+def test_init_device_draws_on_the_trainers_device(corpus):
+    """init_device "device": the preset's weights drawn where the trainer runs (here the CPU: the very weights of
+    "cpu"); anything else is refused."""
+    with pytest.raises(ValueError, match="init_device"):
+        _cfg(corpus, init_device="gpu").validate()
+    a, b = (Trainer(_cfg(corpus, init_device=d, save_dir=None)) for d in ("cpu", "device"))
+    try:
+        for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+            assert torch.equal(p, q), n
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_init_on_the_gpu_is_seeded():
+    """init_model on a GPU: the same seed gives the same weights, another seed others; std as configured."""
+    from ringlinear.model import init_model
+
+    c = preset("tiny")
+    a, b, d = (init_model(c, seed=s, device="cuda", dtype="float32") for s in (3, 3, 4))
+    w = "model.layers.1.mlp.gate_proj"
+    assert torch.equal(a.state_dict()[w], b.state_dict()[w])
+    assert not torch.equal(a.state_dict()[w], d.state_dict()[w])
+    assert abs(a.state_dict()[w].std().item() - c.initializer_range) < 0.1 * c.initializer_range

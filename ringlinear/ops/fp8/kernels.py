@@ -112,9 +112,10 @@ def swiglu_quantize(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @triton.jit
-def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, M, H: tl.constexpr, eps, BM: tl.constexpr,
-                          BH: tl.constexpr):
-    # One block of BM rows, the whole hidden dim in registers (H <= 8192): norm, then per-128 amax.
+def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, h_ptr, rstd_ptr, M, H: tl.constexpr, eps, BM: tl.constexpr,
+                          BH: tl.constexpr, EMIT_NORM: tl.constexpr):
+    # One block of BM rows, the whole hidden dim in registers (H <= 8192): norm, then per-128 amax; with EMIT_NORM
+    # also the normalised rows in x's dtype and 1/rms (what the weight-gradient GEMM and the norm's backward read).
     pm = tl.program_id(0)
     rm = pm * BM + tl.arange(0, BM)
     rh = tl.arange(0, BH)
@@ -123,6 +124,9 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, M, H: tl.constexpr, eps, B
     w = tl.load(w_ptr + rh, mask=rh < H, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)
     y = x * rstd[:, None] * w[None, :]
+    if EMIT_NORM:
+        tl.store(h_ptr + rm[:, None] * H + rh[None, :], y.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rm, rstd, mask=rm < M)
     y3 = tl.reshape(y, (BM, BH // 128, 128))
     s = _div(tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-12), 448.0)  # [BM, BH/128]
     q = tl.reshape(_round_e4m3(tl.clamp(_div(y3, s[:, :, None]), -448.0, 448.0)), (BM, BH))
@@ -131,8 +135,10 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, M, H: tl.constexpr, eps, B
     tl.store(s_ptr + rm[:, None] * (H // 128) + rb[None, :], s, mask=(rm[:, None] < M) & (rb[None, :] < H // 128))
 
 
-def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, H] (H % 128 == 0, H <= 8192), weight: [H] -> (y8 [M, H] e4m3, s [M, H/128]) of rmsnorm(x) * w."""
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, emit_norm: bool = False):
+    """x: [M, H] (H % 128 == 0, H <= 8192), weight: [H] -> (y8 [M, H] e4m3, s [M, H/128]) of rmsnorm(x) * w; with
+    `emit_norm` also (h [M, H] in x's dtype: rmsnorm(x) * w itself, rstd [M] fp32: 1 / rms of each row), from the
+    same pass over x."""
     if x.dim() != 2 or x.shape[1] % BLOCK or x.shape[1] > 8192 or weight.shape != (x.shape[1],):
         raise ValueError(f"rmsnorm_quantize: need x [M, H], H % 128 == 0, H <= 8192, weight [H]; got "
                          f"{tuple(x.shape)}, {tuple(weight.shape)}")
@@ -140,11 +146,14 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     M, H = x.shape
     y = torch.empty(M, H, dtype=FP8, device=x.device)
     s = torch.empty(M, H // BLOCK, dtype=torch.float32, device=x.device)
+    h = torch.empty_like(x) if emit_norm else y
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device) if emit_norm else s
     BH = triton.next_power_of_2(H)
     BM = max(1, min(16, 8192 // BH))
-    _rmsnorm_quant_kernel[(triton.cdiv(M, BM),)](x, weight.contiguous(), y, s, M, H, eps, BM=BM, BH=BH,
-                                                num_warps=8)
-    return y, s
+    if M:
+        _rmsnorm_quant_kernel[(triton.cdiv(M, BM),)](x, weight.contiguous(), y, s, h, rstd, M, H, eps, BM=BM, BH=BH,
+                                                    EMIT_NORM=emit_norm, num_warps=8)
+    return (y, s, h, rstd) if emit_norm else (y, s)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from ringlinear.ops.fp8.kernels import (
     quantize_rows,
     quantize_rows_cat,
     quantize_transpose,
+    rmsnorm_quantize,
     swiglu_quantize,
     swiglu_quantize_rows,
 )
@@ -27,6 +28,38 @@ from ringlinear.ops.swiglu import swiglu_backward
 def _pad_rows(x: torch.Tensor, multiple: int = 128) -> torch.Tensor:
     pad = (-x.shape[0]) % multiple
     return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def quantize_activation(x: torch.Tensor, pre: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (x8 [Mp, K], sx [Mp, K/128]) 1x128, rows padded to a multiple of 128 (the GEMMs' operand);
+    `pre`: that quantization already made (by the RMSNorm before the projection: `Fp8RMSNormFn`), used as is."""
+    if pre is not None:
+        return pre
+    return quantize_transpose(_pad_rows(x.to(torch.bfloat16)), transpose=False)
+
+
+class Fp8RMSNormFn(torch.autograd.Function):
+    """h = rmsnorm(x) * w, x: [M, H] (H % 128 == 0, H <= 8192), and from the same pass over x its 1x128 FP8
+    quantization (x8 [Mp, H], sx [Mp, H/128], rows padded to a multiple of 128: `quantize_activation`'s layout)
+    for the FP8 projections that read h (`rmsnorm_quantize`). The quantization is returned without gradient; the
+    backward is the RMSNorm's own (the fused kernel, from the saved 1/rms)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        M = x.shape[0]
+        x8, sx, h, rstd = rmsnorm_quantize(_pad_rows(x), weight, eps, emit_norm=True)
+        ctx.save_for_backward(x, weight, rstd[:M])
+        ctx.mark_non_differentiable(x8, sx)
+        return h[:M], x8, sx
+
+    @staticmethod
+    def backward(ctx, dh, _dx8, _dsx):
+        from ringlinear.ops.rmsnorm.fused import rmsnorm_backward
+
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rmsnorm_backward(x.contiguous(), weight, rstd, dh)
+        return dx, dw, None
 
 
 def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,9 +74,9 @@ class Fp8LinearFn(torch.autograd.Function):
     """x: [M, K] bf16, w: [N, K] (K, N % 128 == 0) with its `quantize_weight_blocks` -> [M, N] bf16."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, w8, sw, w8t, swt):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, w8, sw, w8t, swt, pre=None):
         M = x.shape[0]
-        x8, sx = quantize_transpose(_pad_rows(x.to(torch.bfloat16)), transpose=False)
+        x8, sx = quantize_activation(x, pre)
         ctx.save_for_backward(x, w8t, swt)
         ctx.w_dtype = w.dtype
         return fp8_gemm_blockwise(x8, sx, w8, sw, sb_prepared=True)[:M]
@@ -56,14 +89,16 @@ class Fp8LinearFn(torch.autograd.Function):
         dy8, sdy = quantize_transpose(_pad_rows(dy), transpose=False)
         dx = fp8_gemm_blockwise(dy8, sdy, w8t, swt, sb_prepared=True)[:M]
         dw = (dy.t() @ x.to(torch.bfloat16)).to(ctx.w_dtype)
-        return dx.to(x.dtype), dw, None, None, None, None
+        return dx.to(x.dtype), dw, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               wq: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """x: [..., K] -> [..., N] through `Fp8LinearFn`; `wq`: the weight's `quantize_weight_blocks` if known."""
+               wq: tuple[torch.Tensor, ...] | None = None,
+               pre: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] through `Fp8LinearFn`; `wq`: the weight's `quantize_weight_blocks` if known; `pre`:
+    x's own quantization if already made (`quantize_activation`)."""
     wq = wq if wq is not None else quantize_weight_blocks(weight)
-    y = Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, *wq).view(*x.shape[:-1], weight.shape[0])
+    y = Fp8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, *wq, pre).view(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None else y
 
 
@@ -85,15 +120,16 @@ def quantize_swiglu_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
 
 class Fp8SwiGLUFn(torch.autograd.Function):
     """y = (silu(x Wg^T) * (x Wu^T)) Wd^T. x: [M, H] bf16; w_gate, w_up: [I, H]; w_down: [H, I] (H, I % 128 == 0)
-    with their `quantize_swiglu_weights` -> [M, H]. Forward: x quantized once (1x128) for one FP8 GEMM against
+    with their `quantize_swiglu_weights` (and `pre`: x's quantization if already made) -> [M, H]. Forward: x
+    quantized once (1x128) for one FP8 GEMM against
     [gate; up], SwiGLU + quantize in one Triton pass, FP8 down GEMM. Backward: both input-gradient GEMMs FP8,
     the weight gradients BF16 (as `Fp8LinearFn`)."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, w13_8, s13, w13_8t, s13t, w2_8, s2, w2_8t, s2t):
+    def forward(ctx, x, w_gate, w_up, w_down, w13_8, s13, w13_8t, s13t, w2_8, s2, w2_8t, s2t, pre=None):
         M, n_i = x.shape[0], w_gate.shape[0]
         xb = x.to(torch.bfloat16)
-        x8, sx = quantize_transpose(_pad_rows(xb), transpose=False)
+        x8, sx = quantize_activation(xb, pre)
         gu = fp8_gemm_blockwise(x8, sx, w13_8, s13, sb_prepared=True)  # [Mp, 2I]
         h8, sh = swiglu_quantize(gu[:, :n_i], gu[:, n_i:])
         y = fp8_gemm_blockwise(h8, sh, w2_8, s2, sb_prepared=True)[:M]
@@ -116,7 +152,7 @@ class Fp8SwiGLUFn(torch.autograd.Function):
         dx = fp8_gemm_blockwise(dgu8, sdgu, w13_8t, s13t, sb_prepared=True)[:M]
         dw13 = dgu[:M].t() @ xb  # [2I, H]
         return (dx.to(x_dt), dw13[:n_i].to(g_dt), dw13[n_i:].to(u_dt), dw_down.to(d_dt),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def quantize_expert_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):

@@ -83,6 +83,16 @@ def naive_rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     return quantize_1x128(y)
 
 
+def naive_fp8_gemm_blockwise(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+                             out_dtype: torch.dtype = torch.bfloat16, sb_prepared: bool = False) -> torch.Tensor:
+    """Reference of `ringlinear.ops.fp8.gemm.fp8_gemm_blockwise` (same arguments): both operands dequantized, one
+    fp32 GEMM. `sb_prepared`: sb in cuBLAS's layout (`blockwise_scale_b`: [K/128 padded to 4, N/128] transposed)."""
+    N, K = b8.shape
+    sb = sb.t()[:, : K // BLOCK] if sb_prepared else sb
+    a = dequantize_1x128(a8, sa.float().contiguous())
+    return (a @ dequantize_128x128(b8, sb.float().contiguous()).t()).to(out_dtype)
+
+
 def naive_fp8_grouped_gemm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
                          offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Readable reference: one fp32 GEMM per expert over its token rows."""

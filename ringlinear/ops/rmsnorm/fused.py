@@ -94,20 +94,28 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        G, N = ctx.G, ctx.N
-        M = x2.shape[0]
-        dy2 = dy.reshape(M, G * N).contiguous()
-        dx = torch.empty_like(x2)
-        if not M:
-            return dx.view(ctx.shape), torch.zeros_like(weight), None, None
-        BM, BG, BN = _tiles(G, N)
-        tiles = triton.cdiv(M, BM)
-        per_prog = triton.cdiv(tiles, min(tiles, CONFIG["bwd_programs_per_sm"] * _sm_count(x2.device)))
-        programs = triton.cdiv(tiles, per_prog)
-        dw = torch.empty(programs, G * N, dtype=torch.float32, device=x2.device)  # every program writes its row
-        _bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw, M, per_prog, G=G, N=N, BM=BM, BG=BG, BN=BN,
-                                 num_warps=CONFIG["num_warps"])
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None, None
+        dx, dw = rmsnorm_backward(x2, weight, rstd, dy, ctx.G, ctx.N)
+        return dx.view(ctx.shape), dw, None, None
+
+
+def rmsnorm_backward(x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, G: int = 1,
+                     N: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [M, G N], dweight) of y = rmsnorm(x) * w from the forward's rows x2: [M, G N], its rstd: [M, G] fp32 and
+    dy (any shape of M G N elements)."""
+    M = x2.shape[0]
+    N = N or x2.shape[1] // G
+    dy2 = dy.reshape(M, G * N).contiguous()
+    dx = torch.empty_like(x2)
+    if not M:
+        return dx, torch.zeros_like(weight)
+    BM, BG, BN = _tiles(G, N)
+    tiles = triton.cdiv(M, BM)
+    per_prog = triton.cdiv(tiles, min(tiles, CONFIG["bwd_programs_per_sm"] * _sm_count(x2.device)))
+    programs = triton.cdiv(tiles, per_prog)
+    dw = torch.empty(programs, G * N, dtype=torch.float32, device=x2.device)  # every program writes its row
+    _bwd_kernel[(programs,)](x2, weight, dy2, rstd.reshape(M, G).contiguous(), dx, dw, M, per_prog, G=G, N=N, BM=BM,
+                             BG=BG, BN=BN, num_warps=CONFIG["num_warps"])
+    return dx, dw.sum(0).to(weight.dtype)
 
 
 def _sm_count(device: torch.device) -> int:
