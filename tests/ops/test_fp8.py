@@ -74,6 +74,7 @@ def test_swiglu_quantize_kernel(M, inter):
 
 @pytest.mark.parametrize("M,H", [(37, 384), (16, 256)])
 def test_rmsnorm_quantize_kernel(M, H):
+    torch.manual_seed(M)  # the bound below is on a count of rare one-step roundings: fixed inputs, fixed count
     x, w = (torch.randn(M, H) * 5).to(torch.bfloat16).to(DEV), torch.randn(H, device=DEV)
     (y, s), (ry, rs) = rmsnorm_quantize(x, w, 1e-6), naive_rmsnorm_quantize(x, w, 1e-6)
     torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)

@@ -17,7 +17,7 @@ _EPS = 1e-12
 
 
 @triton.jit
-def _div(a, b):
+def fast_div(a, b):
     # `/` compiles to the GPU's fast division (within 2 ulp of IEEE; exact in the interpreter): a value at an
     # e4m3 rounding tie can land one step away from torch's, which the GPU tests allow (IEEE division costs these
     # memory-bound kernels 2-2.5x: benchmarks/NOTES_kernels.md).
@@ -25,7 +25,7 @@ def _div(a, b):
 
 
 @triton.jit
-def _round_e4m3(y):
+def round_e4m3(y):
     # Round fp32 (|y| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic: the final cast
     # is then exact, so every backend (GPU cvt.rn, the CPU interpreter's emulation, which mis-rounds
     # carries) stores the same bits as torch's `.to(float8_e4m3fn)`.
@@ -33,7 +33,7 @@ def _round_e4m3(y):
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)  # e4m3 subnormals share the 2^-9 spacing of the lowest binade
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    q = (_div(a, ulp) + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to an integer, ties to even
+    q = (fast_div(a, ulp) + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to an integer, ties to even
     return tl.where(y < 0, -q * ulp, q * ulp)
 
 
@@ -47,13 +47,13 @@ def _quant_transpose_kernel(x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s = _div(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(x, s[:, None]), -448.0, 448.0))
+    s = fast_div(tl.maximum(tl.max(ax, axis=1), 1e-12), 448.0)
+    y = round_e4m3(tl.clamp(fast_div(x, s[:, None]), -448.0, 448.0))
     tl.store(y_ptr + rm[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pk * M + rm, s, mask=rm < M)  # M-major, the layout the blockwise GEMM reads
     if TRANSPOSE:
-        st = _div(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
-        yt = _round_e4m3(tl.clamp(_div(x, st[None, :]), -448.0, 448.0))
+        st = fast_div(tl.maximum(tl.max(ax, axis=0), 1e-12), 448.0)
+        yt = round_e4m3(tl.clamp(fast_div(x, st[None, :]), -448.0, 448.0))
         nmb = tl.cdiv(M, BM)
         tl.store(yt_ptr + rk[None, :] * M + rm[:, None], yt.to(yt_ptr.dtype.element_ty), mask=mask)
         tl.store(st_ptr + rk * nmb + pm, st, mask=rk < K)
@@ -88,8 +88,8 @@ def _swiglu_quant_kernel(g_ptr, u_ptr, y_ptr, s_ptr, M, N_I, stride_in, BM: tl.c
     g = tl.load(g_ptr + off_in, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off_in, mask=mask, other=0.0).to(tl.float32)
     h = g * tl.sigmoid(g) * u
-    s = _div(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(h, s[:, None]), -448.0, 448.0))
+    s = fast_div(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-12), 448.0)
+    y = round_e4m3(tl.clamp(fast_div(h, s[:, None]), -448.0, 448.0))
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pk * M + rm, s, mask=rm < M)  # M-major, as the blockwise GEMM reads it
 
@@ -128,8 +128,8 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, s_ptr, h_ptr, rstd_ptr, M, H: tl.
         tl.store(h_ptr + rm[:, None] * H + rh[None, :], y.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + rm, rstd, mask=rm < M)
     y3 = tl.reshape(y, (BM, BH // 128, 128))
-    s = _div(tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-12), 448.0)  # [BM, BH/128]
-    q = tl.reshape(_round_e4m3(tl.clamp(_div(y3, s[:, :, None]), -448.0, 448.0)), (BM, BH))
+    s = fast_div(tl.maximum(tl.max(tl.abs(y3), axis=2), 1e-12), 448.0)  # [BM, BH/128]
+    q = tl.reshape(round_e4m3(tl.clamp(fast_div(y3, s[:, :, None]), -448.0, 448.0)), (BM, BH))
     tl.store(y_ptr + rm[:, None] * H + rh[None, :], q.to(y_ptr.dtype.element_ty), mask=mask)
     rb = tl.arange(0, BH // 128)
     tl.store(s_ptr + rm[:, None] * (H // 128) + rb[None, :], s, mask=(rm[:, None] < M) & (rb[None, :] < H // 128))
@@ -173,8 +173,8 @@ def _quant_rows_kernel(x_ptr, y_ptr, s_ptr, M, K, rows_per_group, dst_group_rows
         x = g * tl.sigmoid(g) * u
     else:
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _div(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(x, s[:, None]), -448.0, 448.0))
+    s = fast_div(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)
+    y = round_e4m3(tl.clamp(fast_div(x, s[:, None]), -448.0, 448.0))
     dst = (rm // rows_per_group) * dst_group_rows + dst_row0 + rm % rows_per_group
     tl.store(y_ptr + dst[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + dst, s, mask=rm < M)
@@ -242,8 +242,8 @@ def _quant_block_kernel(w_ptr, y_ptr, s_ptr, N, K, BN: tl.constexpr, BK: tl.cons
     rn = pn * BN + tl.arange(0, BN)
     rk = pk * BK + tl.arange(0, BK)
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :]).to(tl.float32)
-    s = _div(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(w, s), -448.0, 448.0))
+    s = fast_div(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12), 448.0)
+    y = round_e4m3(tl.clamp(fast_div(w, s), -448.0, 448.0))
     tl.store(y_ptr + rn[:, None] * K + rk[None, :], y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + pn * (K // BK) + pk, s)
 

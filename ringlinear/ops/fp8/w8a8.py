@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ringlinear.ops.backend import interpreting
-from ringlinear.ops.fp8.kernels import _div, _round_e4m3
+from ringlinear.ops.fp8.kernels import fast_div, round_e4m3
 from ringlinear.ops.fp8.naive import BLOCK, FP8
 from ringlinear.ops.triton_common import round_cast
 
@@ -30,8 +30,8 @@ def _quant_groups_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, G, BM: tl.constex
     rk = pg * BK + tl.arange(0, BK)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _div(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)
-    y = _round_e4m3(tl.clamp(_div(x, s[:, None]), -448.0, 448.0))
+    s = fast_div(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)
+    y = round_e4m3(tl.clamp(fast_div(x, s[:, None]), -448.0, 448.0))
     tl.store(y_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rm * G + pg, s, mask=rm < M)
 
