@@ -94,19 +94,42 @@ def apply_torchao(tr) -> str:
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"), module_filter_fn=dense)
     what = "dense: Float8Linear rowwise"
     try:
-        from torchao.prototype.moe_training.conversion_utils import MoETrainingConfig
-        from torchao.quantization.quant_api import quantize_
-
         from ringlinear.layers.moe import MoE
 
-        quantize_(model, MoETrainingConfig(), filter_fn=lambda mod, fqn: isinstance(mod, MoE))
-        what += "; experts: torchao scaled grouped GEMM"
+        n = _torchao_experts(model, MoE)
+        what += f"; experts: torchao scaled grouped GEMM (rowwise FP8, {n} MoE layers)"
     except Exception as e:  # noqa: BLE001 - the prototype's API moves between releases: say what happened
         what += f"; experts: BF16 (torchao MoE path unavailable: {type(e).__name__}: {str(e)[:120]})"
     tr.master = MasterWeights(list(model.parameters()))
     tr.optimizer = make_adamw(tr.master, tr.cfg.lr, tr.cfg.betas, tr.cfg.weight_decay, tr.device, False)
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
     return what
+
+
+def _torchao_experts(model, moe_cls) -> int:
+    """The routed experts' stacked weights wrapped in torchao's training tensor, whose `torch._grouped_mm` (our
+    BF16 expert path) runs rowwise FP8 (torchao 0.18: `moe_training.config.Float8TrainingOpConfig`; before it:
+    `MoETrainingConfig` through `quantize_`). Only the three expert tensors: quantize_ would wrap every parameter
+    under the MoE, the fp32 router and the shared experts included."""
+    try:
+        from torchao.prototype.moe_training.config import Float8TrainingOpConfig, Float8TrainingRecipe
+        from torchao.prototype.moe_training.tensor import Float8TrainingWeightWrapperTensor
+    except ImportError:
+        from torchao.prototype.moe_training.conversion_utils import MoETrainingConfig
+        from torchao.quantization.quant_api import quantize_
+
+        quantize_(model, MoETrainingConfig(), filter_fn=lambda mod, fqn: isinstance(mod, moe_cls))
+        return sum(isinstance(m, moe_cls) for m in model.modules())
+    cfg = Float8TrainingOpConfig.from_recipe(Float8TrainingRecipe.FP8_ROWWISE)
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, moe_cls):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                p = getattr(mod, name)
+                setattr(mod, name, torch.nn.Parameter(Float8TrainingWeightWrapperTensor(p.data, cfg),
+                                                      requires_grad=p.requires_grad))
+            n += 1
+    return n
 
 
 def stack_flops_per_token(config, seq_len: int) -> float:
