@@ -84,8 +84,11 @@ def _time_collectives(rank: int, world: int, port: int, backend: str, ops: list,
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    import datetime
+
+    # a rank that fails must not leave the others waiting for ever
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device if cuda else None)
+                            device_id=device if cuda else None, timeout=datetime.timedelta(seconds=60))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     result = {}
     for op, numel, dtype_name in ops:
@@ -97,14 +100,20 @@ def _time_collectives(rank: int, world: int, port: int, backend: str, ops: list,
         how = "eager"
         run = None
         if cuda:  # the engine decodes under CUDA graphs: time the collectives the same way
-            try:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+            g = torch.cuda.CUDAGraph()
+            try:  # thread_local: NCCL's watchdog thread queries events while this thread captures (as the engine)
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
                     for _ in range(reps):
                         one()
-                run, how = g.replay, "graph"
+                ok = 1
             except Exception:  # noqa: BLE001 - eager timing below, recorded as such
                 torch.cuda.synchronize()
+                ok = 0
+            # every rank replays graphs or every rank runs eagerly: mixed, their collectives would not pair up
+            flag = torch.tensor([ok], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item():
+                run, how = g.replay, "graph"
         if run is None:
             run = partial(_repeat, one, reps)
         run()
