@@ -4,6 +4,7 @@ SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -111,6 +112,7 @@ class LLMEngine:
                 self.runner.capture(config.max_num_seqs, config.verbose)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens, k)
         self.spec_stats = SpecStats()
+        self._spec_logged = (time.monotonic(), SpecStats())  # the verbose log's last line: when, and the counts
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         self._texts: dict[int, str] = {}
@@ -353,7 +355,21 @@ class LLMEngine:
         finally:
             sched.defer_release = False
             sched.release_finished()
+        self._log_spec_stats()
         return [RequestOutput.of(req) for req in touched.values()]
+
+    def _log_spec_stats(self, every_s: float = 10.0) -> None:
+        """With `verbose`, every `every_s` seconds of work: the acceptance rate and tokens per verify step since the
+        last line and since start."""
+        when, last = self._spec_logged
+        now, st = time.monotonic(), self.spec_stats
+        if not self.engine_config.verbose or now - when < every_s or st.verify_steps == last.verify_steps:
+            return
+        delta = SpecStats(*(a - b for a, b in zip(dataclasses.astuple(st), dataclasses.astuple(last))))
+        print(f"[ringlinear engine] speculative decoding: acceptance {delta.acceptance_rate:.3f}, "
+              f"{delta.tokens_per_step:.2f} tokens per verify step over the last {now - when:.0f} s "
+              f"({st.acceptance_rate:.3f}, {st.tokens_per_step:.2f} since start)", flush=True)
+        self._spec_logged = (now, dataclasses.replace(st))
 
     def _verify(self, verify: list[tuple[Sequence, int]], logits: torch.Tensor, touched: dict[str, Request]
                 ) -> list[int]:
