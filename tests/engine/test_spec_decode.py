@@ -153,7 +153,8 @@ def test_n_greater_than_one(ckpt):
 
 def test_stops_and_mixed_requests(ckpt):
     """A stop token or max_tokens inside a run of accepted drafts cuts the output there; penalised and min_tokens
-    requests decode one token per step in the same batches; the results equal plain decoding."""
+    requests decode one token per step in the same batches; logit_bias applies to drafts and targets alike; prompt
+    logprobs come out of the same forward; the results equal plain decoding."""
     base = engine(ckpt).generate(PROMPTS, SamplingParams(max_tokens=20, **GREEDY))
     stop = base[0].outputs[0].token_ids[9]
     params = [SamplingParams(max_tokens=20, stop_token_ids=[stop], **GREEDY),
@@ -161,11 +162,12 @@ def test_stops_and_mixed_requests(ckpt):
               SamplingParams(max_tokens=20, repetition_penalty=1.3, **GREEDY),
               SamplingParams(max_tokens=20, min_tokens=12, stop_token_ids=[base[3].outputs[0].token_ids[3]],
                              **GREEDY),
-              SamplingParams(max_tokens=19, logit_bias={5: 2.0}, **GREEDY)]
+              SamplingParams(max_tokens=19, logit_bias={5: 2.0}, prompt_logprobs=1, **GREEDY)]
     ref = engine(ckpt).generate(PROMPTS, params)
     llm = engine(ckpt, num_speculative_tokens=3)
     outs = llm.generate(PROMPTS, params)
     assert tokens(outs) == tokens(ref)
+    assert [d and sorted(d) for d in outs[4].prompt_logprobs] == [d and sorted(d) for d in ref[4].prompt_logprobs]
     assert outs[0].outputs[0].finish_reason == "stop" and outs[0].outputs[0].token_ids[-1] == stop
     assert len(outs[1].outputs[0].token_ids) == 7
 
