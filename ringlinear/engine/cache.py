@@ -317,6 +317,7 @@ class PagedContext(AttentionContext):
         `lightning_verify` for them (outputs after each token, the pool not written) and keep their k, v for
         `commit`; the other sequences go through the usual chunked path."""
         self.num_verify, self.verify_len = num_verify, length
+        self.small_batch = num_verify == self.num_seqs  # verify rows only: MoE's small-batch kernels
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         tv, b = num_verify * length, self._bounds
         self._rest_bounds = [x - tv for x in b[num_verify:]]

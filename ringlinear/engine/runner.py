@@ -10,6 +10,8 @@ import torch
 from ringlinear.engine.cache import CacheLayout, HybridCache, PagedContext, plan_layout
 from ringlinear.layers.attention_context import PackedContext
 
+MTP_SMALL_BATCH_LEN = 16  # MTP forwards of at most this many positions per sequence take MoE's small-batch kernels
+
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, kv_dtype: torch.dtype, cache_config=None, mtp_kv_layers: int = 0):
@@ -136,6 +138,7 @@ class ModelRunner:
         model = self.model.model
         self.cache.flush()
         ctx = PagedContext.of_rows(self.cache, lens, starts, slots)
+        ctx.small_batch = max(lens) <= MTP_SMALL_BATCH_LEN
         ids = torch.tensor(next_ids, dtype=torch.long).to(self.device, non_blocking=True)
         return model.mtp[0](hidden, model.word_embeddings(ids), ctx)
 
