@@ -324,11 +324,13 @@ class PagedContext(AttentionContext):
         self._rest_cu = (self.cu_seqlens[num_verify:] - tv).contiguous()
 
     def commit(self, accepted: torch.Tensor) -> None:
-        """Advance the verifying sequences' states by their first `accepted[i]` tokens (`[num_verify]` int)."""
+        """Advance the verifying sequences' states by their first `accepted[i]` tokens (`[n <= num_verify]` int; rows
+        past n, a CUDA graph's padding, keep theirs)."""
         slots = self.slots[: self.num_verify]
+        if accepted.shape[0] < self.num_verify:
+            accepted = torch.cat([accepted, accepted.new_zeros(self.num_verify - accepted.shape[0])])
         for layer_idx, (k, v, g) in self.pending.items():
             lightning_commit(k, v, g, self.cache.states[layer_idx], slots, accepted)
-        self.pending = {}
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
         kv = self.cache.kv[layer_idx]

@@ -102,14 +102,11 @@ class LLMEngine:
         self.max_model_len = limit
         self.runner.set_max_model_len(limit)
         if self.device.type == "cuda" and not config.enforce_eager:
-            if k:
-                if config.verbose:  # every step needs the hidden states of all its positions for the MTP
-                    print("[ringlinear engine] speculative decoding: steps run eagerly (no CUDA graphs)")
-            elif forced_backend() == "torch":
+            if forced_backend() == "torch":
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
                     print("[ringlinear engine] backend torch: decode runs eagerly (no CUDA graphs)")
             else:
-                self.runner.capture(config.max_num_seqs, config.verbose)
+                self.runner.capture(config.max_num_seqs, config.verbose, verify_length=k + 1 if k else 0)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens, k)
         self.spec_stats = SpecStats()
         self._spec_logged = (time.monotonic(), SpecStats())  # the verbose log's last line: when, and the counts

@@ -25,6 +25,7 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.cache: HybridCache | None = None
         self.graphs = None
+        self.verify_graphs = None  # speculative decoding: ringlinear.engine.cuda_graphs.VerifyGraphs
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int,
@@ -68,9 +69,10 @@ class ModelRunner:
     def set_max_model_len(self, max_model_len: int) -> None:
         self.cache.set_max_model_len(max_model_len)
 
-    def capture(self, max_batch: int, verbose: bool = True) -> None:
-        """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""
-        from ringlinear.engine.cuda_graphs import DecodeGraphs
+    def capture(self, max_batch: int, verbose: bool = True, verify_length: int = 0) -> None:
+        """CUDA graphs for decode steps of up to `max_batch` sequences (with `verify_length` = k + 1: for verify
+        steps of k drafts per sequence instead); on failure, say so and stay eager."""
+        from ringlinear.engine.cuda_graphs import DecodeGraphs, VerifyGraphs
 
         dtype = next(self.model.parameters()).dtype
         if self.config.num_experts and dtype != torch.bfloat16:
@@ -79,13 +81,19 @@ class ModelRunner:
                   "sized on the host (bf16 runs grouped GEMMs); decode runs eagerly", flush=True)
             return
         try:
-            self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
+            if verify_length:
+                self.verify_graphs = VerifyGraphs(self.model, self.cache, max_batch, verify_length)
+            else:
+                self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down
-            self.graphs = None
+            self.graphs = self.verify_graphs = None
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
             return
         if verbose:
-            print(f"[ringlinear engine] decode under CUDA graphs, batch buckets {self.graphs.sizes}", flush=True)
+            what = (f"verify steps ({verify_length} positions per sequence; other steps eager)" if verify_length
+                    else "decode")
+            print(f"[ringlinear engine] {what} under CUDA graphs, batch buckets "
+                  f"{(self.verify_graphs or self.graphs).sizes}", flush=True)
 
     @torch.no_grad()
     def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int],
@@ -113,6 +121,9 @@ class ModelRunner:
         until `ctx.commit`). Returns the last hidden states before the final norm [T, hidden] (the MTP's input),
         fp32 logits [len(sampling_rows) + num_verify * (k + 1) + len(token_rows), V] in that order, and the
         context."""
+        vg = self.verify_graphs
+        if vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows and not token_rows:
+            return vg.run([seq for seq, _ in batch])
         ids = []
         for i, (seq, n) in enumerate(batch):
             nc = seq.num_computed

@@ -83,6 +83,27 @@ def test_greedy_equals_plain_decoding_on_ragged_batches(ckpt):
         assert cache.num_free_blocks() == cache.layout.num_blocks and len(cache.free_slots) == cache.layout.num_slots
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_verify_graph_buffers(ckpt, k):
+    """The CUDA-graph verify path's static buffers, padding rows (state slot -1, the pad block) and padded commit,
+    run eagerly on the CPU (`VerifyGraphs(capture=False)`): the same tokens as plain decoding, and verify-only steps
+    took that path."""
+    from ringlinear.engine.cuda_graphs import VerifyGraphs
+
+    sp = SamplingParams(max_tokens=19, **GREEDY)
+    base = engine(ckpt, max_num_seqs=6).generate(PROMPTS, sp)
+    llm = engine(ckpt, max_num_seqs=6, num_speculative_tokens=k)
+    runner = llm.engine.runner
+    runner.verify_graphs = vg = VerifyGraphs(runner.model, runner.cache, 6, k + 1, capture=False)
+    assert vg.sizes == [1, 2, 4, 6]
+    calls = []
+    run = vg.run
+    vg.run = lambda seqs: (calls.append(len(seqs)), run(seqs))[1]
+    assert tokens(llm.generate(PROMPTS, sp)) == tokens(base)
+    assert set(calls) >= {3, 5}  # padded buckets (4, 6) among them
+    assert llm.engine.spec_stats.accepted_tokens > 0
+
+
 def test_exact_mtp_is_always_accepted(exact_ckpt):
     sp = SamplingParams(max_tokens=21, **GREEDY)
     base = engine(exact_ckpt).generate(PROMPTS, sp)
