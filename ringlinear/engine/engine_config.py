@@ -64,7 +64,7 @@ class EngineConfig(ConfigBase):
     """Speculative decoding: tokens the model's MTP module drafts per sequence and step (0 = off), verified by one
     target forward of k + 1 positions per sequence (rejection sampling keeps the output distribution the target's;
     greedy gives exactly the tokens of plain decoding). Needs a model with MTP layers (num_nextn_predict_layers >=
-    1); steps then run eagerly (no CUDA graphs); not yet with tensor parallel."""
+    1); on CUDA, verify-only steps replay CUDA graphs and other steps run eagerly; not yet with tensor parallel."""
     quantization: str | None = None
     """fp8: quantize a bf16 checkpoint's projections and experts to e4m3 at load (128x128 block scales; activations
     quantized per 1x128 group at run time), half the weight bytes and faster decode. Checkpoints that ship FP8
