@@ -381,7 +381,7 @@ class LLMEngine:
                                          params, gens)
         L = logits.shape[1]
         want = [p.logprobs for p in params for _ in range(L)]
-        chosen = lp = None
+        chosen = None
         if any(p.logprobs is not None for p in params):
             ids = [t[j] if j < len(t) else 0 for t in tokens for j in range(L)]
             logp = torch.log_softmax(logits.reshape(len(seqs) * L, -1).float(), dim=-1)
