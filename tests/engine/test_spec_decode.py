@@ -104,7 +104,7 @@ def test_verify_graph_buffers(ckpt, k):
     assert llm.engine.spec_stats.accepted_tokens > 0
 
 
-def test_exact_mtp_is_always_accepted(exact_ckpt):
+def test_exact_mtp_is_always_accepted(exact_ckpt, capsys):
     sp = SamplingParams(max_tokens=21, **GREEDY)
     base = engine(exact_ckpt).generate(PROMPTS, sp)
     llm = engine(exact_ckpt, num_speculative_tokens=3)
@@ -113,6 +113,9 @@ def test_exact_mtp_is_always_accepted(exact_ckpt):
     assert st.acceptance_rate == 1.0 and st.draft_tokens == 3 * st.verify_steps > 0
     # 21 tokens: the first from the prompt, then 5 steps of 4 tokens each
     assert st.verify_steps == 5 * len(PROMPTS) and st.tokens_per_step == 4.0
+    llm.engine.engine_config.verbose = True  # the verbose log's line
+    llm.engine._log_spec_stats(every_s=0.0)
+    assert "speculative decoding: acceptance 1.000, 4.00 tokens per verify step" in capsys.readouterr().out
 
 
 def test_chunked_prefill_and_small_budget(ckpt):
