@@ -118,6 +118,21 @@ def test_exact_mtp_is_always_accepted(exact_ckpt, capsys):
     assert "speculative decoding: acceptance 1.000, 4.00 tokens per verify step" in capsys.readouterr().out
 
 
+def test_rejected_tokens_blocks_are_returned(ckpt):
+    """After every step each running sequence holds exactly the blocks of its computed tokens: the blocks grown for
+    rejected drafts went back at once."""
+    llm = engine(ckpt, num_speculative_tokens=3, block_size=2)
+    eng, cache = llm.engine, llm.engine.scheduler.cache
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=20, **GREEDY))
+    while eng.has_unfinished_requests():
+        eng.step()
+        for seq in eng.scheduler.running:
+            assert len(seq.block_table) == cache.blocks_for(seq.num_computed), (seq.num_computed, seq.block_table)
+    assert 0 < eng.spec_stats.accepted_tokens < eng.spec_stats.draft_tokens
+    assert cache.num_free_blocks() == cache.layout.num_blocks
+
+
 def test_chunked_prefill_and_small_budget(ckpt):
     """Prompts chunked over 6-token steps; a verify row of k + 1 = 4 tokens shares the budget with chunks and falls
     back to plain decoding when fewer than 4 tokens remain."""
