@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.attention(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, decode=ctx.is_decode) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, decode=ctx.is_decode or ctx.small_batch) if self.is_moe else self.mlp(h))
 
     def inference_forward(self, delta: torch.Tensor | None, residual: torch.Tensor, ctx: AttentionContext
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,8 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = add_rmsnorm(delta, residual, n1.weight, n1.eps)
         h, residual = add_rmsnorm(self.attention(h, ctx), residual, n2.weight, n2.eps)
-        return (self.mlp(h, decode=ctx.is_decode, inference=True) if self.is_moe else self.mlp(h)), residual
+        return (self.mlp(h, decode=ctx.is_decode or ctx.small_batch, inference=True) if self.is_moe
+                else self.mlp(h)), residual
 
 
 class MTPModule(nn.Module):

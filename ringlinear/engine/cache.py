@@ -14,7 +14,7 @@ import torch
 from ringlinear.accounting import cache_bytes
 from ringlinear.layers.attention_context import AttentionContext
 from ringlinear.ops.attention import cu_seqlens_from_lens, positions_from_lens
-from ringlinear.ops.lightning import lightning_attn, lightning_decode
+from ringlinear.ops.lightning import lightning_attn, lightning_commit, lightning_decode, lightning_verify
 from ringlinear.ops.paged_attention import paged_decode_attention, paged_prefill_attention
 
 
@@ -48,11 +48,13 @@ class CacheLayout:
 
 
 def plan_layout(config, budget_bytes: int, block_size: int, max_num_seqs: int, kv_dtype: torch.dtype,
-                prefix_state_interval: int | None = None) -> CacheLayout:
+                prefix_state_interval: int | None = None, mtp_kv_layers: int = 0) -> CacheLayout:
     """Split `budget_bytes` into `max_num_seqs` state slots and as many KV blocks as the rest holds. With
     `prefix_state_interval` (prefix caching on), the rest holds one prefix-cache snapshot per
-    `prefix_state_interval` tokens of KV: snapshots and cached blocks share the budget in that ratio."""
+    `prefix_state_interval` tokens of KV: snapshots and cached blocks share the budget in that ratio.
+    `mtp_kv_layers`: MTP softmax layers that keep KV in the same blocks (speculative decoding)."""
     kv, state = cache_bytes(config, kv_dtype)
+    kv += mtp_kv_layers * 2 * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
     rest = budget_bytes - max_num_seqs * state
     if rest <= 0:
         raise ValueError(f"cache budget {budget_bytes / 2**20:.0f} MiB cannot hold the recurrent states of "
@@ -82,14 +84,17 @@ class HybridCache:
     block). Free blocks wait in least-recently-freed order; a free block the prefix cache still indexes keeps its
     contents until it is taken again (`prefix.on_reuse` forgets it then). Past the running slots and blocks lie the
     prefix cache's snapshots: state slots `[num_slots, num_slots + num_snapshots)` and as many KV blocks after
-    `num_blocks` (each snapshot's partial last block); the pad block comes after those."""
+    `num_blocks` (each snapshot's partial last block); the pad block comes after those. With speculative decoding
+    the MTP module's softmax layer (index num_hidden_layers) has KV pages of its own in the same blocks: position t
+    holds the MTP layer's K/V for (h_t, x_{t+1}), so sharing, copy-on-write and snapshots carry it unchanged."""
 
-    def __init__(self, config, layout: CacheLayout, device, kv_dtype: torch.dtype):
+    def __init__(self, config, layout: CacheLayout, device, kv_dtype: torch.dtype, mtp_kv_layers: int = 0):
         self.config = config
         self.layout = layout
         self.block_size = layout.block_size
         self.device = torch.device(device)
         soft = [i for i in range(config.num_hidden_layers) if config.is_softmax_layer(i)]
+        soft += [config.num_hidden_layers + j for j in range(mtp_kv_layers)]
         lin = [i for i in range(config.num_hidden_layers) if not config.is_softmax_layer(i)]
         Hkv, D, H = config.num_key_value_heads, config.head_dim, config.num_attention_heads
         S = layout.num_snapshots
@@ -210,6 +215,13 @@ class HybridCache:
                 self.append_block(child, block)
         self.copy_states([parent.slot] * len(children), [c.slot for c in children])
 
+    def truncate(self, seq) -> None:
+        """Return the blocks of `seq` past those holding its `num_computed` tokens (KV of rejected speculative
+        tokens; the next step grows again)."""
+        keep = self.blocks_for(seq.num_computed)
+        while len(seq.block_table) > keep:
+            self._decref(seq.block_table.pop())
+
     def release(self, seq) -> None:
         """Drop the sequence's blocks (last first: they are taken again first) and return its slot (sequence
         finished, aborted or preempted)."""
@@ -287,6 +299,7 @@ class PagedContext(AttentionContext):
         self.is_decode = is_decode
         self.inference = True
         self._max_q = max_len
+        self.num_verify = 0
         if cache.kv:
             bs = cache.block_size
             self.block_tables = cache.tables.index_select(0, rows)
@@ -305,16 +318,40 @@ class PagedContext(AttentionContext):
     @classmethod
     def of_batch(cls, cache: HybridCache, batch: list[tuple[object, int]]) -> PagedContext:
         """The context of (sequence, new tokens) pairs: O(batch) host work plus the tokens' positions."""
+        return cls.of_rows(cache, [n for _, n in batch], [s.num_computed for s, _ in batch],
+                           [s.slot for s, _ in batch])
+
+    @classmethod
+    def of_rows(cls, cache: HybridCache, lens: list[int], starts: list[int], slots: list[int]) -> PagedContext:
+        """The context of `lens[i]` tokens from position `starts[i]` of the sequence holding state slot `slots[i]`."""
         dev = cache.device
-        lens = [n for _, n in batch]
-        starts = [s.num_computed for s, _ in batch]
         is_decode = all(n == 1 for n in lens)
         cu = cu_seqlens_from_lens(lens)
         pos = torch.tensor(starts, dtype=torch.long) if is_decode else positions_from_lens(lens, starts)
-        meta = torch.tensor([[s.slot for s, _ in batch], [s.slot for s, _ in batch]], dtype=torch.long)
+        meta = torch.tensor([slots, slots], dtype=torch.long)
         bounds = cu.tolist()
         cu, pos, meta = cu.to(dev, non_blocking=True), pos.to(dev, non_blocking=True), meta.to(dev, non_blocking=True)
         return cls(cache, cu, pos, meta[0], meta[1], bounds, is_decode, max(lens))
+
+    def set_verify(self, num_verify: int, length: int) -> None:
+        """The first `num_verify` sequences verify `length` tokens each (speculative decoding): linear layers run
+        `lightning_verify` for them (outputs after each token, the pool not written) and keep their k, v for
+        `commit`; the other sequences go through the usual chunked path."""
+        self.num_verify, self.verify_len = num_verify, length
+        self.small_batch = num_verify == self.num_seqs  # verify rows only: MoE's small-batch kernels
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        tv, b = num_verify * length, self._bounds
+        self._rest_bounds = [x - tv for x in b[num_verify:]]
+        self._rest_cu = (self.cu_seqlens[num_verify:] - tv).contiguous()
+
+    def commit(self, accepted: torch.Tensor) -> None:
+        """Advance the verifying sequences' states by their first `accepted[i]` tokens (`[n <= num_verify]` int; rows
+        past n, a CUDA graph's padding, keep theirs)."""
+        slots = self.slots[: self.num_verify]
+        if accepted.shape[0] < self.num_verify:
+            accepted = torch.cat([accepted, accepted.new_zeros(self.num_verify - accepted.shape[0])])
+        for layer_idx, (k, v, g) in self.pending.items():
+            lightning_commit(k, v, g, self.cache.states[layer_idx], slots, accepted)
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
         kv = self.cache.kv[layer_idx]
@@ -329,9 +366,27 @@ class PagedContext(AttentionContext):
 
     def linear_attention(self, layer_idx, q, k, v, g, scale):
         pool = self.cache.states[layer_idx]
+        if self.num_verify:
+            return self._verify_linear(layer_idx, q, k, v, g, scale, pool)
         if self.is_decode:
             return lightning_decode(q, k, v, g, pool, self.slots, scale=scale)
         o, final = lightning_attn(q[None], k[None], v[None], g, scale=scale, initial_state=pool[self.slots],
                                   output_final_state=True, cu_seqlens=self.cu_seqlens, cu_seqlens_host=self._bounds)
         pool[self.slots] = final
         return o[0]
+
+    def _verify_linear(self, layer_idx, q, k, v, g, scale, pool):
+        nv, L = self.num_verify, self.verify_len
+        tv, H = nv * L, q.shape[1]
+        kv = k[:tv].reshape(nv, L, H, -1), v[:tv].reshape(nv, L, H, -1)
+        o = lightning_verify(q[:tv].reshape(nv, L, H, -1), *kv, g, pool, self.slots[:nv], scale=scale)
+        self.pending[layer_idx] = (*kv, g)
+        o = o.reshape(tv, H, -1)
+        if tv == q.shape[0]:
+            return o
+        rest = self.slots[nv:]
+        o2, final = lightning_attn(q[None, tv:], k[None, tv:], v[None, tv:], g, scale=scale, initial_state=pool[rest],
+                                   output_final_state=True, cu_seqlens=self._rest_cu,
+                                   cu_seqlens_host=self._rest_bounds)
+        pool[rest] = final
+        return torch.cat([o, o2[0]])

@@ -69,3 +69,89 @@ class DecodeGraphs:
         self._copied.record()
         self.graphs[b].replay()
         return self.outputs[b][:N]
+
+
+class VerifyGraphs:
+    """Speculative decoding's verify steps under CUDA graphs, one per batch-size bucket, for batches where every
+    sequence verifies `length` = k + 1 positions (its last token and k drafts): static token ids and positions
+    `[max_batch * length]`, state slots and block-table rows `[max_batch]`, one host buffer copied in one transfer.
+    A graph's outputs are the last hidden states `[b * length, hidden]` (the MTP's input) and fp32 logits of every
+    position; its context keeps the linear layers' k, v for `commit` after the drafts are judged. Padding rows use
+    state slot -1 and the pad row and block. `capture=False` runs the same static-buffer forward eagerly (how the
+    CPU tests check everything but the capture)."""
+
+    def __init__(self, model, cache: HybridCache, max_batch: int, length: int, capture: bool = True):
+        self.model, self.cache, self.length, self.capture = model, cache, length, capture
+        dev = cache.device
+        B, L = max_batch, length
+        self.sizes = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.max_batch = max_batch
+        # rows: token id and position of each of the B * L tokens, then state slot and block-table row of each
+        # sequence (padded to B * L)
+        self.host = torch.zeros(4, B * L, dtype=torch.long)
+        if dev.type == "cuda":
+            self.host = self.host.pin_memory()
+        self._host = self.host.numpy()
+        self.inputs = torch.zeros(4, B * L, dtype=torch.long, device=dev)
+        self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * L
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple] = {}
+        self._fill(0, [], [], [], [])
+        self.inputs.copy_(self.host)
+        if not capture:
+            return
+        self._copied = torch.cuda.Event()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.no_grad():
+            for b in reversed(self.sizes):
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._forward(b)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                    self.outputs[b] = self._forward(b)
+                self.graphs[b] = g
+        torch.cuda.synchronize(dev)
+
+    def _fill(self, n: int, ids: list[int], pos: list[int], slots: list[int], rows: list[int]) -> None:
+        L, h = self.length, self._host
+        h[0, : n * L], h[1, : n * L], h[2, :n], h[3, :n] = ids, pos, slots, rows
+        h[0, n * L :] = 0
+        # padding sequences: positions 0..L-1 in the pad block, no state
+        h[1, n * L :] = torch.arange(L).repeat(self.max_batch - n).numpy() if n < self.max_batch else []
+        h[2, n:], h[3, n:] = -1, self.cache.pad_row
+
+    def _forward(self, b: int) -> tuple:
+        L = self.length
+        ids, pos = self.inputs[0, : b * L], self.inputs[1, : b * L]
+        slots, rows = self.inputs[2, :b], self.inputs[3, :b]
+        ctx = PagedContext(self.cache, self.cu[: b + 1], pos, slots, rows, [i * L for i in range(b + 1)],
+                           is_decode=False, max_len=L)
+        ctx.set_verify(b, L)
+        hidden = self.model.model(ids, ctx)
+        return hidden, self.model.compute_logits(self.model.model.norm(hidden)), ctx
+
+    @torch.no_grad()
+    def run(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+        """seqs: sequences holding k drafts (len <= max_batch) -> (hidden [N * L, hidden], logits [N * L, V],
+        the context whose `commit` keeps the accepted tokens' states)."""
+        N, L = len(seqs), self.length
+        b = next(s for s in self.sizes if s >= N)
+        self.cache.flush()
+        if self.capture:
+            self._copied.synchronize()  # the last step's copy out of `host` is done before `host` is rewritten
+        ids = [t for s in seqs for t in (s.token_ids[s.num_computed], *s.draft_tokens)]
+        pos = [s.num_computed + j for s in seqs for j in range(L)]
+        slots = [s.slot for s in seqs]
+        self._fill(N, ids, pos, slots, slots)
+        self.inputs.copy_(self.host, non_blocking=True)
+        if self.capture:
+            self._copied.record()
+            self.graphs[b].replay()
+            hidden, logits, ctx = self.outputs[b]
+        else:
+            hidden, logits, ctx = self._forward(b)
+        return hidden[: N * L], logits[: N * L], ctx

@@ -60,6 +60,11 @@ class EngineConfig(ConfigBase):
     load_format: str = "auto"
     """auto: the checkpoint's weights; dummy: random weights made on each device, nothing read (benchmarks; `model`
     may then be a preset name)."""
+    num_speculative_tokens: int = 0
+    """Speculative decoding: tokens the model's MTP module drafts per sequence and step (0 = off), verified by one
+    target forward of k + 1 positions per sequence (rejection sampling keeps the output distribution the target's;
+    greedy gives exactly the tokens of plain decoding). Needs a model with MTP layers (num_nextn_predict_layers >=
+    1); on CUDA, verify-only steps replay CUDA graphs and other steps run eagerly; not yet with tensor parallel."""
     quantization: str | None = None
     """fp8: quantize a bf16 checkpoint's projections and experts to e4m3 at load (128x128 block scales; activations
     quantized per 1x128 group at run time), half the weight bytes and faster decode. Checkpoints that ship FP8
@@ -77,6 +82,10 @@ class EngineConfig(ConfigBase):
         need(self.cpu_cache_gib > 0, "cpu_cache_gib", "must be > 0")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        need(self.num_speculative_tokens >= 0, "num_speculative_tokens", "must be >= 0 (0 = off)")
+        need(self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1, "num_speculative_tokens",
+             f"not yet with tensor_parallel_size={self.tensor_parallel_size}: speculative decoding runs on one device "
+             "(use 0, or tensor_parallel_size 1)")
         need(self.distributed_backend in (None, "nccl", "gloo"), "distributed_backend", "must be nccl, gloo or null")
         need(self.quantization in (None, "fp8"), "quantization", "must be fp8 or null (the weights' own dtype)")
         need(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")

@@ -4,6 +4,7 @@ SamplingParams(...))`. Serves any RingLinear checkpoint in the official HF layou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -27,6 +28,7 @@ from ringlinear.engine.sequence import (
     Sequence,
     SequenceStatus,
 )
+from ringlinear.engine.spec_decode import SpecStats, accept, draft, may_speculate
 from ringlinear.engine.workers import EngineDeadError, inference_loader, needs_inference_loader
 from ringlinear.ops.backend import forced_backend
 
@@ -72,11 +74,15 @@ class LLMEngine:
         model.eval()
         self.model = model
         self.config = model.config
+        k = config.num_speculative_tokens
+        if k and not model.config.num_nextn_predict_layers:
+            config.fail("num_speculative_tokens", "needs a model with MTP layers (num_nextn_predict_layers >= 1; this "
+                                                  "model has 0): use 0")
         self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
         self.tokenizer = tokenizer
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = (self.workers.runner(model, self.device, kv_dtype) if self.workers
-                       else ModelRunner(model, self.device, kv_dtype))
+                       else ModelRunner(model, self.device, kv_dtype, mtp_kv_layers=1 if k else 0))
         interval = config.prefix_state_interval if config.enable_prefix_caching else None
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                                   config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30), interval)
@@ -99,8 +105,10 @@ class LLMEngine:
                 if config.verbose:  # the reference paged attention gathers pages with host-sized shapes
                     print("[ringlinear engine] backend torch: decode runs eagerly (no CUDA graphs)")
             else:
-                self.runner.capture(config.max_num_seqs, config.verbose)
-        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens)
+                self.runner.capture(config.max_num_seqs, config.verbose, verify_length=k + 1 if k else 0)
+        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens, k)
+        self.spec_stats = SpecStats()
+        self._spec_logged = (time.monotonic(), SpecStats())  # the verbose log's last line: when, and the counts
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         self._texts: dict[int, str] = {}
@@ -118,6 +126,9 @@ class LLMEngine:
                                                      if not cache.kv else "the budget holds no snapshot"))
             else:
                 prefix = "; prefix cache off"
+            if k:
+                prefix += (f"; speculative decoding: {k} MTP draft tokens per step (depth-1 chain), verified in "
+                           "one target forward")
             print(f"[ringlinear engine] {self.model_name} on {self.device} ({dtype}): cache "
                   f"{layout.total_bytes / 2**30:.2f} GiB = {layout.num_slots} state slots "
                   f"({layout.state_bytes_per_slot / 2**20:.2f} MiB each) + {layout.num_blocks} KV blocks x "
@@ -272,6 +283,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        if self.engine_config.num_speculative_tokens:
+            outputs.extend(self._speculative_step(batch))
+            self.last_step_host_s = time.perf_counter() - t0  # includes the waits for the device
+            return outputs
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == seq.num_tokens]
         prompt_rows, token_rows = self._prompt_logprob_rows(batch)
         logits = self.runner.execute(batch, rows, token_rows or None)
@@ -293,6 +308,160 @@ class LLMEngine:
         # device's forward and the sampler's wait for it are not host work)
         self.last_step_host_s = (launched - t0) + (time.perf_counter() - self._sampled_at)
         return outputs
+
+    # ---- speculative decoding (docs/architecture.md, "Speculative decoding") ----------------------------------
+    def _speculative_step(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """A step where sequences holding a draft verify it: the MTP chain completes their k drafts, one target
+        forward computes every scheduled token (verify rows first), the drafts are accepted or rejected, the
+        verified linear states advanced by what was kept, the rejected tokens' blocks returned, and the MTP run over
+        every position computed this step (its KV, and the next first draft of each decoding sequence)."""
+        verify = [(s, n) for s, n in batch if s.draft_tokens]
+        batch = verify + [(s, n) for s, n in batch if not s.draft_tokens]
+        nv = len(verify)
+        self._chain_drafts([s for s, _ in verify])
+        rows = [i for i, (seq, n) in enumerate(batch) if i >= nv and seq.num_computed + n == seq.num_tokens]
+        prompt_rows, token_rows = self._prompt_logprob_rows(batch)
+        hidden, logits, ctx = self.runner.execute_verify(batch, nv, rows, token_rows or None)
+        starts = [s.num_computed for s, _ in batch]
+        for seq, n in batch[nv:]:
+            seq.num_computed += n
+        L = self.engine_config.num_speculative_tokens + 1
+        sched, touched = self.scheduler, {}
+        sched.defer_release = True
+        try:
+            if token_rows:
+                self._prompt_logprobs(prompt_rows, logits[len(rows) + nv * L :])
+            if rows:
+                self._sample([batch[i][0] for i in rows], logits[: len(rows)], touched)
+            kept = self._verify(verify, logits[len(rows) : len(rows) + nv * L].view(nv, L, logits.shape[-1]), touched)
+            if nv:
+                ctx.commit(torch.tensor(kept, dtype=torch.int32).to(self.device, non_blocking=True))
+            counts = kept + [n for _, n in batch[nv:]]
+            self._mtp_catch_up(batch, starts, counts, hidden)
+            prefix = sched.prefix
+            if prefix is not None:
+                prefix.take([s for s, _ in batch if s.status == SequenceStatus.RUNNING and prefix.due(s)])
+            for seq, _ in verify:
+                if seq.status == SequenceStatus.RUNNING:
+                    sched.cache.truncate(seq)
+        finally:
+            sched.defer_release = False
+            sched.release_finished()
+        self._log_spec_stats()
+        return [RequestOutput.of(req) for req in touched.values()]
+
+    def _log_spec_stats(self, every_s: float = 10.0) -> None:
+        """With `verbose`, every `every_s` seconds of work: the acceptance rate and tokens per verify step since the
+        last line and since start."""
+        when, last = self._spec_logged
+        now, st = time.monotonic(), self.spec_stats
+        if not self.engine_config.verbose or now - when < every_s or st.verify_steps == last.verify_steps:
+            return
+        delta = SpecStats(*(a - b for a, b in zip(dataclasses.astuple(st), dataclasses.astuple(last))))
+        print(f"[ringlinear engine] speculative decoding: acceptance {delta.acceptance_rate:.3f}, "
+              f"{delta.tokens_per_step:.2f} tokens per verify step over the last {now - when:.0f} s "
+              f"({st.acceptance_rate:.3f}, {st.tokens_per_step:.2f} since start)", flush=True)
+        self._spec_logged = (now, dataclasses.replace(st))
+
+    def _verify(self, verify: list[tuple[Sequence, int]], logits: torch.Tensor, touched: dict[str, Request]
+                ) -> list[int]:
+        """Accept or reject the drafts of `verify` (logits [N, k + 1, V]), append the emitted tokens up to a stop;
+        returns how many of each sequence's k + 1 computed positions it keeps (= tokens appended)."""
+        if not verify:
+            return []
+        seqs = [s for s, _ in verify]
+        params = [s.params for s in seqs]
+        gens = [s.generator if s.generator is not None else self._generator for s in seqs]
+        tokens, num_acc, errors = accept(logits, [s.draft_tokens for s in seqs], [s.draft_probs for s in seqs],
+                                         params, gens)
+        L = logits.shape[1]
+        want = [p.logprobs for p in params for _ in range(L)]
+        chosen = None
+        if any(p.logprobs is not None for p in params):
+            ids = [t[j] if j < len(t) else 0 for t in tokens for j in range(L)]
+            logp = torch.log_softmax(logits.reshape(len(seqs) * L, -1).float(), dim=-1)
+            chosen, ranks, top = token_logprobs(logp, torch.tensor(ids, device=logp.device), want)
+        kept = []
+        st = self.spec_stats
+        for i, seq in enumerate(seqs):
+            seq.clear_drafts()
+            n = 0
+            req = self._requests.get(seq.request_id)
+            if errors[i] is not None:
+                seq.error = errors[i]
+                self.scheduler.finish(seq, "error")
+            else:
+                st.verify_steps += 1
+                st.draft_tokens += L - 1
+                st.accepted_tokens += num_acc[i]
+                for j, tok in enumerate(tokens[i]):
+                    r = i * L + j
+                    lp = None
+                    if seq.params.logprobs is not None:
+                        lp = make_logprobs(tok, chosen[r], ranks[r], top[r], self._token_text)
+                    self._append(seq, tok, chosen[r] if chosen is not None else 0.0, lp)
+                    n += 1
+                    if seq.is_finished:
+                        break
+                st.emitted_tokens += n
+            kept.append(n)
+            seq.num_computed += n
+            if req is not None:
+                touched[req.request_id] = req
+                if req.is_finished:
+                    del self._requests[req.request_id]
+        return kept
+
+    def _mtp_catch_up(self, batch: list[tuple[Sequence, int]], starts: list[int], counts: list[int],
+                      hidden: torch.Tensor) -> None:
+        """Run the MTP over the positions each sequence kept this step (position t: the target's hidden state at t
+        and the token t + 1, now known), writing its KV there; a sequence that decodes next step drafts its first
+        token from the MTP output at its last position."""
+        k = self.engine_config.num_speculative_tokens
+        rows, next_ids, lens, pos, slots, spans = [], [], [], [], [], []
+        offset = 0
+        for (seq, n), start, count in zip(batch, starts, counts):
+            if count and seq.error is None and seq.slot >= 0 and len(seq.token_ids) > start + count:
+                rows.extend(range(offset, offset + count))
+                next_ids.extend(seq.token_ids[start + 1 : start + count + 1])
+                lens.append(count)
+                pos.append(start)
+                slots.append(seq.slot)
+                spans.append(seq)
+            offset += n
+        if not spans:
+            return
+        h = self.runner.mtp_forward(hidden.index_select(0, torch.tensor(rows, device=hidden.device)), next_ids, lens,
+                                    pos, slots)
+        ends = list(itertools.accumulate(lens))
+        drafting = [i for i, s in enumerate(spans) if s.status == SequenceStatus.RUNNING and s.seats == 1
+                    and s.num_computed == s.num_tokens - 1 and s.num_tokens + k <= self.max_model_len
+                    and may_speculate(s.params, s.num_outputs)]
+        if not drafting:
+            return
+        last = h.index_select(0, torch.tensor([ends[i] - 1 for i in drafting], device=h.device))
+        seqs = [spans[i] for i in drafting]
+        tokens, probs = draft(self.runner.mtp_logits(last), [s.params for s in seqs],
+                              [s.generator if s.generator is not None else self._generator for s in seqs])
+        for j, seq in enumerate(seqs):
+            seq.draft_tokens, seq.draft_probs, seq.mtp_hidden = [tokens[j]], [probs[j]], last[j]
+
+    def _chain_drafts(self, seqs: list[Sequence]) -> None:
+        """Complete the drafts of `seqs` (scheduled to verify; blocks grown for k + 1 positions) to k tokens: MTP
+        depth 1 chained on its own output, draft j + 1 from (its hidden output at the previous position, draft j)."""
+        k = self.engine_config.num_speculative_tokens
+        if not seqs or k < 2:
+            return
+        h = torch.stack([s.mtp_hidden for s in seqs])
+        slots = [s.slot for s in seqs]
+        gens = [s.generator if s.generator is not None else self._generator for s in seqs]
+        for j in range(1, k):
+            pos = [s.num_computed + j - 1 for s in seqs]
+            h = self.runner.mtp_forward(h, [s.draft_tokens[-1] for s in seqs], [1] * len(seqs), pos, slots)
+            tokens, probs = draft(self.runner.mtp_logits(h), [s.params for s in seqs], gens)
+            for i, seq in enumerate(seqs):
+                seq.draft_tokens.append(tokens[i])
+                seq.draft_probs.append(probs[i])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, Request]) -> None:
         """Sample one token for each of `seqs` (rows of `logits`), append it, check its stops. The first sequence

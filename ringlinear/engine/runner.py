@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ringlinear.engine.cache import CacheLayout, HybridCache, plan_layout
+from ringlinear.engine.cache import CacheLayout, HybridCache, PagedContext, plan_layout
 from ringlinear.layers.attention_context import PackedContext
+
+MTP_SMALL_BATCH_LEN = 16  # MTP forwards of at most this many positions per sequence take MoE's small-batch kernels
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, kv_dtype: torch.dtype, cache_config=None):
-        """`cache_config`: the config the cache is sized from (a tensor-parallel rank's heads); default the model's."""
+    def __init__(self, model, device: torch.device, kv_dtype: torch.dtype, cache_config=None, mtp_kv_layers: int = 0):
+        """`cache_config`: the config the cache is sized from (a tensor-parallel rank's heads); default the model's.
+        `mtp_kv_layers`: MTP layers whose KV the cache keeps (speculative decoding)."""
+        self.mtp_kv_layers = mtp_kv_layers
         self.model = model
         self.config = model.config
         self.cache_config = cache_config or model.config
@@ -21,6 +25,7 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.cache: HybridCache | None = None
         self.graphs = None
+        self.verify_graphs = None  # speculative decoding: ringlinear.engine.cuda_graphs.VerifyGraphs
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int,
@@ -30,7 +35,7 @@ class ModelRunner:
         `prefix_state_interval`, the budget holds prefix-cache snapshots too (`plan_layout`)."""
         budget = self.cache_budget(max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, cpu_cache_bytes)
         return plan_layout(self.cache_config, budget, block_size, max_num_seqs, self.kv_dtype,
-                           prefix_state_interval)
+                           prefix_state_interval, self.mtp_kv_layers)
 
     def cache_budget(self, max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
                      cpu_cache_bytes: int) -> int:
@@ -58,15 +63,16 @@ class ModelRunner:
         self.model(ids, ctx, logits_indices=last)
 
     def allocate(self, layout: CacheLayout) -> HybridCache:
-        self.cache = HybridCache(self.cache_config, layout, self.device, self.kv_dtype)
+        self.cache = HybridCache(self.cache_config, layout, self.device, self.kv_dtype, self.mtp_kv_layers)
         return self.cache
 
     def set_max_model_len(self, max_model_len: int) -> None:
         self.cache.set_max_model_len(max_model_len)
 
-    def capture(self, max_batch: int, verbose: bool = True) -> None:
-        """CUDA graphs for decode steps of up to `max_batch` sequences; on failure, say so and stay eager."""
-        from ringlinear.engine.cuda_graphs import DecodeGraphs
+    def capture(self, max_batch: int, verbose: bool = True, verify_length: int = 0) -> None:
+        """CUDA graphs for decode steps of up to `max_batch` sequences (with `verify_length` = k + 1: for verify
+        steps of k drafts per sequence instead); on failure, say so and stay eager."""
+        from ringlinear.engine.cuda_graphs import DecodeGraphs, VerifyGraphs
 
         dtype = next(self.model.parameters()).dtype
         if self.config.num_experts and dtype != torch.bfloat16:
@@ -75,13 +81,19 @@ class ModelRunner:
                   "sized on the host (bf16 runs grouped GEMMs); decode runs eagerly", flush=True)
             return
         try:
-            self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
+            if verify_length:
+                self.verify_graphs = VerifyGraphs(self.model, self.cache, max_batch, verify_length)
+            else:
+                self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down
-            self.graphs = None
+            self.graphs = self.verify_graphs = None
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
             return
         if verbose:
-            print(f"[ringlinear engine] decode under CUDA graphs, batch buckets {self.graphs.sizes}", flush=True)
+            what = (f"verify steps ({verify_length} positions per sequence; other steps eager)" if verify_length
+                    else "decode")
+            print(f"[ringlinear engine] {what} under CUDA graphs, batch buckets "
+                  f"{(self.verify_graphs or self.graphs).sizes}", flush=True)
 
     @torch.no_grad()
     def execute(self, batch: list[tuple[object, int]], sampling_rows: list[int],
@@ -99,3 +111,49 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         return self.model(input_ids, ctx, logits_indices=rows.to(self.device, non_blocking=True))
 
+
+    # ---- speculative decoding (ringlinear.engine.spec_decode) ---------------------------------------------------
+    @torch.no_grad()
+    def execute_verify(self, batch: list[tuple[object, int]], num_verify: int, sampling_rows: list[int],
+                       token_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+        """`execute` where the first `num_verify` sequences of `batch` verify their drafts: each computes its last
+        token and its `draft_tokens` (k + 1 positions, every one of them with logits; linear states not advanced
+        until `ctx.commit`). Returns the last hidden states before the final norm [T, hidden] (the MTP's input),
+        fp32 logits [len(sampling_rows) + num_verify * (k + 1) + len(token_rows), V] in that order, and the
+        context."""
+        vg = self.verify_graphs
+        if vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows and not token_rows:
+            return vg.run([seq for seq, _ in batch])
+        ids = []
+        for i, (seq, n) in enumerate(batch):
+            nc = seq.num_computed
+            ids.extend([seq.token_ids[nc], *seq.draft_tokens] if i < num_verify else seq.token_ids[nc : nc + n])
+        ctx = self.cache.context(batch)
+        length = batch[0][1] if num_verify else 0
+        if num_verify:
+            ctx.set_verify(num_verify, length)
+        b = ctx._bounds
+        rows = [b[i + 1] - 1 for i in sampling_rows] + list(range(num_verify * length)) + list(token_rows or ())
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        hidden = self.model.model(input_ids, ctx)
+        rows_t = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return hidden, self.model.compute_logits(self.model.model.norm(hidden.index_select(0, rows_t))), ctx
+
+    @torch.no_grad()
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: list[int], lens: list[int], starts: list[int],
+                    slots: list[int]) -> torch.Tensor:
+        """The MTP module (depth 1) over packed positions: rows i of `hidden` [T, hidden] (the target's hidden
+        state at a position, or the MTP's own output when chaining) with the embedding of the token after it,
+        `lens[i]` positions from `starts[i]` for the sequence in state slot `slots[i]`; its KV is written at those
+        positions. Returns its output before `final_layernorm`, [T, hidden]."""
+        model = self.model.model
+        self.cache.flush()
+        ctx = PagedContext.of_rows(self.cache, lens, starts, slots)
+        ctx.small_batch = max(lens) <= MTP_SMALL_BATCH_LEN
+        ids = torch.tensor(next_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        return model.mtp[0](hidden, model.word_embeddings(ids), ctx)
+
+    @torch.no_grad()
+    def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of MTP outputs [N, hidden] (its final norm, the shared lm_head)."""
+        return self.model.compute_logits(self.model.model.mtp[0].final_layernorm(h))

@@ -16,8 +16,14 @@ PROMPT_LOGPROBS_CHUNK = 512  # prompt tokens per step of a request with prompt l
 
 
 class Scheduler:
-    def __init__(self, cache: HybridCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: HybridCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative_tokens: int = 0):
         self.cache = cache
+        self.num_speculative_tokens = num_speculative_tokens
+        # while set (a speculative step), `finish` only marks sequences; `release_finished` snapshots and frees
+        # them once the step's linear states are committed and its MTP KV written
+        self.defer_release = False
+        self._finished: list[Sequence] = []
         self.prefix = cache.prefix
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -80,7 +86,8 @@ class Scheduler:
             seq = self.waiting[0]
             raise RuntimeError(f"request {seq.request_id} ({seq.num_tokens} tokens) cannot be scheduled into an "
                                f"empty cache of {self.cache.layout.num_blocks} blocks x {self.cache.block_size}")
-        decode = sum(1 for seq, n in batch if n == 1 and seq.num_outputs and seq.num_computed == seq.num_tokens - 1)
+        decode = sum(n for seq, n in batch if (n == 1 or seq.draft_tokens) and seq.num_outputs
+                     and seq.num_computed == seq.num_tokens - 1)
         self.num_decode_tokens += decode
         self.num_prefill_tokens += sum(n for _, n in batch) - decode
         return batch
@@ -96,6 +103,11 @@ class Scheduler:
         """Tokens of `seq` to compute this step from `start` (default: what it has computed) within `budget`;
         chunks end where prefix snapshots are kept."""
         start = seq.num_computed if start is None else start
+        k = self.num_speculative_tokens
+        if seq.draft_tokens and start == seq.num_tokens - 1:  # verify: its last token + k drafts
+            if budget > k:
+                return k + 1
+            seq.clear_drafts()
         n = min(seq.num_tokens - start, budget)
         if seq.params.prompt_logprobs is not None and start < seq.num_prompt:
             n = min(n, PROMPT_LOGPROBS_CHUNK)
@@ -108,6 +120,7 @@ class Scheduler:
             self.prefix.take([seq])  # its recomputation starts from here, unless the snapshot is evicted first
         self.running.remove(seq)
         self.cache.release(seq)
+        seq.clear_drafts()
         seq.num_computed = 0
         seq.prefix_node = None
         seq.status = SequenceStatus.WAITING
@@ -116,12 +129,26 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        if seq in self.running:
+        was_running = seq in self.running
+        if was_running:
             self.running.remove(seq)
-            if self.prefix is not None and reason in ("stop", "length"):
-                self.prefix.take([seq])  # a chat's next turn resends this sequence: it resumes here
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.clear_drafts()
+        if self.defer_release and was_running:
+            self._finished.append(seq)
+            return
+        self._release(seq, was_running)
+
+    def _release(self, seq: Sequence, was_running: bool) -> None:
+        if was_running and self.prefix is not None and seq.finish_reason in ("stop", "length"):
+            self.prefix.take([seq])  # a chat's next turn resends this sequence: it resumes here
+        self.cache.release(seq)
+
+    def release_finished(self) -> None:
+        """Snapshot and free the sequences finished while `defer_release` was set."""
+        finished, self._finished = self._finished, []
+        for seq in finished:
+            self._release(seq, True)

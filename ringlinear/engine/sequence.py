@@ -162,6 +162,14 @@ class Sequence:
     num_cached_tokens: int | None = None  # served by the prefix cache at its first admission (None: not admitted)
     prefix_node: object = None  # the prefix cache's node of its last registered block
     resumed_at: int = 0  # tokens it started from at its last admission (a prefix-cache hit)
+    # speculative decoding: the MTP's drafts of the tokens after the last one (with their draft distributions, None
+    # when greedy) and the MTP hidden state that continues the chain; empty when the next step does not verify
+    draft_tokens: list[int] = field(default_factory=list)
+    draft_probs: list = field(default_factory=list)
+    mtp_hidden: object = None
+
+    def clear_drafts(self) -> None:
+        self.draft_tokens, self.draft_probs, self.mtp_hidden = [], [], None
 
     def __post_init__(self):
         if not self.token_ids:

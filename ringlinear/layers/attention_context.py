@@ -24,10 +24,13 @@ from ringlinear.ops.lightning import lightning_attn, lightning_decode
 class AttentionContext:
     """Base: packed layout. Subclasses implement the two attention calls. `inference`: the engine's forward (no
     autograd; layers take their fused forward-only kernels); `is_decode`: besides, every sequence adds one token
-    (layers may take their small-batch kernels)."""
+    (layers may take their small-batch kernels); `small_batch`: few tokens per sequence (MoE's small-batch kernels)."""
 
     inference = False
     is_decode = False
+    # few tokens per sequence (a decode step, or a speculative verify of k + 1): MoE layers may take their
+    # small-batch kernels even where attention takes the multi-token path
+    small_batch = False
 
     def __init__(self, cu_seqlens: torch.Tensor, positions: torch.Tensor, bounds: list[int] | None = None):
         """cu_seqlens: [N+1] int32; positions: [T]; bounds: cu_seqlens as a host list, when the caller has it

@@ -1,6 +1,7 @@
 """/metrics in Prometheus' text format (`prometheus_client`, one registry per app): the engine's load (requests
 running and waiting, KV blocks and state slots in use, read from the scheduler and the cache on the engine
-thread), its work (prefill and decode tokens computed, preemptions: the scheduler's counters), choices
+thread), its work (prefill and decode tokens computed, preemptions: the scheduler's counters; speculative decoding's
+draft tokens proposed and accepted, verify steps and the tokens they emitted), choices
 finished by reason, and latency histograms (time to first token, inter-token latency) timed on the engine
 thread as outputs leave it."""
 
@@ -36,6 +37,10 @@ class EngineSnapshot:
     prefill_tokens: int
     decode_tokens: int
     preemptions: int
+    spec_verify_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
 
 
 def snapshot(engine) -> EngineSnapshot:
@@ -45,9 +50,11 @@ def snapshot(engine) -> EngineSnapshot:
     cache, layout = sched.cache, sched.cache.layout
     running = {s.request_id for s in sched.running}
     waiting = {s.request_id for s in sched.waiting} - running
+    spec = engine.spec_stats
     return EngineSnapshot(len(running), len(waiting), layout.num_blocks - cache.num_free_blocks() if cache.kv else 0,
                           layout.num_blocks if cache.kv else 0, layout.num_slots - len(cache.free_slots),
-                          layout.num_slots, sched.num_prefill_tokens, sched.num_decode_tokens, sched.num_preemptions)
+                          layout.num_slots, sched.num_prefill_tokens, sched.num_decode_tokens, sched.num_preemptions,
+                          spec.verify_steps, spec.draft_tokens, spec.accepted_tokens, spec.emitted_tokens)
 
 
 class _EngineCollector:
@@ -74,7 +81,16 @@ class _EngineCollector:
                  s.prefill_tokens),
                 ("decode_tokens", "Tokens computed in decode steps (one per running sequence and step).",
                  s.decode_tokens),
-                ("num_preemptions", "Sequences preempted (cache freed, recomputed later).", s.preemptions)):
+                ("num_preemptions", "Sequences preempted (cache freed, recomputed later).", s.preemptions),
+                ("spec_decode_num_verify_steps", "Speculative decoding: sequence-steps that verified MTP drafts.",
+                 s.spec_verify_steps),
+                ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed by the MTP module.",
+                 s.spec_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted (acceptance rate = "
+                 "accepted / draft).", s.spec_accepted_tokens),
+                ("spec_decode_num_emitted_tokens", "Speculative decoding: tokens emitted by verify steps (accepted "
+                 "drafts + one corrected or bonus token each; per verify step: the mean accepted length).",
+                 s.spec_emitted_tokens)):
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
 
 

@@ -88,3 +88,65 @@ def test_prefix_cache_and_fork_on_cuda(tmp_path):
     assert again.num_cached_tokens == len(prompt) - 1 and len({tuple(c.token_ids) for c in group.outputs}) > 1
     for c, d in zip(group.outputs, again.outputs):
         assert c.token_ids == d.token_ids and c.cumulative_logprob == d.cumulative_logprob
+
+
+def _near_bigram_small(seed: int, scale: float):
+    """The small preset with an MTP that knows the bigram part of the target (tests/engine/test_spec_decode.py's
+    `near_bigram`): drafts right often, so verify steps accept and reject."""
+    model = init_model(preset("small"), seed=seed)
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dense.weight") or "down_proj" in name:
+                p.mul_(0.0 if name.startswith("model.mtp") else scale)
+        w = model.model.mtp[0].eh_proj.weight
+        w.zero_()
+        w[:, H:] = torch.eye(H)
+    return model
+
+
+def _same_up_to_near_ties(spec, ref, gap: float) -> None:
+    """Token for token, except that the first difference of a choice may fall where the reference's two best tokens
+    are within `gap` in logprob (a near-tie that rounding can flip; the continuations then differ)."""
+    for a, b in zip(spec, ref):
+        a, b = a.outputs[0], b.outputs[0]
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                top = sorted((lp.logprob for lp in b.logprobs[i].values()), reverse=True)
+                assert top[0] - top[1] < gap, (i, x, y, top)
+                break
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_spec_decode_greedy_equals_graphed_plain_decoding(tmp_path, dtype):
+    """Speculative decoding on CUDA (Triton lightning_verify / lightning_commit, paged KV of the MTP layer; in bf16
+    its verify-only steps replay CUDA graphs) gives the tokens of plain greedy decoding under CUDA graphs, k = 1 and 3,
+    and the same tokens with graphs as eagerly (enforce_eager)."""
+    save_model(_near_bigram_small(6, 0.03), str(tmp_path))
+    prompts = [list(range(5, 300)), [11, 12, 13], list(range(900, 1000)), [7] * 17, [1, 2]]
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
+    plain = LLM(str(tmp_path), device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
+                verbose=False)
+    assert dtype == "float32" or plain.engine.runner.graphs is not None
+    ref = plain.generate(prompts, sp)
+    del plain
+    gc.collect()
+    torch.cuda.empty_cache()
+    gap = 1e-3 if dtype == "float32" else 0.1
+    for k in (1, 3):
+        outs = {}
+        for eager in (False, True):
+            llm = LLM(str(tmp_path), device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
+                      num_speculative_tokens=k, enforce_eager=eager, verbose=False)
+            # MoE in fp32 runs a host-sized expert loop: no graphs there (as for plain decoding)
+            assert (llm.engine.runner.verify_graphs is not None) == (dtype == "bfloat16" and not eager)
+            outs[eager] = llm.generate(prompts, sp)
+            _same_up_to_near_ties(outs[eager], ref, gap)
+            st = llm.engine.spec_stats
+            assert st.verify_steps > 0 and 0 < st.accepted_tokens <= st.draft_tokens
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+        # graphs replay the eager kernels (the logits GEMM may differ in its row count: rounding)
+        _same_up_to_near_ties(outs[False], outs[True], gap)

@@ -333,6 +333,27 @@ def test_metrics(ckpt, monkeypatch):
         assert wait_idle(s.engine)
 
 
+def test_metrics_of_speculative_decoding(ckpt):
+    """With num_speculative_tokens, /metrics counts verify steps, drafts proposed and accepted and the tokens they
+    emitted, as the engine's `spec_stats` (and greedy completions equal those of plain decoding)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with running_server(ckpt) as plain:
+        ref = post(plain, "/v1/completions", {"prompt": "abcd", **GREEDY})
+    with running_server(ckpt, num_speculative_tokens=2) as s:
+        body = post(s, "/v1/completions", {"prompt": "abcd", **GREEDY})
+        assert [c["text"] for c in body["choices"]] == [c["text"] for c in ref["choices"]]
+        text = s.client.get("/metrics").text
+        m = {smp.name: smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples}
+        st = s.engine.engine.spec_stats
+        assert st.verify_steps > 0 and m["ringlinear_spec_decode_num_verify_steps_total"] == st.verify_steps
+        assert m["ringlinear_spec_decode_num_draft_tokens_total"] == 2 * st.verify_steps
+        assert m["ringlinear_spec_decode_num_accepted_tokens_total"] == st.accepted_tokens
+        assert m["ringlinear_spec_decode_num_emitted_tokens_total"] == st.emitted_tokens
+        # the first token comes from the prompt, the others from verify steps (cut at max_tokens)
+        assert st.emitted_tokens == body["usage"]["completion_tokens"] - 1
+
+
 def test_served_model_name_and_api_key_on_every_api_route(ckpt):
     cfg = ServerConfig(served_model_name="ring-test", api_key="k3y", log_level="warning")
     with running_server(ckpt, cfg) as s:
