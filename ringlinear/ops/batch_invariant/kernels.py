@@ -28,11 +28,13 @@ def _bi_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_bn, s_cm,
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k0 = 0
+    while k0 < K:  # while loops: the interpreter cannot take a runtime bound in range()
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + rn[:, None] * s_bn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        k0 += BK
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -64,12 +66,14 @@ def _bi_rows_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, s_xp, s_we, s_wn,
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k0 = 0
+    while k0 < K:
         kk = k0 + rk
         xk = tl.load(x_ptr + p * s_xp + kk, mask=kk < K, other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + e * s_we + rn[:, None] * s_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
                      other=0.0).to(tl.float32)
         acc += tl.sum(wt * xk[None, :], 1)
+        k0 += BK
     tl.store(y_ptr + p * N + rn, acc, mask=rn < N)
 
 
