@@ -302,3 +302,22 @@ def test_step_loss_is_the_mean_over_all_targets_of_its_micro_batches(corpus):
     want = (2 * c["lm_loss"] + 40 * d["lm_loss"]).item() / 42
     assert rec["targets"] == 42 and abs(rec["lm_loss"] - want) < 1e-5 * want
     assert abs(rec["lm_loss"] - (c["lm_loss"] + d["lm_loss"]).item() / 2) > 1e-3  # not the mean of the means
+
+
+def test_aligned_numerics_trains_like_the_default(corpus, monkeypatch):
+    """The RL alignment switches in the trainer: the same losses up to fp32 rounding (the values of the aligned
+    forward, the gradients of the ordinary one), and the switch reaches the forward (the recurrent form runs)."""
+    import ringlinear.ops.batch_invariant as bi
+
+    calls = []
+    real = bi.packed_recurrent_lightning
+    monkeypatch.setattr("ringlinear.layers.attention_context.packed_recurrent_lightning",
+                        lambda *a: calls.append(1) or real(*a))
+    a = Trainer(_cfg(corpus, steps=3)).fit()
+    assert not calls
+    b = Trainer(_cfg(corpus, steps=3, aligned_numerics="all")).fit()
+    assert calls
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * abs(x["loss"])
+    with pytest.raises(ValueError, match="aligned_numerics"):
+        _cfg(corpus, aligned_numerics="fast")
