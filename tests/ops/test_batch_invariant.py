@@ -32,6 +32,8 @@ def test_parse_alignment():
     assert parse_alignment("gemm, moe").items == ("gemm", "moe")
     with pytest.raises(ValueError, match="unknown item"):
         parse_alignment("gemm,fast")
+    with pytest.raises(ValueError, match="not yet"):
+        parse_alignment("gemm,residual_fp32")
     with aligned_numerics("linear_attn") as al:
         assert al.linear_attn and current_alignment().linear_attn
     assert not current_alignment().any

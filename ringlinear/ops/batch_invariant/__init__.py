@@ -29,6 +29,7 @@ from ringlinear.ops.backend import use_triton
 from ringlinear.ops.batch_invariant import naive
 
 ITEMS = ("unfused", "rope", "gemm", "moe", "softmax_attn", "linear_attn")
+NOT_YET = {"residual_fp32"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ def parse_alignment(spec: str | Alignment | None) -> Alignment:
     if spec == "all":
         return Alignment(**{name: True for name in ITEMS})
     names = [s.strip() for s in spec.split(",") if s.strip()]
+    if NOT_YET & set(names):
+        raise ValueError(f"aligned_numerics: {sorted(NOT_YET & set(names))} not yet implemented (an fp32 residual "
+                         "stream, as the report's alignment uses, is a planned switch)")
     bad = [n for n in names if n not in ITEMS]
     if bad:
         raise ValueError(f"aligned_numerics: unknown item(s) {bad}; use 'off', 'all' or a comma list of {ITEMS}")

@@ -20,21 +20,31 @@ ATTN_TILE = 64
 
 
 @triton.jit
+def _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC: tl.constexpr):
+    kk = k0 + rk
+    a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+    b = tl.load(b_ptr + rn[:, None] * s_bn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+    return tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+
+
+@triton.jit
 def _bi_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_bn, s_cm,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                  INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k0 = 0
-    while k0 < K:  # while loops: the interpreter cannot take a runtime bound in range()
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + rn[:, None] * s_bn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-        k0 += BK
+    if INTERPRET:  # the interpreter takes no runtime bound in range(): the same steps in a while loop
+        k0 = K * 0
+        while k0 < K:
+            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC)
+            k0 += BK
+    else:  # a for loop: the compiler pipelines the loads over num_stages
+        for k0 in range(0, K, BK):
+            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC)
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -53,7 +63,7 @@ def bi_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _bi_mm_kernel[grid](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK,
-                        PREC=prec, num_warps=warps, num_stages=stages)
+                        PREC=prec, INTERPRET=interpreting(), num_warps=warps, num_stages=stages)
     return out
 
 
