@@ -119,6 +119,8 @@ class TrainConfig(ConfigBase):
         except ValueError as e:
             self.fail("aligned_numerics", str(e))
         need(self.aligned_numerics == "off" or not self.fp8, "aligned_numerics", "not yet with fp8 training")
+        need(not parse_alignment(self.aligned_numerics).moe or int(self.parallelism.get("ep", 1)) <= 1,
+             "aligned_numerics", "moe: not yet with expert parallelism (its all-to-all forward replaces the MoE's)")
         for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
             need(getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(bool(self.data), "data", "must list at least one text file or dataset directory")
