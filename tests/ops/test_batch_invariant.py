@@ -69,11 +69,14 @@ def test_bi_linear_triton_matches_reference_and_has_gradients():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bi_rows_matmul(backend):
     torch.manual_seed(2)
-    x, w = torch.randn(11, 80), torch.randn(5, 36, 80)
-    e = torch.tensor([4, 0, 2, 2, 1, 0, 3, 4, 4, 1, 0])
+    P = 45  # expert 4 gets 25 rows: two blocks of the kernel's 16
+    x, w = torch.randn(P, 80), torch.randn(5, 36, 80)
+    e = torch.cat([torch.tensor([4, 0, 2, 2, 1, 0, 3, 4, 4, 1, 0]), torch.full((22,), 4), torch.randint(0, 4, (12,))])
+    e = e[torch.randperm(P)]
     with use_backend(backend):
         y = bi_rows_matmul(x, w, e)
-        assert torch.equal(torch.cat([bi_rows_matmul(x[i : i + 1], w, e[i : i + 1]) for i in range(11)]), y)
+        assert torch.equal(torch.cat([bi_rows_matmul(x[i : i + 1], w, e[i : i + 1]) for i in range(P)]), y)
+        assert torch.equal(bi_rows_matmul(x[7:30], w, e[7:30]), y[7:30])
     ref = torch.einsum("pk,pnk->pn", x.double(), w.double()[e])
     assert (y.double() - ref).abs().max() < 1e-4
 

@@ -15,14 +15,14 @@ from ringlinear.ops.backend import interpreting
 # fixed tiles: (BM, BN, BK, warps, stages) per operand dtype
 MM_TILES = {torch.bfloat16: (64, 64, 64, 4, 3), torch.float16: (64, 64, 64, 4, 3),
             torch.float32: (32, 32, 32, 4, 2)}
-ROWS_BN, ROWS_BK = 64, 64
+ROWS_BM, ROWS_BN, ROWS_BK = 16, 64, 64
 ATTN_TILE = 64
 
 
 @triton.jit
-def _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC: tl.constexpr):
+def _bi_mm_step(a_ptr, b_ptr, acc, rm, rmask, rn, rk, k0, N, K, s_am, s_bn, PREC: tl.constexpr):
     kk = k0 + rk
-    a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+    a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0.0)
     b = tl.load(b_ptr + rn[:, None] * s_bn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
     return tl.dot(a, tl.trans(b), acc, input_precision=PREC)
 
@@ -40,11 +40,11 @@ def _bi_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_bn, s_cm,
     if INTERPRET:  # the interpreter takes no runtime bound in range(): the same steps in a while loop
         k0 = K * 0
         while k0 < K:
-            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC)
+            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rm < M, rn, rk, k0, N, K, s_am, s_bn, PREC)
             k0 += BK
     else:  # a for loop: the compiler pipelines the loads over num_stages
         for k0 in range(0, K, BK):
-            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rn, rk, k0, M, N, K, s_am, s_bn, PREC)
+            acc = _bi_mm_step(a_ptr, b_ptr, acc, rm, rm < M, rn, rk, k0, N, K, s_am, s_bn, PREC)
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -68,37 +68,64 @@ def bi_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _bi_rows_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, s_xp, s_we, s_wn,
-                    BN: tl.constexpr, BK: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
+def _bi_rows_kernel(x_ptr, w_ptr, order_ptr, bexp_ptr, brow_ptr, bn_ptr, y_ptr, N, K, s_xp, s_we, s_wn,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    # block b holds rows brow[b] .. brow[b] + bn[b] - 1 of the expert-sorted pairs (all of expert bexp[b]):
+    # one tl.dot tile per block, so a row's K-order never depends on which rows share its tile
+    b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(e_ptr + p).to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
+    e = tl.load(bexp_ptr + b).to(tl.int64)
+    r0 = tl.load(brow_ptr + b)
+    nr = tl.load(bn_ptr + b)
+    rm = tl.arange(0, BM)
+    mrow = rm < nr
+    pair = tl.load(order_ptr + r0 + rm, mask=mrow, other=0).to(tl.int64)
+    rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    k0 = 0
-    while k0 < K:
-        kk = k0 + rk
-        xk = tl.load(x_ptr + p * s_xp + kk, mask=kk < K, other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + e * s_we + rn[:, None] * s_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(wt * xk[None, :], 1)
-        k0 += BK
-    tl.store(y_ptr + p * N + rn, acc, mask=rn < N)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_end = tl.where(nr > 0, K, 0)
+    if INTERPRET:
+        k0 = K * 0
+        while k0 < k_end:
+            acc = _bi_mm_step(x_ptr, w_ptr + e * s_we, acc, pair, mrow, rn, rk, k0, N, K, s_xp, s_wn, PREC)
+            k0 += BK
+    else:
+        for k0 in range(0, k_end, BK):
+            acc = _bi_mm_step(x_ptr, w_ptr + e * s_we, acc, pair, mrow, rn, rk, k0, N, K, s_xp, s_wn, PREC)
+    tl.store(y_ptr + pair[:, None] * N + rn[None, :], acc, mask=mrow[:, None] & (rn[None, :] < N))
 
 
 def bi_rows_matmul(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """y[r] = x[r] @ w[expert[r]]^T, fp32, one program per (row, column tile). x: [P, K]; w: [E, N, K]."""
+    """y[r] = x[r] @ w[expert[r]]^T, fp32. x: [P, K]; w: [E, N, K]. Rows sorted by expert (stable) and cut into
+    blocks of ROWS_BM rows of one expert (vLLM's moe_align_block_size, on the device: no host sync, so it runs under
+    CUDA graphs); each block is one fixed-shape tile GEMM, which computes a row the same way whatever rows join it."""
+    if x.dtype != w.dtype:
+        x = x.to(w.dtype)
     x = x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
     P, K = x.shape
-    N = w.shape[1]
+    E, N = w.shape[:2]
     y = torch.empty(P, N, device=x.device, dtype=torch.float32)
     if P == 0:
         return y
-    grid = (P, triton.cdiv(N, ROWS_BN))
-    _bi_rows_kernel[grid](x, w, expert.contiguous(), y, N, K, x.stride(0), w.stride(0), w.stride(1),
-                          BN=ROWS_BN, BK=ROWS_BK, num_warps=4)
+    BM = ROWS_BM
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, expert.long(), torch.ones_like(
+        expert, dtype=torch.int64))
+    blocks = (counts + BM - 1) // BM
+    cum = blocks.cumsum(0)
+    first_row = counts.cumsum(0) - counts
+    n_blocks = triton.cdiv(P, BM) + E  # an upper bound: sizes stay static
+    b = torch.arange(n_blocks, device=x.device)
+    bexp = torch.searchsorted(cum, b, right=True).clamp(max=E - 1)
+    local = (b - (cum - blocks)[bexp]) * BM
+    brow = (first_row[bexp] + local).to(torch.int32)
+    bn = torch.where(b < cum[-1], (counts[bexp] - local).clamp(min=0, max=BM), 0).to(torch.int32)
+    order = torch.sort(expert.long(), stable=True).indices.to(torch.int32)
+    grid = (n_blocks, triton.cdiv(N, ROWS_BN))
+    _bi_rows_kernel[grid](x, w, order, bexp.to(torch.int32), brow, bn, y, N, K, x.stride(0), w.stride(0),
+                          w.stride(1), BM=BM, BN=ROWS_BN, BK=ROWS_BK,
+                          PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERPRET=interpreting(), num_warps=4)
     return y
 
 
