@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import glob
 import json
 import math
@@ -99,6 +100,7 @@ def measure(model, tokenizer, prompts, spec: str, batches: list[int], gen_len: i
         print(f"  {spec:<38} B={B:<3} {out[B]['decode_tok_s']:9.0f} tok/s  max|dlogp| {out[B]['max_abs_dlogp']:.2e}  "
               f"mean {out[B]['mean_abs_dlogp']:.2e}", flush=True)
     del llm
+    gc.collect()  # the engine's cache goes before the next setting sizes its own
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
