@@ -1,6 +1,6 @@
 """Aligned numerics on CUDA (compiled Triton kernels, bf16 `small` model, decode under CUDA graphs): the logprobs of
 the same sampled tokens are bitwise equal at batch 1 and batch 8, equal to the prompt logprobs of a prefill of the
-same tokens, and equal to the trainer's packed forward under the same switches. Run on the device:
+same tokens, the same as eager decode, and equal to the trainer's packed forward under the same switches. Run on the device:
 `python -m pytest -q -m gpu tests/rl/test_aligned_sampler_gpu.py`."""
 
 import copy
@@ -40,6 +40,11 @@ def test_bf16_aligned_engine_under_cuda_graphs_is_batch_invariant_and_equals_tra
     out = llm.generate([p + c], [SamplingParams(max_tokens=1, prompt_logprobs=0)])[0]
     pre = torch.tensor([out.prompt_logprobs[len(p) + j][t].logprob for j, t in enumerate(c)], dtype=torch.float64)
     assert torch.equal(pre, _lp(batch[5]))  # prefill == decode
+    eager = LLM(live_model=copy.deepcopy(model), device="cuda", max_num_seqs=8, max_num_batched_tokens=128,
+                gpu_memory_utilization=0.3, aligned_numerics="all", verbose=False, enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    for a, b in zip(eager.generate(prompts, params), batch):  # CUDA graphs vs eager
+        assert a.outputs[0].token_ids == b.token_ids and torch.equal(_lp(a.outputs[0]), _lp(b))
     with aligned_numerics("all"), torch.no_grad():
         for mb in ([0, 1, 2], [3, 4, 5, 6, 7]):
             lp = completion_logprobs(model, pack_completions([prompts[i] for i in mb],
