@@ -67,8 +67,8 @@ class EngineConfig(ConfigBase):
     weights (config.json quantization_config quant_method fp8) load as FP8 without it."""
 
     aligned_numerics: str = "off"
-    """RL alignment (docs/architecture.md, "RL alignment"): "all", "off" or a comma list of unfused, gemm, moe,
-    softmax_attn, linear_attn. With "all" a token's logprobs do not depend on its batch nor on prefill vs decode,
+    """RL alignment (docs/architecture.md, "RL alignment"): "all", "off" or a comma list of unfused, rope, gemm,
+    moe, softmax_attn, linear_attn. With "all" a token's logprobs do not depend on its batch nor on prefill vs decode,
     and equal the trainer's forward under the same switch (`RLConfig.aligned_numerics`); costs decode speed."""
 
     def validate(self) -> None:

@@ -248,6 +248,12 @@ def test_hostile_inputs(tmp_path, reward_module):
         PromptDataset(str(bad))
     with pytest.raises(ValueError, match="no such file"):
         PromptDataset(str(tmp_path / "nothing.jsonl"))
+    from ringlinear.rl.loop import RLRun
+
+    _write_jsonl(bad, [{"prompt": "a"}])
+    with pytest.raises(ValueError, match="chat_template.*no chat_template"):  # a preset has no template
+        RLRun(RLConfig(model="tiny", prompts=str(bad), reward="user_reward_mod:score", chat_template=True,
+                       progress=False, out_dir=None, engine_cpu_cache_gib=0.05))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         PromptDataset(str(tmp_path / "empty.jsonl"))
