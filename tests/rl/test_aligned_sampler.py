@@ -257,3 +257,28 @@ def test_hostile_inputs(tmp_path, reward_module):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         PromptDataset(str(tmp_path / "empty.jsonl"))
+
+
+def test_chat_template_rollouts_from_a_checkpoint(tmp_path, reward_module):
+    from ringlinear.hf import save_model
+    from ringlinear.rl.loop import RLRun
+    from ringlinear.tokenizer import tokenizer_config, tokenizer_files
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_model(init_model(preset("tiny"), seed=1), str(ckpt))
+    for name, text in tokenizer_files(byte_level_tokenizer()).items():
+        (ckpt / name).write_text(text)
+    assert tokenizer_config(str(ckpt)).get("chat_template")
+    _write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "2+2="}], "target": "4"},
+                                        {"prompt": "3+3=", "target": "6"}])
+    run = RLRun(RLConfig(model=str(ckpt), prompts=str(tmp_path / "p.jsonl"), reward="user_reward_mod:score",
+                         chat_template=True, steps=1, prompts_per_step=2, group_size=2, max_tokens=3, progress=False,
+                         out_dir=None, engine_cpu_cache_gib=0.05, old_logprobs="rollout", aligned_numerics="all"))
+    batch, rec = run.collect()
+    tok = run.tokenizer
+    rendered = [tok.decode(ids) for ids in batch.prompt_ids]
+    for r in rendered:  # the template wrapped each prompt (a plain string became one user message)
+        raw = next(p for p in ("2+2=", "3+3=") if p in r)
+        assert len(r) > len(raw)
+    assert run.learn(batch, rec)["mismatch/max_abs_logp_diff"] == 0.0
