@@ -282,3 +282,23 @@ def test_chat_template_rollouts_from_a_checkpoint(tmp_path, reward_module):
         raw = next(p for p in ("2+2=", "3+3=") if p in r)
         assert len(r) > len(raw)
     assert run.learn(batch, rec)["mismatch/max_abs_logp_diff"] == 0.0
+
+
+def test_triton_kernels_through_the_engine_are_aligned():
+    """The Triton kernels (interpreter) end to end: paged tables, the recurrent state pool, the expert blocks; a
+    3-layer model and few tokens (the interpreter is slow)."""
+    from ringlinear.ops.backend import use_backend
+
+    small = init_model(preset("tiny").replace(num_hidden_layers=3, num_nextn_predict_layers=0), seed=0)
+    prompts = [[5, 9, 11], list(range(2, 20))]  # the second prefills in two chunks
+    params = [SamplingParams(temperature=1.0, max_tokens=3, logprobs=0, seed=i, ignore_eos=True) for i in range(2)]
+    with use_backend("triton"):
+        llm = LLM(live_model=copy.deepcopy(small), device="cpu", max_num_seqs=2, max_num_batched_tokens=16,
+                  cpu_cache_gib=0.01, verbose=False, aligned_numerics="all", enable_prefix_caching=False)
+        batch = [o.outputs[0] for o in llm.generate(prompts, params)]
+        alone = [llm.generate([p], [sp])[0].outputs[0] for p, sp in zip(prompts, params)]
+        for a, b in zip(alone, batch):
+            assert a.token_ids == b.token_ids and torch.equal(_logprobs(a), _logprobs(b))
+        with aligned_numerics("all"), torch.no_grad():
+            train = completion_logprobs(small, pack_completions(prompts, [c.token_ids for c in batch], "cpu"))
+    assert torch.equal(train.double(), torch.cat([_logprobs(c) for c in batch]))
