@@ -19,6 +19,7 @@ from ringlinear.layers.linear_attention import LightningAttention
 from ringlinear.layers.moe import MoE, Router, SwiGLU
 from ringlinear.layers.norms import RMSNorm
 from ringlinear.layers.softmax_attention import SoftmaxAttention
+from ringlinear.ops.batch_invariant import bi_linear, current_alignment
 from ringlinear.ops.cross_entropy import linear_cross_entropy
 from ringlinear.ops.fused_norms import add_rmsnorm
 from ringlinear.ops.matmul import mm_fp32_out
@@ -90,7 +91,7 @@ class RingLinearModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids: [T] packed -> last hidden state before the final norm, [T, hidden]."""
         x = self.word_embeddings(input_ids)
-        if ctx.inference:
+        if ctx.inference and not current_alignment().unfused:
             delta = None
             for layer in self.layers:
                 delta, x = layer.inference_forward(delta, x, ctx)
@@ -158,6 +159,8 @@ class RingLinearForCausalLM(nn.Module):
         """fp32 logits from final-normed hidden states: the lm_head's bf16 weights with fp32 accumulation and output
         (the report's fp32 lm_head: an fp32 GEMM of the same values up to summation order, no fp32 weight copy)."""
         w = self.lm_head_weight
+        if current_alignment().gemm:  # batch-invariant tiles, the same fp32 accumulation
+            return bi_linear(hidden.to(w.dtype), w, out_dtype=torch.float32)
         return mm_fp32_out(hidden.to(w.dtype), w.t())
 
     def forward(

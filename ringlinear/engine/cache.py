@@ -14,6 +14,7 @@ import torch
 from ringlinear.accounting import cache_bytes
 from ringlinear.layers.attention_context import AttentionContext
 from ringlinear.ops.attention import cu_seqlens_from_lens, positions_from_lens
+from ringlinear.ops.batch_invariant import bi_attention, current_alignment, recurrent_lightning, seq_of_tokens
 from ringlinear.ops.lightning import lightning_attn, lightning_commit, lightning_decode, lightning_verify
 from ringlinear.ops.paged_attention import paged_decode_attention, paged_prefill_attention
 
@@ -359,6 +360,10 @@ class PagedContext(AttentionContext):
         flat = kv.view(2, nb * bs, Hkv, D)
         flat[0].index_copy_(0, self.slot_mapping, k.to(kv.dtype))
         flat[1].index_copy_(0, self.slot_mapping, v.to(kv.dtype))
+        if current_alignment().softmax_attn:  # one query at a time over its keys, as the trainer under the switch
+            seq = (torch.arange(q.shape[0], device=q.device) if self.is_decode
+                   else seq_of_tokens(self.cu_seqlens, q.shape[0]))
+            return bi_attention(q, kv[0], kv[1], self.block_tables, bs, seq, self.positions + 1, scale)
         if self.is_decode:
             return paged_decode_attention(q, kv[0], kv[1], self.block_tables, self.seq_lens, scale)
         return paged_prefill_attention(q, kv[0], kv[1], self.block_tables, self.cu_seqlens, self.seq_lens, scale,
@@ -368,6 +373,8 @@ class PagedContext(AttentionContext):
         pool = self.cache.states[layer_idx]
         if self.num_verify:
             return self._verify_linear(layer_idx, q, k, v, g, scale, pool)
+        if current_alignment().linear_attn:  # prefill in the decode step's order (chunk boundaries then vanish)
+            return recurrent_lightning(q, k, v, g, scale, pool, self.slots, self.cu_seqlens, self._host_bounds)
         if self.is_decode:
             return lightning_decode(q, k, v, g, pool, self.slots, scale=scale)
         o, final = lightning_attn(q[None], k[None], v[None], g, scale=scale, initial_state=pool[self.slots],

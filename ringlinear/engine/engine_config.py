@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from ringlinear.config_base import ConfigBase
 from ringlinear.device import DTYPES
+from ringlinear.ops.batch_invariant import parse_alignment
 
 
 @dataclass
@@ -70,6 +71,11 @@ class EngineConfig(ConfigBase):
     quantized per 1x128 group at run time), half the weight bytes and faster decode. Checkpoints that ship FP8
     weights (config.json quantization_config quant_method fp8) load as FP8 without it."""
 
+    aligned_numerics: str = "off"
+    """RL alignment (docs/architecture.md, "RL alignment"): "all", "off" or a comma list of unfused, rope, gemm,
+    moe, softmax_attn, linear_attn. With "all" a token's logprobs do not depend on its batch nor on prefill vs decode,
+    and equal the trainer's forward under the same switch (`RLConfig.aligned_numerics`); costs decode speed."""
+
     def validate(self) -> None:
         super().validate()
         need = self.require
@@ -89,6 +95,14 @@ class EngineConfig(ConfigBase):
         need(self.distributed_backend in (None, "nccl", "gloo"), "distributed_backend", "must be nccl, gloo or null")
         need(self.quantization in (None, "fp8"), "quantization", "must be fp8 or null (the weights' own dtype)")
         need(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        try:
+            al = parse_alignment(self.aligned_numerics)
+        except ValueError as e:
+            self.fail("aligned_numerics", str(e))
+        need(not al.any or (self.tensor_parallel_size == 1 and self.quantization is None), "aligned_numerics",
+             "not yet with tensor_parallel_size > 1 or fp8 quantization")
+        need(not al.any or self.num_speculative_tokens == 0, "aligned_numerics",
+             "not yet with num_speculative_tokens > 0 (the verify pass and the MTP drafts are not aligned)")
         for name in ("dtype", "kv_cache_dtype"):
             need(getattr(self, name) is None or getattr(self, name) in DTYPES, name,
                  f"must be one of {sorted(DTYPES)}")

@@ -31,6 +31,7 @@ from ringlinear.engine.sequence import (
 from ringlinear.engine.spec_decode import SpecStats, accept, draft, may_speculate
 from ringlinear.engine.workers import EngineDeadError, inference_loader, needs_inference_loader
 from ringlinear.ops.backend import forced_backend
+from ringlinear.ops.batch_invariant import parse_alignment
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineDeadError", "SamplingParams", "RequestOutput",
            "CompletionOutput", "Logprob", "RequestError"]
@@ -83,6 +84,7 @@ class LLMEngine:
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype
         self.runner = (self.workers.runner(model, self.device, kv_dtype) if self.workers
                        else ModelRunner(model, self.device, kv_dtype, mtp_kv_layers=1 if k else 0))
+        self.runner.alignment = parse_alignment(config.aligned_numerics)
         interval = config.prefix_state_interval if config.enable_prefix_caching else None
         layout = self.runner.plan(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                                   config.gpu_memory_utilization, int(config.cpu_cache_gib * 2**30), interval)

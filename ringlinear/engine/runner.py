@@ -9,6 +9,7 @@ import torch
 
 from ringlinear.engine.cache import CacheLayout, HybridCache, PagedContext, plan_layout
 from ringlinear.layers.attention_context import PackedContext
+from ringlinear.ops.batch_invariant import Alignment, aligned_numerics
 
 MTP_SMALL_BATCH_LEN = 16  # MTP forwards of at most this many positions per sequence take MoE's small-batch kernels
 
@@ -26,6 +27,7 @@ class ModelRunner:
         self.cache: HybridCache | None = None
         self.graphs = None
         self.verify_graphs = None  # speculative decoding: ringlinear.engine.cuda_graphs.VerifyGraphs
+        self.alignment = Alignment()  # EngineConfig.aligned_numerics: every forward runs under it
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int,
@@ -44,7 +46,8 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.profile(max_num_batched_tokens, max_num_seqs)
+            with aligned_numerics(self.alignment):
+                self.profile(max_num_batched_tokens, max_num_seqs)
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -81,10 +84,11 @@ class ModelRunner:
                   "sized on the host (bf16 runs grouped GEMMs); decode runs eagerly", flush=True)
             return
         try:
-            if verify_length:
-                self.verify_graphs = VerifyGraphs(self.model, self.cache, max_batch, verify_length)
-            else:
-                self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
+            with aligned_numerics(self.alignment):  # the captured kernels are the aligned ones
+                if verify_length:
+                    self.verify_graphs = VerifyGraphs(self.model, self.cache, max_batch, verify_length)
+                else:
+                    self.graphs = DecodeGraphs(self.model, self.cache, max_batch)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not take the engine down
             self.graphs = self.verify_graphs = None
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
@@ -104,6 +108,10 @@ class ModelRunner:
         if (self.graphs is not None and len(batch) <= self.graphs.max_batch and len(sampling_rows) == len(batch)
                 and not token_rows and all(n == 1 for _, n in batch)):
             return self.graphs.run(batch)
+        with aligned_numerics(self.alignment):
+            return self._execute(batch, sampling_rows, token_rows)
+
+    def _execute(self, batch, sampling_rows, token_rows):
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         ctx = self.cache.context(batch)
         b = ctx._bounds

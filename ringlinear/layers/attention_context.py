@@ -18,6 +18,14 @@ from ringlinear.ops.attention import (
     packed_causal_attention,
     positions_from_lens,
 )
+from ringlinear.ops.batch_invariant import (
+    aligned_value,
+    bi_attention,
+    current_alignment,
+    packed_key_table,
+    packed_recurrent_lightning,
+    seq_of_tokens,
+)
 from ringlinear.ops.lightning import lightning_attn, lightning_decode
 
 
@@ -71,9 +79,19 @@ class PackedContext(AttentionContext):
         return cls(cu, positions_from_lens(lens, [0] * len(lens), device))
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
+        if current_alignment().softmax_attn:  # one query at a time, as the engine's paged kernels under the switch
+            T = q.shape[0]
+            table = packed_key_table(self._bounds, q.device)
+            seq = seq_of_tokens(self.cu_seqlens, T)
+            return aligned_value(
+                lambda q, k, v: bi_attention(q, k, v, table, 1, seq, self.positions + 1, scale),
+                lambda q, k, v: packed_causal_attention(q, k, v, self.cu_seqlens, self._bounds, self.max_len, scale),
+                q, k, v)
         return packed_causal_attention(q, k, v, self.cu_seqlens, self._bounds, self.max_len, scale)
 
     def linear_attention(self, layer_idx, q, k, v, g, scale):
+        if current_alignment().linear_attn:  # the decode step's order, token by token
+            return packed_recurrent_lightning(q, k, v, g, scale, self.cu_seqlens, self._bounds)
         o, _ = lightning_attn(q[None], k[None], v[None], g, scale=scale, cu_seqlens=self.cu_seqlens,
                               cu_seqlens_host=self._bounds)
         return o[0]

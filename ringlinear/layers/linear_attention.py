@@ -12,6 +12,7 @@ from torch import nn
 
 from ringlinear.layers.norms import GroupRMSNorm, RMSNorm
 from ringlinear.layers.rotary import RotaryEmbedding
+from ringlinear.ops.batch_invariant import current_alignment, project
 from ringlinear.ops.fused_norms import group_rmsnorm_gate, qk_norm_rope
 from ringlinear.ops.lightning import decay_slopes
 
@@ -48,10 +49,10 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """x: [T, hidden] packed tokens of ctx's sequences -> [T, hidden]. Engine forwards (`ctx.inference`) run the
         fused kernels of `ringlinear.ops.fused_norms` (the same composition in one kernel each)."""
-        if ctx.inference:
+        if ctx.inference and not current_alignment().unfused:
             return self._inference_forward(x, ctx)
         T = x.shape[0]
-        qkv = self.query_key_value(x).float().view(T, 3 * self.num_heads, self.head_dim)
+        qkv = project(x, self.query_key_value).float().view(T, 3 * self.num_heads, self.head_dim)
         if self.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.split(self.num_heads, dim=1)
@@ -60,17 +61,17 @@ class LightningAttention(nn.Module):
         q, k = self.rotary(q, ctx.positions), self.rotary(k, ctx.positions)
         dt = x.dtype
         o = ctx.linear_attention(self.layer_idx, q.to(dt), k.to(dt), v.to(dt), self.decay, self.scale)
-        o = self.g_norm(o.reshape(T, -1)) * torch.sigmoid(self.g_proj(x))
-        return self.dense(o)
+        o = self.g_norm(o.reshape(T, -1)) * torch.sigmoid(project(x, self.g_proj))
+        return project(o, self.dense)
 
     def _inference_forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         H, D = self.num_heads, self.head_dim
         q, k, v = qk_norm_rope(
-            self.query_key_value(x), H, H, D, self.query_layernorm.weight if self.use_qk_norm else None,
+            project(x, self.query_key_value), H, H, D, self.query_layernorm.weight if self.use_qk_norm else None,
             self.key_layernorm.weight if self.use_qk_norm else None, self.query_layernorm.eps if self.use_qk_norm
             else 0.0, ctx.positions, self.rotary.inv_freq, self.rotary.rotary_dim, self.rotary.attention_factor,
             silu=self.linear_silu, out_dtype=x.dtype)
         o = ctx.linear_attention(self.layer_idx, q, k, v, self.decay, self.scale)
         o = group_rmsnorm_gate(o.reshape(x.shape[0], -1), self.g_norm.weight, self.g_norm.groups, self.g_norm.eps,
-                               self.g_proj(x))
-        return self.dense(o)
+                               project(x, self.g_proj))
+        return project(o, self.dense)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringlinear.ops.backend import use_triton
+from ringlinear.ops.batch_invariant import aligned_value, bi_linear, bi_routed_experts, current_alignment, project
 from ringlinear.ops.moe import DECODE_MAX_PAIRS, expert_counts, grouped_topk, routed_experts
 from ringlinear.ops.swiglu import swiglu
 
@@ -21,7 +22,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA (ringlinear.ops.swiglu)
+        # fused on CUDA (ringlinear.ops.swiglu)
+        return project(swiglu(project(x, self.gate_proj), project(x, self.up_proj)), self.down_proj)
 
 
 class Router(nn.Module):
@@ -43,9 +45,12 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        if current_alignment().moe:  # batch-invariant fp32 logits
+            logits = bi_linear(x.float(), self.weight.float(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         idx, w = grouped_topk(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
-                              self.norm_topk_prob, self.routed_scaling_factor)
+                              self.norm_topk_prob, self.routed_scaling_factor, batch_invariant=current_alignment().moe)
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += expert_counts(idx.reshape(-1), self.weight.shape[0]).float()
@@ -71,6 +76,8 @@ class MoE(nn.Module):
         """x: [T, hidden]. `inference` (the engine's forwards, no autograd) on the Triton backend: the router's choice
         in one kernel after one fp32 logits GEMM; with `decode` too (a decode step's few tokens) the experts run the
         fused small-batch kernels, reading each touched expert's weights once."""
+        if current_alignment().moe:
+            return self._aligned_forward(x)
         fast = (inference or decode) and not torch.is_grad_enabled() and use_triton(x)
         if fast:
             from ringlinear.ops.moe.fused_routing import RouterConfig, fused_router_topk
@@ -83,6 +90,18 @@ class MoE(nn.Module):
         else:
             idx, w = self.gate(x)
         out = self.routed(x, idx, w, fused=fast and decode and x.shape[0] * self.gate.top_k <= DECODE_MAX_PAIRS)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _aligned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The `moe` alignment switch: router logits by the batch-invariant GEMM, each (token, expert) pair computed
+        on its own (values); gradients from the grouped form."""
+        idx, w = self.gate(x)
+        out = aligned_value(
+            lambda x, w, a, b, c: bi_routed_experts(x, idx, w, a, b, c),
+            lambda x, w, a, b, c: routed_experts(x, idx, w, a, b, c),
+            x, w, self.gate_proj, self.up_proj, self.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ringlinear.ops.batch_invariant import current_alignment
+
 
 def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -91,14 +93,31 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         self.inv_freq = self._frequencies()[0].to(self.inv_freq.device)
+        self._table = None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int -> (cos, sin) fp32 [T, r/2], the attention factor applied."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos(), angles.sin()
+        if current_alignment().rope:
+            cos, sin = self.table(positions.device)
+            cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
+        else:
+            angles = positions.float()[:, None] * self.inv_freq[None, :]
+            cos, sin = angles.cos(), angles.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos, sin
+
+    def table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) fp32 [max_position_embeddings, r/2] of the fp32 angles pos * f_i, evaluated once in fp64 (the
+        `rope` alignment switch: a position's values never depend on the call that asks for them)."""
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0].device != torch.device(device):
+            n = self.max_position_embeddings or 4096
+            pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+            angles = (pos[:, None] * self.inv_freq[None, :]).double()
+            cached = tuple(t.float().to(device) for t in (angles.cos(), angles.sin()))
+            self._table = cached
+        return cached
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D] (any float dtype), positions: [T] int -> fp32 [T, H, D] with RoPE applied."""

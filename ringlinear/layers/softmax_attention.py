@@ -9,6 +9,7 @@ from torch import nn
 
 from ringlinear.layers.norms import RMSNorm
 from ringlinear.layers.rotary import RotaryEmbedding
+from ringlinear.ops.batch_invariant import current_alignment, project
 from ringlinear.ops.fused_norms import qk_norm_rope
 
 
@@ -37,18 +38,18 @@ class SoftmaxAttention(nn.Module):
         """x: [T, hidden] -> [T, hidden]; engine forwards (`ctx.inference`) run QK-norm + RoPE as one fused kernel
         (`ringlinear.ops.fused_norms.qk_norm_rope`, the same composition)."""
         T = x.shape[0]
-        if ctx.inference:
+        if ctx.inference and not current_alignment().unfused:
             n = self.query_layernorm if self.use_qk_norm else None
-            q, k, v = qk_norm_rope(self.query_key_value(x), self.num_heads, self.num_kv_heads, self.head_dim,
+            q, k, v = qk_norm_rope(project(x, self.query_key_value), self.num_heads, self.num_kv_heads, self.head_dim,
                                    n.weight if n else None, self.key_layernorm.weight if n else None,
                                    n.eps if n else 0.0, ctx.positions, self.rotary.inv_freq, self.rotary.rotary_dim,
                                    self.rotary.attention_factor, out_dtype=x.dtype)
-            return self.dense(ctx.softmax_attention(self.layer_idx, q, k, v, self.scale).reshape(T, -1))
-        qkv = self.query_key_value(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            return project(ctx.softmax_attention(self.layer_idx, q, k, v, self.scale).reshape(T, -1), self.dense)
+        qkv = project(x, self.query_key_value).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q.float()), self.key_layernorm(k.float())
         dt = x.dtype
         q, k = self.rotary(q, ctx.positions).to(dt), self.rotary(k, ctx.positions).to(dt)
         o = ctx.softmax_attention(self.layer_idx, q, k, v.contiguous(), self.scale)
-        return self.dense(o.reshape(T, -1))
+        return project(o.reshape(T, -1), self.dense)

@@ -23,7 +23,13 @@ from ringlinear.pretrained import load_pretrained
 from ringlinear.rl.policy import PolicyTrainer, sft_warmup
 from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import RolloutBatch, RolloutWorker, partition
-from ringlinear.rl.tasks import TASKS, RewardFn, load_reward
+from ringlinear.rl.tasks import TASKS, PromptDataset, RewardFn, call_reward, load_reward
+from ringlinear.tokenizer import tokenizer_config
+
+
+def chat_template_of(model: str) -> str | None:
+    """The chat template of a checkpoint directory's tokenizer_config.json (None for presets or without one)."""
+    return tokenizer_config(model).get("chat_template") if os.path.isdir(model) else None
 
 
 class RLRun:
@@ -39,8 +45,19 @@ class RLRun:
         loaded = load_pretrained(cfg.model, overrides=cfg.model_overrides, tokenizer=cfg.tokenizer, seed=cfg.seed,
                                  device=self.device, dtype="float32")
         model, self.tokenizer, self.eos_id = loaded.model, loaded.tokenizer, loaded.eos_token_id
-        self.task = TASKS[cfg.task](seed=cfg.seed, **cfg.task_kwargs)
-        held_out = TASKS[cfg.task](seed=cfg.seed + 7919, **cfg.task_kwargs)  # one generator: distinct samples
+        if cfg.prompts:
+            template = None
+            if cfg.chat_template:
+                template = chat_template_of(cfg.model)
+                if template is None:
+                    cfg.fail("chat_template", f"model {cfg.model!r} has no chat_template in tokenizer_config.json")
+            make = lambda seed: PromptDataset(cfg.prompts, cfg.prompt_key, seed, self.tokenizer, template)  # noqa: E731
+        else:
+            if cfg.chat_template:
+                cfg.fail("chat_template", "applies to prompts from a file (the built-in tasks are plain text)")
+            make = lambda seed: TASKS[cfg.task](seed=seed, **cfg.task_kwargs)  # noqa: E731
+        self.task = make(cfg.seed)
+        held_out = make(cfg.seed + 7919)  # its own order (a file's prompts are not split: held out by order only)
         self.eval_samples = [held_out.sample() for _ in range(cfg.eval_prompts)] if cfg.eval_every else []
         self.reward_fn = reward_fn or (load_reward(cfg.reward) if cfg.reward else self.task.reward)
         self.sft_losses = sft_warmup(model, self.task, self.tokenizer, self.eos_id, cfg.sft_warmup_steps, cfg.sft_lr,
@@ -53,7 +70,7 @@ class RLRun:
             max_num_seqs=max(n, cfg.eval_prompts if cfg.eval_every else 1),
             max_num_batched_tokens=cfg.engine_max_num_batched_tokens,
             gpu_memory_utilization=cfg.engine_memory_utilization, cpu_cache_gib=cfg.engine_cpu_cache_gib,
-            backend=cfg.scoring_backends[1], seed=cfg.seed)
+            backend=cfg.scoring_backends[1], seed=cfg.seed, aligned_numerics=cfg.aligned_numerics)
         self.history: list[dict] = []  # one record per RL step
         self.evals: list[dict] = []  # {"step": updates done, "eval_accuracy": greedy accuracy}
         self.step_idx = 0
@@ -62,9 +79,9 @@ class RLRun:
         """Greedy accuracy (mean reward) on the held-out samples."""
         from ringlinear.engine.sequence import SamplingParams
 
-        outs = self.worker.generate([s["prompt"] for s in self.eval_samples],
+        outs = self.worker.generate([s.get("prompt_ids") or s["prompt"] for s in self.eval_samples],
                                     SamplingParams(temperature=0.0, max_tokens=self.cfg.max_tokens))
-        return sum(self.reward_fn(s["prompt"], o.outputs[0].text, s) for s, o in zip(self.eval_samples, outs)) / len(outs)
+        return sum(call_reward(self.reward_fn, s["prompt"], o.outputs[0].text, s) for s, o in zip(self.eval_samples, outs)) / len(outs)
 
     def collect(self) -> tuple[RolloutBatch, dict]:
         """This step's prompts -> rollout batch (sampled, rewarded, scored by the engine) + reward statistics."""
@@ -74,7 +91,8 @@ class RLRun:
         samples = [self.task.sample() for _ in range(cfg.prompts_per_step)]
         seed = cfg.seed * 1_000_003 + self.step_idx * cfg.prompts_per_step * cfg.group_size
         batch = self.worker.rollout(samples, cfg.group_size, self.reward_fn, self.packs, max_tokens=cfg.max_tokens,
-                                    temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+                                    temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                                    score=not self.trainer.rollout_is_old)
         r = batch.rewards.view(-1, cfg.group_size)
         rec = {
             "step": self.step_idx + 1,

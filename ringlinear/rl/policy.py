@@ -2,10 +2,14 @@
 gradient accumulation over the same packs the engine scored, AdamW on fp32 master weights, aux-loss-free
 MoE balancing (`ringlinear.train`), and the train/inference mismatch metrics of every step.
 
-Which logprobs play "old" (the PPO ratio's denominator) and "rollout":
-- aligned: both are the engine's scoring pass (`RolloutBatch.scoring_logprobs`), taken on the engine's own
-  copy of the weights with the trainer's kernels, dtypes and packs, so at the rollout weights the trainer's
-  logp equals them bit for bit and the first ratio is exactly 1. No recompute pass.
+Which logprobs play "old" (the PPO ratio's denominator) and "rollout" (the sampler's, for importance sampling):
+- aligned, `old_logprobs="rollout"`: both are the sampler's own logprobs; no scoring pass, no recompute, no TIS.
+  Under `aligned_numerics="all"` the engine computes each token as the trainer does (docs/architecture.md, "RL
+  alignment"), so at the rollout weights the trainer's logp equals them bit for bit and the first ratio is 1.
+- aligned, `old_logprobs="scoring"`: old is the engine's scoring pass (`RolloutBatch.scoring_logprobs`), taken on
+  the engine's own copy of the weights with the trainer's kernels, dtypes and packs (bit-equal to the trainer at
+  the rollout weights); the sampler's logprobs still differ from it unless aligned_numerics is "all", so TIS
+  (w = p_old / p_sampler) corrects for that.
 - off: the trainer recomputes `old` on its own path (e.g. the PyTorch reference) before updating, and
   `rollout` is what the engine's sampler reported; truncated or masked importance sampling (w = p_old /
   p_rollout) corrects the gap, as verl/slime/AReaL do.
@@ -26,6 +30,7 @@ from ringlinear.layers.attention_context import PackedContext
 from ringlinear.layers.moe import Router
 from ringlinear.model import IGNORE_INDEX
 from ringlinear.ops.backend import use_backend
+from ringlinear.ops.batch_invariant import aligned_numerics
 from ringlinear.rl.losses import PolicyLossConfig, group_advantages, mismatch_metrics, policy_loss
 from ringlinear.rl.rl_config import RLConfig
 from ringlinear.rl.rollout import RolloutBatch
@@ -40,6 +45,7 @@ class PolicyTrainer:
 
     def __init__(self, model: nn.Module, cfg: RLConfig, compute_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
+        self.rollout_is_old = cfg.aligned and cfg.old_logprobs == "rollout"
         self.device = next(model.parameters()).device
         if compute_dtype != torch.float32:
             cast_for_compute(model, compute_dtype)
@@ -55,7 +61,7 @@ class PolicyTrainer:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.loss_cfg = PolicyLossConfig(
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, normalization=cfg.normalization,
-            tis_cap=None if cfg.aligned or cfg.tis_mode is None else cfg.tis_cap, tis_mode=cfg.tis_mode or "truncate")
+            tis_cap=None if self.rollout_is_old or cfg.tis_mode is None else cfg.tis_cap, tis_mode=cfg.tis_mode or "truncate")
         self.backend = cfg.scoring_backends[0]
 
     def _packed(self, batch: RolloutBatch, mb: list[int]):
@@ -68,7 +74,7 @@ class PolicyTrainer:
         path (or the Lightning `backend` given), pack by pack, no grad."""
         model = model or self.model
         out: list[torch.Tensor | None] = [None] * batch.num_seqs
-        with use_backend(self.backend if backend == "trainer" else backend):
+        with use_backend(self.backend if backend == "trainer" else backend), aligned_numerics(self.cfg.aligned_numerics):
             for mb in (mb for minibatch in batch.packs for mb in minibatch):
                 lp = completion_logprobs(model, self._packed(batch, mb)).float()
                 for j, part in enumerate(lp.split([len(batch.completion_ids[i]) for i in mb])):
@@ -83,10 +89,14 @@ class PolicyTrainer:
         adv = group_advantages(batch.rewards, batch.group_size, cfg.scale_adv_by_std).to(dev)
         sampling = [x.to(dev) for x in batch.sampling_logprobs]
         scoring = [x.to(dev) for x in batch.scoring_logprobs] if batch.scoring_logprobs else None
-        if cfg.aligned:
+        if self.rollout_is_old:
+            old = rollout = sampling
+            at_rollout: list[torch.Tensor | None] = [None] * batch.num_seqs  # filled by the first forwards
+        elif cfg.aligned:
             if scoring is None:
-                raise ValueError("aligned mode needs the engine's scoring logprobs (RolloutWorker.rollout(score=True))")
-            old = rollout = scoring
+                raise ValueError("aligned mode with old_logprobs 'scoring' needs the engine's scoring logprobs "
+                                 "(RolloutWorker.rollout(score=True))")
+            old, rollout = scoring, sampling
             at_rollout: list[torch.Tensor | None] = [None] * batch.num_seqs  # filled by the first forwards
         else:
             old, rollout = self.recompute(batch), sampling
@@ -100,7 +110,7 @@ class PolicyTrainer:
                 tok_total = sum(len(batch.completion_ids[i]) for i in seqs)
                 for mb in minibatch:
                     packed = self._packed(batch, mb)
-                    with use_backend(self.backend):
+                    with use_backend(self.backend), aligned_numerics(cfg.aligned_numerics):
                         logp, entropy = completion_logprobs(self.model, packed, with_entropy=True)
                     if n_opt == 0 and cfg.aligned:  # still at the rollout weights
                         for j, part in enumerate(logp.detach().float().split([len(batch.completion_ids[i]) for i in mb])):
@@ -137,7 +147,8 @@ class PolicyTrainer:
         train_lp = torch.cat([at_rollout[i] for i in seen])
         ones = torch.ones_like(train_lp)
         pick = lambda xs: torch.cat([xs[i] for i in seen])
-        for name, other in (("mismatch", rollout), ("sampling", sampling)) + (
+        # "mismatch": against what the ratio divides by (aligned) or what sampled (off)
+        for name, other in (("mismatch", old if cfg.aligned else rollout), ("sampling", sampling)) + (
                 (("scoring", scoring),) if not cfg.aligned and scoring is not None else ()):
             out.update({f"{name}/{k}": v for k, v in mismatch_metrics(train_lp, pick(other), ones).items()})
         out["time/update_s"] = time.perf_counter() - t0

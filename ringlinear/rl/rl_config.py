@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ringlinear.config_base import ConfigBase
+from ringlinear.ops.batch_invariant import parse_alignment
 
 _BACKENDS = (None, "torch", "triton")
 
@@ -28,11 +29,20 @@ class RLConfig(ConfigBase):
     """auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32; the optimizer always steps fp32 master weights."""
     # ---- task and reward
     task: str = "arithmetic"
-    """Built-in task: "arithmetic" or "retrieval"."""
+    """Built-in task: "arithmetic" or "retrieval" (examples; `prompts` replaces it)."""
+    prompts: str | None = None
+    """Prompts from a JSON-lines file (one object per line) or a `datasets.save_to_disk` directory; each record's
+    `prompt_key` field is a string or a list of chat messages, and the whole record reaches the reward as `sample`.
+    Needs `reward`."""
+    prompt_key: str = "prompt"
+    """The record field that holds the prompt."""
+    chat_template: bool = False
+    """Render each prompt with the tokenizer's chat template (a string prompt becomes one user message)."""
     task_kwargs: dict = field(default_factory=dict)
     """Arguments of the task, e.g. {"max_operand": 9, "ops": "+"}."""
     reward: str | None = None
-    """"package.module:function" called as f(prompt, completion, sample) -> float; default: the task's reward."""
+    """"package.module:function" (or "path/to/file.py:function") called as f(prompt, completion, sample) -> float;
+    default: the task's reward. This imports and runs that code in the RL process: name only code you trust."""
     # ---- rollouts
     steps: int = 50
     """RL steps (rollout batch + update)."""
@@ -82,10 +92,19 @@ class RLConfig(ConfigBase):
     """Ops backend of the trainer's forward ("torch" or "triton"; off mode default: "torch")."""
     engine_backend: str | None = None
     """Ops backend of the engine (None: Triton on CUDA, torch on the CPU)."""
+    old_logprobs: str = "scoring"
+    """Aligned mode: the PPO ratio's denominator. "scoring": the engine's scoring pass (bit-equal to the trainer;
+    TIS corrects for the sampler's own logprobs); "rollout": the sampler's own logprobs, no scoring pass (with
+    aligned_numerics "all" they equal the trainer's, so the first ratio is exactly 1)."""
+    aligned_numerics: str = "off"
+    """Switches that make the sampler compute what the trainer computes, for the rollout engine and every trainer
+    forward: "all", "off" or a comma list of unfused, rope, gemm, moe, softmax_attn, linear_attn (docs/architecture.md,
+    "RL alignment")."""
     tis_mode: str | None = "truncate"
-    """Off mode only: "truncate", "mask" or null (no importance-sampling correction)."""
+    """Importance-sampling correction toward the sampler (off mode, and aligned mode with old_logprobs "scoring"):
+    "truncate", "mask" or null (none)."""
     tis_cap: float = 2.0
-    """truncate: weight min(p_old / p_rollout, cap); mask: drop tokens whose ratio is outside [1/cap, cap]."""
+    """truncate: weight min(p_old / p_sampler, cap); mask: drop tokens whose ratio is outside [1/cap, cap]."""
     # ---- engine
     engine_max_num_batched_tokens: int = 2048
     """The rollout engine's tokens per step."""
@@ -144,7 +163,20 @@ class RLConfig(ConfigBase):
         need(self.normalization in ("token", "sequence"), "normalization", "must be 'token' or 'sequence'")
         need(self.compute_dtype in ("auto", "bf16", "fp32"), "compute_dtype", "must be auto, bf16 or fp32")
         need(self.task in ("arithmetic", "retrieval"), "task", "must be 'arithmetic' or 'retrieval'")
-        need(self.reward is None or ":" in self.reward, "reward", "must be null or 'package.module:function'")
+        need(self.reward is None or (":" in self.reward and all(self.reward.rpartition(":")[::2])), "reward",
+             "must be null or 'package.module:function'")
+        need(self.prompts is None or self.reward is not None, "reward",
+             "is needed with prompts (the built-in tasks' rewards only know their own samples)")
+        need(bool(self.prompt_key), "prompt_key", "must be a non-empty field name")
+        need(self.prompts is None or self.sft_warmup_steps == 0, "sft_warmup_steps",
+             "must be 0 with prompts (the warm start trains on a built-in task's answers)")
+        need(self.old_logprobs in ("scoring", "rollout"), "old_logprobs", "must be 'scoring' or 'rollout'")
+        need(self.aligned or self.old_logprobs == "scoring", "old_logprobs",
+             "'rollout' needs aligned: true (off mode recomputes old logprobs on the trainer's path)")
+        try:
+            parse_alignment(self.aligned_numerics)
+        except ValueError as e:
+            self.fail("aligned_numerics", str(e))
         need(self.tis_mode in (None, "truncate", "mask"), "tis_mode", "must be null, 'truncate' or 'mask'")
         need(self.tis_cap > 1, "tis_cap", "must be > 1")
         need(self.trainer_backend in _BACKENDS, "trainer_backend", f"must be one of {_BACKENDS}")

@@ -19,8 +19,9 @@ from torch import nn
 from ringlinear.engine.llm import LLM
 from ringlinear.engine.sequence import SamplingParams
 from ringlinear.ops.backend import use_backend
+from ringlinear.ops.batch_invariant import aligned_numerics
 from ringlinear.rl.scoring import completion_logprobs, pack_completions
-from ringlinear.rl.tasks import RewardFn
+from ringlinear.rl.tasks import RewardFn, call_reward
 
 
 def partition(num_seqs: int, minibatches: int, micro_batch_seqs: int) -> list[list[list[int]]]:
@@ -65,13 +66,15 @@ class RolloutWorker:
 
     def __init__(self, model: nn.Module, tokenizer, device: str | torch.device, *, max_num_seqs: int,
                  max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.3,
-                 cpu_cache_gib: float = 0.25, backend: str | None = None, seed: int = 0):
+                 cpu_cache_gib: float = 0.25, backend: str | None = None, seed: int = 0,
+                 aligned_numerics: str = "off"):
         self.backend = backend
+        self.aligned_numerics = aligned_numerics
         with use_backend(backend):  # the profiling forward runs on the engine's kernels too
             self.llm = LLM(live_model=model, tokenizer=tokenizer, device=str(device), max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            gpu_memory_utilization=gpu_memory_utilization, cpu_cache_gib=cpu_cache_gib, seed=seed,
-                           verbose=False)
+                           verbose=False, aligned_numerics=aligned_numerics)
         self.model = self.llm.engine.model
         self.device = self.llm.engine.device
 
@@ -109,7 +112,7 @@ class RolloutWorker:
         """The engine-side scoring pass: per sequence, fp32 log p of its completion tokens under the engine's
         weights, computed pack by pack with the trainer's packed forward (`completion_logprobs`)."""
         out: list[torch.Tensor | None] = [None] * len(prompt_ids)
-        with use_backend(self.backend):
+        with use_backend(self.backend), aligned_numerics(self.aligned_numerics):
             for mb in (mb for minibatch in packs for mb in minibatch):
                 packed = pack_completions([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], self.device)
                 lp = completion_logprobs(self.model, packed).float().cpu()
@@ -129,10 +132,10 @@ class RolloutWorker:
         params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0, seed=seed + k * group_size) for k in range(len(samples))]
         t0 = time.perf_counter()
-        outs = self.generate([s["prompt"] for s in samples], params)
+        outs = self.generate([s.get("prompt_ids") or s["prompt"] for s in samples], params)
         t1 = time.perf_counter()
         choices = [(o, c, s) for o, s in zip(outs, samples) for c in o.outputs]  # groups contiguous, in order
-        rewards = [float(reward_fn(s["prompt"], c.text, s)) for _, c, s in choices]
+        rewards = [call_reward(reward_fn, s["prompt"], c.text, s) for _, c, s in choices]
         batch = RolloutBatch(
             samples=samples, group_size=group_size,
             prompt_ids=[o.prompt_token_ids for o, _, _ in choices], completion_ids=[c.token_ids for _, c, _ in choices],

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ringlinear.config_base import ConfigBase
+from ringlinear.ops.batch_invariant import parse_alignment
 
 
 @dataclass
@@ -109,10 +110,21 @@ class TrainConfig(ConfigBase):
     """Show a progress bar."""
     peak_tflops: float | None = None
     """Peak TFLOP/s for MFU; default: the GPU's dense bf16 peak from ringlinear.device."""
+    aligned_numerics: str = "off"
+    """The forward's numerics under the RL alignment switches ("all", "off" or a comma list of unfused, rope, gemm,
+    moe, softmax_attn, linear_attn; docs/architecture.md, "RL alignment"): a model trained so computes what an engine
+    with the same `aligned_numerics` samples. Slower; the fused lm_head + cross entropy is unchanged."""
 
     def validate(self) -> None:
         super().validate()
         need = self.require
+        try:
+            parse_alignment(self.aligned_numerics)
+        except ValueError as e:
+            self.fail("aligned_numerics", str(e))
+        need(self.aligned_numerics == "off" or not self.fp8, "aligned_numerics", "not yet with fp8 training")
+        need(not parse_alignment(self.aligned_numerics).moe or int(self.parallelism.get("ep", 1)) <= 1,
+             "aligned_numerics", "moe: not yet with expert parallelism (its all-to-all forward replaces the MoE's)")
         for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
             need(getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(bool(self.data), "data", "must list at least one text file or dataset directory")

@@ -37,6 +37,7 @@ from ringlinear.distributed import (
 )
 from ringlinear.hf import save_streamed
 from ringlinear.model import IGNORE_INDEX, build_model
+from ringlinear.ops.batch_invariant import aligned_numerics
 from ringlinear.plots import plot_losses
 from ringlinear.pretrained import load_pretrained
 from ringlinear.train import state as ckpt
@@ -207,8 +208,9 @@ class Trainer:
         denom = targets.clamp(min=1)
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
         for ids, cu, labels, n in mbs:
-            out = self.model.loss(ids.to(self.device), cu.to(self.device),
-                                  labels=None if labels is None else labels.to(self.device))
+            with aligned_numerics(self.cfg.aligned_numerics):  # the forward's numerics (RL alignment switches)
+                out = self.model.loss(ids.to(self.device), cu.to(self.device),
+                                      labels=None if labels is None else labels.to(self.device))
             w = n / denom  # exactly 1 for one micro-batch on one process
             if not n:  # a mean over no targets is NaN: count it as 0 (the backward still runs: FSDP's collectives)
                 out = {k: v.nan_to_num(0.0) for k, v in out.items()}

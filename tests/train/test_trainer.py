@@ -330,3 +330,22 @@ def test_init_on_the_gpu_is_seeded():
     assert torch.equal(a.state_dict()[w], b.state_dict()[w])
     assert not torch.equal(a.state_dict()[w], d.state_dict()[w])
     assert abs(a.state_dict()[w].std().item() - c.initializer_range) < 0.1 * c.initializer_range
+
+
+def test_aligned_numerics_trains_like_the_default(corpus, monkeypatch):
+    """The RL alignment switches in the trainer: the same losses up to fp32 rounding (the values of the aligned
+    forward, the gradients of the ordinary one), and the switch reaches the forward (the recurrent form runs)."""
+    import ringlinear.ops.batch_invariant as bi
+
+    calls = []
+    real = bi.packed_recurrent_lightning
+    monkeypatch.setattr("ringlinear.layers.attention_context.packed_recurrent_lightning",
+                        lambda *a: calls.append(1) or real(*a))
+    a = Trainer(_cfg(corpus, steps=3)).fit()
+    assert not calls
+    b = Trainer(_cfg(corpus, steps=3, aligned_numerics="all")).fit()
+    assert calls
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * abs(x["loss"])
+    with pytest.raises(ValueError, match="aligned_numerics"):
+        _cfg(corpus, aligned_numerics="fast")

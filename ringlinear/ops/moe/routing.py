@@ -20,11 +20,18 @@ def grouped_topk(
     topk_group: int,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [T, E] (computed in fp32). Returns (topk_idx [T, k] int64, topk_weight [T, k] fp32).
-    Experts come out sorted by index so that the weighted sum runs in one fixed order."""
+    Experts come out sorted by index so that the weighted sum runs in one fixed order. `batch_invariant`: the
+    renormalising sum adds the k weights left to right (a reduction kernel may vectorise a short row across rows,
+    so its order, hence its bits, would follow the number of rows), and on the CPU the sigmoid runs on rows padded
+    to whole vector chunks (a vectorised sigmoid and its scalar tail round differently)."""
     T, E = logits.shape
-    scores = torch.sigmoid(logits.float())
+    if batch_invariant and not logits.is_cuda and E % 64:
+        scores = torch.sigmoid(torch.nn.functional.pad(logits.float(), (0, 64 - E % 64)))[:, :E]
+    else:
+        scores = torch.sigmoid(logits.float())
     choice = scores + expert_bias.float() if expert_bias is not None else scores
     if n_group > 1:
         grouped = choice.view(T, n_group, E // n_group)
@@ -35,5 +42,11 @@ def grouped_topk(
     topk_idx = choice.topk(top_k, dim=-1).indices.sort(dim=-1).values
     weight = scores.gather(1, topk_idx)
     if norm_topk_prob:
-        weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+        if batch_invariant:
+            total = weight[:, :1]
+            for j in range(1, top_k):
+                total = total + weight[:, j : j + 1]
+        else:
+            total = weight.sum(-1, keepdim=True)
+        weight = weight / (total + 1e-20)
     return topk_idx, weight * routed_scaling_factor
