@@ -3,6 +3,7 @@ imported (only when no GPU is present, so `pytest -m gpu` on the device runs the
 
 import gc
 import os
+import traceback
 
 import pytest
 import torch
@@ -39,3 +40,13 @@ def _release_cuda_memory():
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's traceback keeps its frames, and with them its engines and their cache, until the session
+    ends: the next tests on the GPU would then plan from memory that is gone. Once the report is written, the
+    frames' locals are dropped."""
+    yield
+    if call.excinfo is not None and torch.cuda.is_available():
+        traceback.clear_frames(call.excinfo.tb)

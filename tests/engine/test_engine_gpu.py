@@ -23,7 +23,8 @@ def test_engine_cuda_matches_reference(tmp_path, monkeypatch, dtype):
     save_model(model, str(tmp_path))
     model = model.to("cuda", getattr(torch, dtype)).eval()
     prompts = [list(range(5, 300)), [11, 12, 13], list(range(900, 1000))]
-    llm = LLM(str(tmp_path), device="cuda", dtype=dtype, max_num_batched_tokens=128, verbose=False)
+    llm = LLM(str(tmp_path), device="cuda", gpu_memory_utilization=0.3,
+              dtype=dtype, max_num_batched_tokens=128, verbose=False)
     outs = [o.outputs[0] for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
                                                                         ignore_eos=True, logprobs=0))]
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
@@ -72,7 +73,8 @@ def test_prefix_cache_and_fork_on_cuda(tmp_path):
     cfg = preset("small")
     save_model(init_model(cfg, seed=5), str(tmp_path))
     # interval 64: the prompt's end is kept (298 - 256 >= 64 / 8 tokens since the last multiple)
-    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64,
+    llm = LLM(str(tmp_path), device="cuda", gpu_memory_utilization=0.3,
+              dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64,
               prefix_state_interval=64, verbose=False)
     assert llm.engine.runner.graphs is not None and llm.engine.scheduler.prefix is not None
     prompt = list(range(7, 306))  # 299 tokens: chunked, its snapshot at 298 lies mid-block
@@ -126,7 +128,8 @@ def test_spec_decode_greedy_equals_graphed_plain_decoding(tmp_path, dtype):
     save_model(_near_bigram_small(6, 0.03), str(tmp_path))
     prompts = [list(range(5, 300)), [11, 12, 13], list(range(900, 1000)), [7] * 17, [1, 2]]
     sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
-    plain = LLM(str(tmp_path), device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
+    plain = LLM(str(tmp_path), device="cuda", gpu_memory_utilization=0.3,
+                dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
                 verbose=False)
     assert dtype == "float32" or plain.engine.runner.graphs is not None
     ref = plain.generate(prompts, sp)
@@ -137,7 +140,8 @@ def test_spec_decode_greedy_equals_graphed_plain_decoding(tmp_path, dtype):
     for k in (1, 3):
         outs = {}
         for eager in (False, True):
-            llm = LLM(str(tmp_path), device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
+            llm = LLM(str(tmp_path), device="cuda", gpu_memory_utilization=0.3,
+                      dtype=dtype, max_num_seqs=8, max_num_batched_tokens=256,
                       num_speculative_tokens=k, enforce_eager=eager, verbose=False)
             # MoE in fp32 runs a host-sized expert loop: no graphs there (as for plain decoding)
             assert (llm.engine.runner.verify_graphs is not None) == (dtype == "bfloat16" and not eager)
