@@ -17,6 +17,20 @@ class DataError(ValueError):
     """The training data cannot be used as given; the message names the file (or dataset) and what is wrong."""
 
 
+def read_text_file(path: str) -> str:
+    """A training text file's contents; a missing or non-UTF-8 file is refused naming the file, byte and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"training data file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"training data file {path} is not UTF-8 text: byte {e.start} (line {line}) "
+                        f"{raw[e.start:e.end]!r}: {e.reason}; convert it (e.g. iconv -t UTF-8)") from None
+
+
 def read_documents(paths: list[str], separator: str | None = "\n\n\n") -> list[str]:
     """Plain text files (each split into documents at `separator`; None = one document per file), or a
     HF `datasets` dataset saved with `save_to_disk` (a directory; its "text" column)."""
@@ -32,16 +46,7 @@ def read_documents(paths: list[str], separator: str | None = "\n\n\n") -> list[s
                 raise DataError(f"{path}: the dataset has no 'text' column (columns: {ds.column_names})")
             docs.extend(t for t in ds["text"] if t)
             continue
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"training data file {path} does not exist")
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"training data file {path} is not UTF-8 text: byte {e.start} (line {line}) "
-                            f"{raw[e.start:e.end]!r}: {e.reason}; convert it (e.g. iconv -t UTF-8)") from None
+        text = read_text_file(path)
         parts = text.split(separator) if separator else [text]
         docs.extend(p for p in parts if p.strip())
     if not docs:

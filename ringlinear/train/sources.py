@@ -10,7 +10,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 
-from ringlinear.train.data import DataError
+from ringlinear.train.data import DataError, read_text_file
 
 FORMATS = ("auto", "text", "json", "parquet", "csv", "dataset")
 _BY_EXTENSION = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -34,16 +34,7 @@ def resolve_format(paths: list[str], data_format: str) -> str:
 
 def _text_records(paths: list[str], separator: str | None) -> Iterator[dict]:
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"training data file {path} does not exist")
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"training data file {path} is not UTF-8 text: byte {e.start} (line {line}) "
-                            f"{raw[e.start:e.end]!r}: {e.reason}; convert it (e.g. iconv -t UTF-8)") from None
+        text = read_text_file(path)
         for part in text.split(separator) if separator else [text]:
             if part.strip():
                 yield {"text": part}
