@@ -8,6 +8,7 @@ activation checkpointing per decoder layer (`apply_activation_checkpointing`).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 
@@ -19,6 +20,11 @@ from torch.utils.checkpoint import checkpoint
 from ringlinear.model import DecoderLayer
 
 
+def _destroy_process_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from the torchrun environment; a single process needs none of it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -27,6 +33,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # ours to end: groups left to the interpreter's teardown can abort the process at exit ("terminate called
+        # without an active exception" from a gloo thread), after a run that succeeded
+        atexit.register(_destroy_process_groups)
     rank = dist.get_rank()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", rank))
