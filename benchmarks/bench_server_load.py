@@ -14,8 +14,10 @@ in a process of its own on a loopback port (so its RSS is its own, and the clien
   none), hostile numbers (temperature 1e-45, top_p 1e-300: 200 and the greedy text), a 2**64 seed, lone
   surrogates, bad roles, NaN, malformed JSON (400), a wrong content type (415). Each must get its answer;
 - nothing lost: once the load ends, /metrics must show 0 requests running and waiting and 0 KV blocks and state
-  slots in use (prefix-cached blocks are free-able and count as free: `ServingMetrics`), and the server's RSS
-  (after the references, after the load) is reported.
+  slots in use (prefix caching is on: its cached blocks are free-able and count as free there; its snapshots
+  have a region of their own), the server's count of finished choices by reason must match the clients' answers
+  (each good request and 200 fault `length`, each closed one `abort`), and the server's RSS is reported after
+  start-up, after the references and after each of `--rounds` rounds of the same load.
 
     python benchmarks/bench_server_load.py --json out.json          (64 clients x 4 requests)
     python benchmarks/bench_server_load.py --quick                   (16 clients x 3, < 2 minutes on 2 cores)
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -323,6 +324,13 @@ async def inject(client: httpx.AsyncClient, fault: Fault, max_admitted: int, max
     return str(r.status_code)
 
 
+def count(d: dict, key: str, sub: str | None = None) -> None:
+    if sub is not None:
+        d = d.setdefault(key, {})
+        key = sub
+    d[key] = d.get(key, 0) + 1
+
+
 # ---- the run -----------------------------------------------------------------------------------------------
 @dataclass
 class LoadResult:
@@ -344,23 +352,34 @@ class LoadResult:
     rss_mib: dict = field(default_factory=dict)
     reference_s: float = 0.0
     not_sent: int = 0
+    rounds: int = 0
+    finished: dict = field(default_factory=dict)  # the server's choices finished during the load, by reason
+    finished_expected: dict = field(default_factory=dict)  # what the clients' answers say they should be
 
     def summary(self) -> dict:
         lat = sorted(self.latencies)
         q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
         return {"clients": self.clients, "requests_per_client": self.requests_per_client, "unique": self.unique,
-                "sent": self.sent, "not_sent": self.not_sent, "good_equal_alone": self.good, "wrong": self.wrong,
+                "rounds": self.rounds, "sent": self.sent, "not_sent": self.not_sent, "good_equal_alone": self.good, "wrong": self.wrong,
                 "failed": self.failed, "retries_429": self.retries_429, "load_s": self.load_s,
                 "requests_per_s": self.good / self.load_s if self.load_s else float("nan"),
                 "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
                 "latency_mean_s": statistics.fmean(lat) if lat else float("nan"), "by_kind": self.by_kind,
                 "faults": self.faults, "faults_injected": sum(sum(f["answers"].values()) for f in self.faults.values()),
                 "faults_unexpected": self.faults_unexpected, "leaks": self.leaks, "rss_mib": self.rss_mib,
-                "reference_s": self.reference_s, "problems": self.problems[:20]}
+                "reference_s": self.reference_s, "finished_on_server": self.finished,
+                "finished_expected": self.finished_expected, "problems": self.problems[:20]}
 
     @property
     def lost(self) -> int:
         return int(sum(self.leaks.get(k, 0) for k in LOAD_GAUGES))
+
+    @property
+    def ok(self) -> bool:
+        """Nothing wrong, failed, answered otherwise than required, left in the server, or finished otherwise
+        than its client saw; the server still healthy."""
+        return (self.wrong == self.failed == self.faults_unexpected == self.lost == 0 and self.sent > 0
+                and self.finished == self.finished_expected and bool(self.leaks.get("server_healthy_after")))
 
 
 async def _references(url: str, specs: list[Spec]) -> tuple[list[Answer], str]:
@@ -371,14 +390,13 @@ async def _references(url: str, specs: list[Spec]) -> tuple[list[Answer], str]:
 
 
 async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer], greedy_ref: str,
-                server: ServerProcess, fault_workers: int, budget_s: float, seed: int) -> None:
+                server: ServerProcess, fault_workers: int, deadline: float) -> None:
     faults = fault_kinds(server.max_admitted, server.max_body)
     for f in faults:
-        res.faults[f.kind] = {"expect": f.expect, "answers": collections.Counter()}
+        res.faults.setdefault(f.kind, {"expect": f.expect, "answers": {}})
     limits = httpx.Limits(max_connections=res.clients + fault_workers + 8, max_keepalive_connections=res.clients + 8)
-    deadline = time.monotonic() + budget_s
     loading = True
-    kinds = collections.defaultdict(lambda: collections.Counter())
+    kinds = res.by_kind
 
     async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
         async def good_client(c: int) -> None:
@@ -393,16 +411,16 @@ async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer]
                 res.retries_429 += ans.retries_429
                 if ans.status != 200 or ans.error:
                     res.failed += 1
-                    kinds[spec.kind]["failed"] += 1
+                    count(kinds, spec.kind, "failed")
                     res.problems.append({"spec": i, "kind": spec.kind, "status": ans.status, "error": ans.error})
                 elif (ans.text, ans.finish) != (ref.text, ref.finish):
                     res.wrong += 1
-                    kinds[spec.kind]["wrong"] += 1
+                    count(kinds, spec.kind, "wrong")
                     res.problems.append({"spec": i, "kind": spec.kind, "got": ans.text, "alone": ref.text,
                                          "finish": ans.finish})
                 else:
                     res.good += 1
-                    kinds[spec.kind]["good"] += 1
+                    count(kinds, spec.kind, "good")
                     res.latencies.append(ans.seconds)
 
         async def fault_client(w: int) -> None:
@@ -414,7 +432,7 @@ async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer]
                     a = await inject(client, f, server.max_admitted, server.max_body, greedy_ref)
                 except (httpx.HTTPError, json.JSONDecodeError, KeyError, IndexError) as e:
                     a = type(e).__name__
-                res.faults[f.kind]["answers"][a] += 1
+                count(res.faults[f.kind]["answers"], a)
                 if a != f.expect:
                     res.faults_unexpected += 1
                     res.problems.append({"fault": f.kind, "expect": f.expect, "got": a})
@@ -423,16 +441,25 @@ async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer]
         t0 = time.perf_counter()
         fault_tasks = [asyncio.create_task(fault_client(w)) for w in range(fault_workers)]
         await asyncio.gather(*(good_client(c) for c in range(res.clients)))
-        res.load_s = time.perf_counter() - t0
+        res.load_s += time.perf_counter() - t0
         loading = False
         await asyncio.gather(*fault_tasks)
-    res.by_kind = {k: dict(v) for k, v in sorted(kinds.items())}
-    res.faults = {k: {"expect": v["expect"], "answers": dict(v["answers"])} for k, v in res.faults.items()}
+
+
+def finished_by_reason(url: str) -> dict[str, float]:
+    """/metrics' choices finished, by finish reason."""
+    fin = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("ringlinear_choices_finished_total{"):
+            fin[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+    return fin
 
 
 def run_load(ckpt: str, clients: int, requests: int, unique: int, fault_workers: int = 2, max_waiting: int = 16,
-             budget_s: float = 600.0, seed: int = 0, log: str | None = None, verbose: bool = True) -> LoadResult:
-    """The whole benchmark on one fresh server: references, load with faults, drain, leaks and RSS."""
+             budget_s: float = 600.0, seed: int = 0, rounds: int = 1, log: str | None = None,
+             verbose: bool = True) -> LoadResult:
+    """The whole benchmark on one fresh server: references, `rounds` of load with faults (the RSS after each),
+    drain, leaks, and the server's count of finished choices against what the clients saw."""
     say = print if verbose else (lambda *a, **k: None)
     res = LoadResult(clients, requests, unique)
     specs = good_specs(unique, seed)
@@ -447,27 +474,37 @@ def run_load(ckpt: str, clients: int, requests: int, unique: int, fault_workers:
         if bad:
             raise RuntimeError(f"references failed: {[(i, refs[i].status, refs[i].error) for i in bad[:5]]}")
         res.rss_mib["after_references"] = server.rss_mib()
-        say(f"references in {res.reference_s:.1f} s; load: {clients} clients x {requests} requests, "
-            f"{fault_workers} fault clients", flush=True)
-        asyncio.run(_load(server.url, res, specs, refs, greedy_ref, server, fault_workers, budget_s, seed))
+        before = finished_by_reason(server.url)
+        say(f"references in {res.reference_s:.1f} s", flush=True)
+        deadline = time.monotonic() + budget_s
+        for r in range(rounds):
+            say(f"load round {r + 1}/{rounds}: {clients} clients x "
+                f"{requests} requests, {fault_workers} fault clients", flush=True)
+            asyncio.run(_load(server.url, res, specs, refs, greedy_ref, server, fault_workers, deadline))
+            res.rounds += 1
+            wait_drained(server.url)
+            res.rss_mib[f"after_round_{r + 1}"] = server.rss_mib()
         m = wait_drained(server.url)
         res.leaks = {k: m.get(k, float("nan")) for k in LOAD_GAUGES}
         res.leaks["kv_cache_blocks_total"] = m.get("kv_cache_blocks_total")
         res.leaks["state_slots_total"] = m.get("state_slots_total")
-        res.rss_mib["after_load"] = server.rss_mib()
-        fin = {}
-        for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
-            if line.startswith("ringlinear_choices_finished_total{"):
-                fin[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
-        res.leaks["choices_finished_by_reason"] = fin
-        alive = server.proc.poll() is None and httpx.get(server.url + "/health", timeout=5).status_code == 200
-        res.leaks["server_healthy_after"] = alive
+        after = finished_by_reason(server.url)
+        res.finished = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
+        res.finished = {k: v for k, v in res.finished.items() if v}
+        # what the clients saw: every good request and every 200 fault finished by length, every closed one aborted
+        answers = {kind: f["answers"] for kind, f in res.faults.items()}
+        greedy_200 = sum(n for a in answers.values() for ans, n in a.items() if ans.startswith("200"))
+        aborted = sum(n for a in answers.values() for ans, n in a.items() if ans == "aborted")
+        res.finished_expected = {"length": res.good + res.wrong + greedy_200, "abort": aborted}
+        res.finished_expected = {k: v for k, v in res.finished_expected.items() if v}
+        res.leaks["server_healthy_after"] = (server.proc.poll() is None
+                                             and httpx.get(server.url + "/health", timeout=5).status_code == 200)
     return res
 
 
 def report(s: dict) -> None:
-    print(f"\nload: {s['clients']} clients x {s['requests_per_client']} requests ({s['unique']} distinct, each "
-          f"checked against its output alone), {s['load_s']:.1f} s")
+    print(f"\nload: {s['rounds']} round(s) of {s['clients']} clients x {s['requests_per_client']} requests "
+          f"({s['unique']} distinct, each checked against its output alone), {s['load_s']:.1f} s")
     print("| requests sent | good (equal alone) | wrong | failed | not sent (time bound) | 429s retried | "
           "requests/s | p50 latency | p99 latency |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -485,14 +522,13 @@ def report(s: dict) -> None:
     lk, rss = s["leaks"], s["rss_mib"]
     print("\nafter the load (/metrics):")
     print("| requests running | waiting | KV blocks used | state slots used | server healthy | "
-          "RSS started / after references / after load |")
-    print("|---|---|---|---|---|---|")
+          "choices finished on the server (by the clients' answers) | server RSS: " + " / ".join(rss) + " |")
+    print("|---|---|---|---|---|---|---|")
+    fin = ", ".join(f"{k} {v:.0f} ({s['finished_expected'].get(k, 0)})" for k, v in s["finished_on_server"].items())
     print(f"| {lk['num_requests_running']:.0f} | {lk['num_requests_waiting']:.0f} | "
           f"{lk['kv_cache_blocks_used']:.0f} of {lk['kv_cache_blocks_total']:.0f} | "
           f"{lk['state_slots_used']:.0f} of {lk['state_slots_total']:.0f} | {lk['server_healthy_after']} | "
-          f"{rss['started']:.0f} / {rss['after_references']:.0f} / {rss['after_load']:.0f} MiB |")
-    print("choices finished by reason: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                     sorted(lk["choices_finished_by_reason"].items())))
+          f"{fin} | " + " / ".join(f"{v:.0f}" for v in rss.values()) + " MiB |")
     for p in s["problems"][:10]:
         print("  problem:", json.dumps(p)[:300])
 
@@ -506,6 +542,7 @@ def main():
     ap.add_argument("--max-waiting", type=int, default=16, help="the server's --max-waiting-requests")
     ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock bound of the load (then no new "
                                                                    "requests)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of load on the same server (RSS after each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 clients x 3 requests, 24 distinct, 60 s bound")
     ap.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the tiny preset, random "
@@ -519,7 +556,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         ckpt = args.checkpoint or write_checkpoint(Path(tmp))
         res = run_load(ckpt, args.clients, args.requests, args.unique, args.fault_workers, args.max_waiting,
-                       args.budget_s, args.seed, args.server_log)
+                       args.budget_s, args.seed, args.rounds, args.server_log)
     s = res.summary()
     s["total_s"] = time.perf_counter() - t0
     report(s)
@@ -532,8 +569,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "result": s}, f, indent=2)
         print(f"wrote {args.json}")
-    ok = s["wrong"] == 0 and s["failed"] == 0 and s["faults_unexpected"] == 0 and res.lost == 0
-    sys.exit(0 if ok else 1)
+    print("OK: nothing wrong, failed or lost" if res.ok else "FAILED: see the problems above")
+    sys.exit(0 if res.ok else 1)
 
 
 if __name__ == "__main__":
