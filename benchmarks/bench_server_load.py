@@ -8,9 +8,10 @@ in a process of its own on a loopback port (so its RSS is its own, and the clien
   (equal), wrong (different text or finish reason) or failed (transport error, non-200, stream without [DONE]);
   requests/s and p50/p99 latency of the good ones. A 429 is retried (counted: the server admits
   `max_num_seqs` + `--max-waiting` requests, which the clients' own requests never exceed);
-- faults, sent by `--fault-workers` clients beside the load for as long as it runs, round robin: streams closed
-  after their first chunks, non-streamed requests whose client times out, over-long prompts (text and token ids),
-  bodies over the limit (sized and chunked: 413), a batch of prompts more than the free admissions (429, all or
+- faults, sent by `--fault-workers` clients beside the load for as long as it runs (a short load: until every
+  kind has been sent once), round robin: streams closed after their first chunks, non-streamed requests whose
+  client times out, over-long prompts (text and token ids), bodies over the limit (sized and chunked: 413), a
+  batch of as many prompts as the server admits sent while a stream of its own holds an admission (429, all or
   none), hostile numbers (temperature 1e-45, top_p 1e-300: 200 and the greedy text), a 2**64 seed, lone
   surrogates, bad roles, NaN, malformed JSON (400), a wrong content type (415). Each must get its answer;
 - nothing lost: once the load ends, /metrics must show 0 requests running and waiting and 0 KV blocks and state
@@ -19,8 +20,8 @@ in a process of its own on a loopback port (so its RSS is its own, and the clien
   (each good request and 200 fault `length`, each closed one `abort`), and the server's RSS is reported after
   start-up, after the references and after each of `--rounds` rounds of the same load.
 
-    python benchmarks/bench_server_load.py --json out.json          (64 clients x 4 requests)
-    python benchmarks/bench_server_load.py --quick                   (16 clients x 3, < 2 minutes on 2 cores)
+    python benchmarks/bench_server_load.py --json out.json    (5 rounds of 64 clients x 4 requests; ~1 minute)
+    python benchmarks/bench_server_load.py --quick             (2 rounds of 16 clients x 3; ~20 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -261,8 +262,8 @@ HOSTILE_PROMPT = "hostile numbers"
 HOSTILE_BODY = {"prompt": HOSTILE_PROMPT, "max_tokens": 8, "ignore_eos": True}
 
 
-async def inject(client: httpx.AsyncClient, fault: Fault, max_admitted: int, max_body: int,
-                 greedy_ref: str) -> str:
+async def inject(client: httpx.AsyncClient, fault: Fault, max_admitted: int, max_body: int, greedy_ref: str,
+                 res: LoadResult) -> str:
     """Send one fault; returns its answer as a string (status code, "aborted", "200 greedy", or what went
     wrong)."""
     k = fault.kind
@@ -299,7 +300,16 @@ async def inject(client: httpx.AsyncClient, fault: Fault, max_admitted: int, max
 
         r = await client.post("/v1/completions", content=chunks(), headers=raw)
     elif k.endswith("prompts in one request"):
-        r = await client.post("/v1/completions", json={"prompt": ["hi"] * max_admitted, "max_tokens": 1})
+        # a stream of this client holds one admission: max_admitted more cannot fit, whatever else runs (all or none)
+        hold = {"prompt": "holding on", "temperature": 0, "ignore_eos": True, "max_tokens": 400, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=hold) as held:
+            if held.status_code != 200:
+                return f"holder {held.status_code}"
+            async for line in held.aiter_lines():
+                if line.startswith("data: "):
+                    break  # admitted and running
+            res.holder_streams += 1  # closed below, mid-stream: aborted
+            r = await client.post("/v1/completions", json={"prompt": ["hi"] * max_admitted, "max_tokens": 1})
     elif k == "temperature 1e-45":
         r = await client.post("/v1/completions", json={**HOSTILE_BODY, "temperature": 1e-45})
     elif k == "top_p 1e-300":
@@ -353,6 +363,9 @@ class LoadResult:
     reference_s: float = 0.0
     not_sent: int = 0
     rounds: int = 0
+    fault_seq: int = 0
+    holder_streams: int = 0  # streams the 429 fault held open (then closed: aborted)
+    faults_after_load: int = 0  # sent after the good clients finished (a short load: every kind sent once)
     finished: dict = field(default_factory=dict)  # the server's choices finished during the load, by reason
     finished_expected: dict = field(default_factory=dict)  # what the clients' answers say they should be
 
@@ -366,7 +379,7 @@ class LoadResult:
                 "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
                 "latency_mean_s": statistics.fmean(lat) if lat else float("nan"), "by_kind": self.by_kind,
                 "faults": self.faults, "faults_injected": sum(sum(f["answers"].values()) for f in self.faults.values()),
-                "faults_unexpected": self.faults_unexpected, "leaks": self.leaks, "rss_mib": self.rss_mib,
+                "faults_unexpected": self.faults_unexpected, "faults_after_load": self.faults_after_load, "leaks": self.leaks, "rss_mib": self.rss_mib,
                 "reference_s": self.reference_s, "finished_on_server": self.finished,
                 "finished_expected": self.finished_expected, "problems": self.problems[:20]}
 
@@ -423,13 +436,15 @@ async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer]
                     count(kinds, spec.kind, "good")
                     res.latencies.append(ans.seconds)
 
-        async def fault_client(w: int) -> None:
-            n = w
-            while loading:
-                f = faults[n % len(faults)]
-                n += fault_workers
+        async def fault_client() -> None:
+            # while the load runs, and (a short load) until every kind has been sent once
+            while loading or any(not res.faults[f.kind]["answers"] for f in faults):
+                f = faults[res.fault_seq % len(faults)]  # one round robin over the workers and the rounds
+                res.fault_seq += 1
+                if not loading:
+                    res.faults_after_load += 1
                 try:
-                    a = await inject(client, f, server.max_admitted, server.max_body, greedy_ref)
+                    a = await inject(client, f, server.max_admitted, server.max_body, greedy_ref, res)
                 except (httpx.HTTPError, json.JSONDecodeError, KeyError, IndexError) as e:
                     a = type(e).__name__
                 count(res.faults[f.kind]["answers"], a)
@@ -439,7 +454,7 @@ async def _load(url: str, res: LoadResult, specs: list[Spec], refs: list[Answer]
                 await asyncio.sleep(0.01)
 
         t0 = time.perf_counter()
-        fault_tasks = [asyncio.create_task(fault_client(w)) for w in range(fault_workers)]
+        fault_tasks = [asyncio.create_task(fault_client()) for _ in range(fault_workers)]
         await asyncio.gather(*(good_client(c) for c in range(res.clients)))
         res.load_s += time.perf_counter() - t0
         loading = False
@@ -455,7 +470,7 @@ def finished_by_reason(url: str) -> dict[str, float]:
     return fin
 
 
-def run_load(ckpt: str, clients: int, requests: int, unique: int, fault_workers: int = 2, max_waiting: int = 16,
+def run_load(ckpt: str, clients: int, requests: int, unique: int, fault_workers: int = 4, max_waiting: int = 16,
              budget_s: float = 600.0, seed: int = 0, rounds: int = 1, log: str | None = None,
              verbose: bool = True) -> LoadResult:
     """The whole benchmark on one fresh server: references, `rounds` of load with faults (the RSS after each),
@@ -492,10 +507,11 @@ def run_load(ckpt: str, clients: int, requests: int, unique: int, fault_workers:
         res.finished = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
         res.finished = {k: v for k, v in res.finished.items() if v}
         # what the clients saw: every good request and every 200 fault finished by length, every closed one aborted
+        # (the streams the 429 fault held open too)
         answers = {kind: f["answers"] for kind, f in res.faults.items()}
         greedy_200 = sum(n for a in answers.values() for ans, n in a.items() if ans.startswith("200"))
         aborted = sum(n for a in answers.values() for ans, n in a.items() if ans == "aborted")
-        res.finished_expected = {"length": res.good + res.wrong + greedy_200, "abort": aborted}
+        res.finished_expected = {"length": res.good + res.wrong + greedy_200, "abort": aborted + res.holder_streams}
         res.finished_expected = {k: v for k, v in res.finished_expected.items() if v}
         res.leaks["server_healthy_after"] = (server.proc.poll() is None
                                              and httpx.get(server.url + "/health", timeout=5).status_code == 200)
@@ -512,7 +528,8 @@ def report(s: dict) -> None:
           f"{s['retries_429']} | {s['requests_per_s']:.1f} | {s['latency_p50_s']:.2f} s | "
           f"{s['latency_p99_s']:.2f} s |")
     print("\nby kind: " + ", ".join(f"{k} {v}" for k, v in s["by_kind"].items()))
-    print(f"\nfaults injected during the load: {s['faults_injected']}, answered otherwise than required: "
+    print(f"\nfaults injected during the load: {s['faults_injected'] - s['faults_after_load']} (and "
+          f"{s['faults_after_load']} after it, to send every kind), answered otherwise than required: "
           f"{s['faults_unexpected']}")
     print("| fault | required | answers (count) |")
     print("|---|---|---|")
@@ -538,20 +555,21 @@ def main():
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--unique", type=int, default=64, help="distinct requests (each taken alone first)")
-    ap.add_argument("--fault-workers", type=int, default=2, help="clients sending faults beside the load")
+    ap.add_argument("--fault-workers", type=int, default=4, help="clients sending faults beside the load")
     ap.add_argument("--max-waiting", type=int, default=16, help="the server's --max-waiting-requests")
     ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock bound of the load (then no new "
                                                                    "requests)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of load on the same server (RSS after each)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of load on the same server (RSS after each)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="16 clients x 3 requests, 24 distinct, 60 s bound")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 16 clients x 3 requests, 24 distinct, 60 s "
+                                                        "bound")
     ap.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the tiny preset, random "
                                                        "weights, in a temp dir)")
     ap.add_argument("--server-log", default=None, help="write the server's output here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.clients, args.requests, args.unique, args.budget_s = 16, 3, 24, 60.0
+        args.clients, args.requests, args.unique, args.rounds, args.budget_s = 16, 3, 24, 2, 60.0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-server-load-") as tmp:
         ckpt = args.checkpoint or write_checkpoint(Path(tmp))

@@ -24,7 +24,8 @@ def test_load_with_faults_loses_nothing(ckpt):
     s = res.summary()
     assert s["sent"] == 24 and s["not_sent"] == 0
     assert s["good_equal_alone"] == 24 and s["wrong"] == 0 and s["failed"] == 0, s["problems"]
-    assert s["faults_injected"] >= 4 and s["faults_unexpected"] == 0, s["problems"]
+    assert all(f["answers"] for f in s["faults"].values())  # every kind sent (after the load if it was short)
+    assert s["faults_unexpected"] == 0, s["problems"]
     assert {k: s["leaks"][k] for k in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used",
                                        "state_slots_used")} == dict.fromkeys(
         ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used", "state_slots_used"), 0)
