@@ -91,38 +91,48 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(ckpt: str, max_waiting: int, max_num_seqs: int = MAX_NUM_SEQS, log: str | None = None):
-    """`ringlinear serve` on 127.0.0.1 (a free port), CPU, prefix caching on (the default), until SIGTERM."""
+    """`ringlinear serve` on 127.0.0.1 (a free port), CPU, prefix caching on (the default), until SIGTERM. It
+    imports this `ringlinear` (its checkout first on PYTHONPATH); its output goes to `log` (default: a temp file,
+    whose tail a failure to start shows)."""
+    import ringlinear
+    from ringlinear.serve.config import ServerConfig
+
     port = free_port()
     cmd = [sys.executable, "-m", "ringlinear.cli", "serve", "--model", ckpt, "--device", "cpu",
            "--max-model-len", str(MAX_LEN), "--cpu-cache-gib", "0.05", "--prefix-state-interval", "64",
            "--max-num-seqs", str(max_num_seqs), "--max-waiting-requests", str(max_waiting),
            "--port", str(port), "--log-level", "warning"]
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}" + (f" (log: {log})" if log else ""))
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not come up in 120 s")
-            time.sleep(0.2)
-        yield ServerProcess(url, proc, max_num_seqs + max_waiting, 8 * 2**20)
-    finally:
-        proc.terminate()
+    root = str(Path(ringlinear.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p])}
+    with contextlib.ExitStack() as stack:
+        if log is None:
+            log = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="server-log-")), "server.log")
+        out = stack.enter_context(open(log, "w"))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            out.close()
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log) as f:
+                        tail = f.read()[-3000:]
+                    what = f"exited with {proc.returncode}" if proc.poll() is not None else "did not come up in 120 s"
+                    raise RuntimeError(f"the server {what}; its output:\n{tail}")
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            yield ServerProcess(url, proc, max_num_seqs + max_waiting, ServerConfig().max_request_body_bytes)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def metrics(url: str) -> dict[str, float]:
