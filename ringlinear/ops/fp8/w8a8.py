@@ -56,14 +56,15 @@ def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class W8A8Config:
     """Tiles of `w8a8_gemm`: `block_n` weight rows per program (decode reads N*K weight bytes once; small tiles put
-    enough programs in flight to reach the bandwidth), rows per program by M (`block_m_max` at most). Untuned
-    defaults: a sweep on the H200 is the benchmark's to make (benchmarks/bench_tp_fp8.py)."""
+    enough programs in flight to reach the bandwidth), rows per program by M (`block_m_max` at most). Defaults: the
+    best of the H200 sweep (`benchmarks/bench_tp_fp8.py --mode gemm`, `benchmarks/results/bench_tp_fp8_gemm_h200.txt`):
+    32-row tiles at M <= 16 for every N, 64-row tiles above 8192 columns at larger M, 5 stages."""
 
     block_n: int = 32
-    block_n_large: int = 64  # for N > 8192
+    block_n_large: int = 64  # N > 8192 and M > 16
     block_m_max: int = 64
     warps: int = 4
-    stages: int = 4
+    stages: int = 5
 
 
 @triton.jit
@@ -116,7 +117,7 @@ def w8a8_gemm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Te
         return out
     cfg = config or W8A8Config()
     BM = min(cfg.block_m_max, max(16, triton.next_power_of_2(M)))
-    BN = cfg.block_n if N <= 8192 else cfg.block_n_large
+    BN = cfg.block_n if N <= 8192 or M <= 16 else cfg.block_n_large
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     b = bias if bias is not None else out
     _w8a8_kernel[grid](x8, sx, w8, sw, b, out, M, N, K, G, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BLOCK,
