@@ -26,6 +26,7 @@ class ModelRunner:
         self.cache: HybridCache | None = None
         self.graphs = None
         self.verify_graphs = None  # speculative decoding: ringlinear.engine.cuda_graphs.VerifyGraphs
+        self.last_verify_graph = False  # the last `execute_verify` replayed a verify graph
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int,
@@ -122,7 +123,9 @@ class ModelRunner:
         fp32 logits [len(sampling_rows) + num_verify * (k + 1) + len(token_rows), V] in that order, and the
         context."""
         vg = self.verify_graphs
-        if vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows and not token_rows:
+        self.last_verify_graph = (vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows
+                                  and not token_rows)
+        if self.last_verify_graph:  # the MTP catch-up then replays `vg.mtp` over the same positions
             return vg.run([seq for seq, _ in batch])
         ids = []
         for i, (seq, n) in enumerate(batch):
