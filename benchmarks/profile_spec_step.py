@@ -153,11 +153,17 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--graph", action="store_true", help="verify-only steps through VerifyGraphs(capture=False)")
+    ap.add_argument("--checkpoint", default=None, help="a saved model (with an MTP layer) instead of random weights")
     ap.add_argument("--triton", action="store_true", help="the GPU code path under the Triton interpreter")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = init_model(preset(args.preset, num_nextn_predict_layers=1), seed=0).eval()
+    if args.checkpoint:  # e.g. a model whose drafts are accepted only sometimes (random weights: almost never)
+        from ringlinear.pretrained import load_pretrained
+
+        model = load_pretrained(args.checkpoint, tokenizer=None, require_tokenizer=False).model.eval()
+    else:
+        model = init_model(preset(args.preset, num_nextn_predict_layers=1), seed=0).eval()
     rows = []
     for k in args.ks:
         for B in args.batches:
