@@ -79,8 +79,10 @@ class VerifyGraphs:
     position; its context keeps the linear layers' k, v for `commit` after the drafts are judged. Padding rows use
     state slot -1 and the pad row and block. A second graph per bucket (`mtp`) runs the MTP catch-up over the same
     b x length positions, from the verify graph's hidden states and the next tokens (those kept, 0 past them; one
-    more transfer): its output and fp32 logits at every position. `capture=False` runs the same static-buffer
-    forwards eagerly (how the CPU tests check everything but the capture)."""
+    more transfer): its output and fp32 logits at every position. With k >= 2 a third (`chain`) completes greedy
+    drafts before the verify: the k - 1 chained MTP decode steps with their argmaxes on the device, one read of the
+    b x (k - 1) tokens. `capture=False` runs the same static-buffer forwards eagerly (how the CPU tests check
+    everything but the capture)."""
 
     def __init__(self, model, cache: HybridCache, max_batch: int, length: int, capture: bool = True):
         self.model, self.cache, self.length, self.capture = model, cache, length, capture
@@ -107,12 +109,26 @@ class VerifyGraphs:
         self.mtp_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mtp_outputs: dict[int, tuple] = {}
         self._last: tuple[int, torch.Tensor] | None = None  # (bucket, verify hidden states) of the last `run`
+        # the greedy chain (k >= 2): rows first draft, position, state slot, block-table row; the MTP hidden states
+        self.has_chain = L >= 3
+        self.chain_host = torch.zeros(4, B, dtype=torch.long)
+        if dev.type == "cuda":
+            self.chain_host = self.chain_host.pin_memory()
+        self._chain_host = self.chain_host.numpy()
+        self.chain_inputs = torch.zeros(4, B, dtype=torch.long, device=dev)
+        self.chain_h = torch.zeros(B, model.config.hidden_size, dtype=next(model.parameters()).dtype, device=dev)
+        self.cu1 = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.chain_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.chain_outputs: dict[int, torch.Tensor] = {}
+        self._fill_chain(0, [], [], [])
+        self.chain_inputs.copy_(self.chain_host)
         self._fill(0, [], [], [], [])
         self.inputs.copy_(self.host)
         if not capture:
             return
         self._copied = torch.cuda.Event()
         self._mtp_copied = torch.cuda.Event()
+        self._chain_copied = torch.cuda.Event()
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
@@ -136,6 +152,15 @@ class VerifyGraphs:
                 with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                     self.mtp_outputs[b] = self._mtp_forward(b, self.outputs[b][0])
                 self.mtp_graphs[b] = g
+                if self.has_chain:
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            self._chain_forward(b)
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                        self.chain_outputs[b] = self._chain_forward(b)
+                    self.chain_graphs[b] = g
         torch.cuda.synchronize(dev)
 
     def _fill(self, n: int, ids: list[int], pos: list[int], slots: list[int], rows: list[int]) -> None:
@@ -167,6 +192,43 @@ class VerifyGraphs:
         m = self.model.model
         h = m.mtp[0](hidden, m.word_embeddings(self.mtp_ids[: b * L]), ctx)
         return h, self.model.compute_logits(m.mtp[0].final_layernorm(h))
+
+    def _fill_chain(self, n: int, ids: list[int], pos: list[int], slots: list[int]) -> None:
+        h = self._chain_host
+        h[:, :n] = (ids, pos, slots, slots)
+        h[:, n:] = ((0,), (0,), (-1,), (self.cache.pad_row,))
+
+    def _chain_forward(self, b: int) -> torch.Tensor:
+        ids, pos, slots, rows = self.chain_inputs[:, :b]
+        m = self.model.model
+        h, tok, out = self.chain_h[:b], ids, []
+        for j in range(self.length - 2):  # drafts 2..k, each from the MTP at the previous position
+            ctx = PagedContext(self.cache, self.cu1[: b + 1], pos + j, slots, rows, None, is_decode=True, max_len=1)
+            h = m.mtp[0](h, m.word_embeddings(tok), ctx)
+            tok = torch.argmax(self.model.compute_logits(m.mtp[0].final_layernorm(h)).float(), dim=-1)
+            out.append(tok)
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def chain(self, seqs: list) -> list[list[int]]:
+        """Greedy drafts 2..k of `seqs` (each holding its first draft and `mtp_hidden`; blocks grown for k + 1
+        positions): the MTP chained on its own output and argmax, as `LLMEngine._chain_drafts` for greedy requests
+        without logit_bias. Returns the k - 1 tokens of each sequence (one read)."""
+        N = len(seqs)
+        b = next(s for s in self.sizes if s >= N)
+        self.cache.flush()
+        if self.capture:
+            self._chain_copied.synchronize()
+        self._fill_chain(N, [s.draft_tokens[0] for s in seqs], [s.num_computed for s in seqs], [s.slot for s in seqs])
+        self.chain_inputs.copy_(self.chain_host, non_blocking=True)
+        self.chain_h[:N].copy_(torch.stack([s.mtp_hidden for s in seqs]))
+        if self.capture:
+            self._chain_copied.record()
+            self.chain_graphs[b].replay()
+            out = self.chain_outputs[b]
+        else:
+            out = self._chain_forward(b)
+        return out[:N].tolist()
 
     @torch.no_grad()
     def mtp(self, next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

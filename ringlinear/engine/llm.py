@@ -16,7 +16,7 @@ from ringlinear.device import compute_dtype, default_device, parse_dtype
 from ringlinear.engine.engine_config import EngineConfig
 from ringlinear.engine.prefix_cache import PrefixCache
 from ringlinear.engine.runner import ModelRunner
-from ringlinear.engine.sampler import TokenHistory, make_logprobs, sample, token_logprobs
+from ringlinear.engine.sampler import GREEDY_BELOW, TokenHistory, make_logprobs, sample, token_logprobs
 from ringlinear.engine.scheduler import Scheduler
 from ringlinear.engine.sequence import (
     CompletionOutput,
@@ -471,6 +471,14 @@ class LLMEngine:
         depth 1 chained on its own output, draft j + 1 from (its hidden output at the previous position, draft j)."""
         k = self.engine_config.num_speculative_tokens
         if not seqs or k < 2:
+            return
+        vg = getattr(self.runner, "verify_graphs", None)
+        if (vg is not None and vg.has_chain and len(seqs) <= vg.max_batch
+                and all(s.params.temperature < GREEDY_BELOW and not s.params.logit_bias for s in seqs)):
+            # greedy drafts without logit_bias: argmax(logits) on the device, the whole chain in one graph
+            for seq, tokens in zip(seqs, vg.chain(seqs)):
+                seq.draft_tokens.extend(tokens)
+                seq.draft_probs.extend([None] * len(tokens))
             return
         h = torch.stack([s.mtp_hidden for s in seqs])
         slots = [s.slot for s in seqs]

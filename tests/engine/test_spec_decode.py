@@ -354,7 +354,8 @@ def _step_work(path, k: int, B: int, sp: SamplingParams, steps: int = 4) -> list
                 mock.patch.object(llm_mod, "draft", counted("draft", llm_mod.draft)), \
                 mock.patch.object(runner, "mtp_forward", counted("mtp_forward", runner.mtp_forward)), \
                 mock.patch.object(vg, "mtp", counted("mtp_graph", vg.mtp)), \
-                mock.patch.object(vg, "run", counted("verify_graph", vg.run)), reads:
+                mock.patch.object(vg, "run", counted("verify_graph", vg.run)), \
+                mock.patch.object(vg, "chain", counted("chain_graph", vg.chain)), reads:
             eng.step()
         assert len(eng.scheduler.running) == B and all(s.draft_tokens for s in eng.scheduler.running)
         calls["host_reads"] = reads.count
@@ -367,8 +368,9 @@ def _step_work(path, k: int, B: int, sp: SamplingParams, steps: int = 4) -> list
 def test_step_work_does_not_grow_with_batch(ckpt, k, sampled):
     """The host work of a verify-only step is the same at B = 2 and B = 8: one lightning_verify and one
     lightning_commit per linear layer for the whole batch, one verify graph, one MTP catch-up graph over all
-    k + 1 positions of every sequence (its shape never depends on what was accepted), k - 1 chained MTP
-    forwards, and the same number of tensor reads to the host (greedy and seeded sampling)."""
+    k + 1 positions of every sequence (its shape never depends on what was accepted), the chain in one graph
+    (greedy) or k - 1 MTP forwards of one row per sequence (sampled), and the same number of tensor reads to the
+    host (greedy and seeded sampling)."""
     sp = (SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=60, ignore_eos=True) if sampled
           else SamplingParams(max_tokens=60, **GREEDY))
     small, large = _step_work(ckpt, k, 2, sp), _step_work(ckpt, k, 8, sp)
@@ -378,7 +380,10 @@ def test_step_work_does_not_grow_with_batch(ckpt, k, sampled):
         for r in rows:
             assert r["commit"] == r["verify"] == n_linear, r
             assert r["verify_graph"] == r["mtp_graph"] == r["accept"] == 1, r
-            assert r.get("mtp_forward", 0) == k - 1 and r["draft"] == k, r  # the chain, then the catch-up
+            # the chain: greedy drafts in one graph (argmax on the device), sampled ones eagerly; then the catch-up
+            chain_graph = int(k > 1 and not sampled)
+            assert r.get("chain_graph", 0) == chain_graph, r
+            assert r.get("mtp_forward", 0) == (k - 1) * (1 - chain_graph) and r["draft"] == 1 + r.get("mtp_forward", 0), r
             assert r["mtp_shapes"] <= {B * (k + 1), (1,) * B}, r  # fixed shapes: the graph's rows, chain rows
     strip = lambda rows: [{n: v for n, v in r.items() if n != "mtp_shapes"} for r in rows]  # noqa: E731
     assert strip(small) == strip(large)
