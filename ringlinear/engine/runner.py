@@ -91,8 +91,9 @@ class ModelRunner:
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
             return
         if verbose:
-            what = (f"verify steps ({verify_length} positions per sequence; other steps eager)" if verify_length
-                    else "decode")
+            what = (f"verify steps ({verify_length} positions per sequence, with the MTP catch-up"
+                    f"{' and the greedy draft chain' if verify_length > 2 else ''}; other steps eager)"
+                    if verify_length else "decode")
             print(f"[ringlinear engine] {what} under CUDA graphs, batch buckets "
                   f"{(self.verify_graphs or self.graphs).sizes}", flush=True)
 
