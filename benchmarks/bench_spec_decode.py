@@ -107,7 +107,8 @@ def part_a(args, device: str, out_dir: str) -> dict:
                                      num_speculative_tokens=k, max_model_len=max_len, verbose=False,
                                      gpu_memory_utilization=0.6, cpu_cache_gib=1.0))
         ids = eng.encode(held_out)
-        decode_rate(eng, [ids[:64]], 8)  # warm-up: kernel compilation, allocator
+        for B in args.batches:  # warm-up at every batch size: kernel compilation, allocator (NOTES_spec_decode.md)
+            decode_rate(eng, [ids[i * 64 : (i + 1) * 64] for i in range(B)], 8)
         for ctx in args.contexts:
             for B in args.batches:
                 stride = max(1, (len(ids) - ctx) // max(1, B))

@@ -77,8 +77,12 @@ class VerifyGraphs:
     `[max_batch * length]`, state slots and block-table rows `[max_batch]`, one host buffer copied in one transfer.
     A graph's outputs are the last hidden states `[b * length, hidden]` (the MTP's input) and fp32 logits of every
     position; its context keeps the linear layers' k, v for `commit` after the drafts are judged. Padding rows use
-    state slot -1 and the pad row and block. `capture=False` runs the same static-buffer forward eagerly (how the
-    CPU tests check everything but the capture)."""
+    state slot -1 and the pad row and block. A second graph per bucket (`mtp`) runs the MTP catch-up over the same
+    b x length positions, from the verify graph's hidden states and the next tokens (those kept, 0 past them; one
+    more transfer): its output and fp32 logits at every position. With k >= 2 a third (`chain`) completes greedy
+    drafts before the verify: the k - 1 chained MTP decode steps with their argmaxes on the device, one read of the
+    b x (k - 1) tokens. `capture=False` runs the same static-buffer forwards eagerly (how the CPU tests check
+    everything but the capture)."""
 
     def __init__(self, model, cache: HybridCache, max_batch: int, length: int, capture: bool = True):
         self.model, self.cache, self.length, self.capture = model, cache, length, capture
@@ -96,11 +100,35 @@ class VerifyGraphs:
         self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * L
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple] = {}
+        # the MTP catch-up's next-token ids
+        self.mtp_host = torch.zeros(B * L, dtype=torch.long)
+        if dev.type == "cuda":
+            self.mtp_host = self.mtp_host.pin_memory()
+        self._mtp_host = self.mtp_host.numpy()
+        self.mtp_ids = torch.zeros(B * L, dtype=torch.long, device=dev)
+        self.mtp_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.mtp_outputs: dict[int, tuple] = {}
+        self._last: tuple[int, torch.Tensor] | None = None  # (bucket, verify hidden states) of the last `run`
+        # the greedy chain (k >= 2): rows first draft, position, state slot, block-table row; the MTP hidden states
+        self.has_chain = L >= 3
+        self.chain_host = torch.zeros(4, B, dtype=torch.long)
+        if dev.type == "cuda":
+            self.chain_host = self.chain_host.pin_memory()
+        self._chain_host = self.chain_host.numpy()
+        self.chain_inputs = torch.zeros(4, B, dtype=torch.long, device=dev)
+        self.chain_h = torch.zeros(B, model.config.hidden_size, dtype=next(model.parameters()).dtype, device=dev)
+        self.cu1 = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.chain_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.chain_outputs: dict[int, torch.Tensor] = {}
+        self._fill_chain(0, [], [], [])
+        self.chain_inputs.copy_(self.chain_host)
         self._fill(0, [], [], [], [])
         self.inputs.copy_(self.host)
         if not capture:
             return
         self._copied = torch.cuda.Event()
+        self._mtp_copied = torch.cuda.Event()
+        self._chain_copied = torch.cuda.Event()
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
@@ -114,6 +142,25 @@ class VerifyGraphs:
                 with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                     self.outputs[b] = self._forward(b)
                 self.graphs[b] = g
+                # the catch-up after it, reading its hidden states (captured after it: its scratch never overlaps
+                # the verify graph's outputs)
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._mtp_forward(b, self.outputs[b][0])
+                torch.cuda.current_stream(dev).wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                    self.mtp_outputs[b] = self._mtp_forward(b, self.outputs[b][0])
+                self.mtp_graphs[b] = g
+                if self.has_chain:
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            self._chain_forward(b)
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                        self.chain_outputs[b] = self._chain_forward(b)
+                    self.chain_graphs[b] = g
         torch.cuda.synchronize(dev)
 
     def _fill(self, n: int, ids: list[int], pos: list[int], slots: list[int], rows: list[int]) -> None:
@@ -133,6 +180,75 @@ class VerifyGraphs:
         ctx.set_verify(b, L)
         hidden = self.model.model(ids, ctx)
         return hidden, self.model.compute_logits(self.model.model.norm(hidden)), ctx
+
+    def _mtp_forward(self, b: int, hidden: torch.Tensor) -> tuple:
+        from ringlinear.engine.runner import MTP_SMALL_BATCH_LEN
+
+        L = self.length
+        pos, slots, rows = self.inputs[1, : b * L], self.inputs[2, :b], self.inputs[3, :b]
+        ctx = PagedContext(self.cache, self.cu[: b + 1], pos, slots, rows, [i * L for i in range(b + 1)],
+                           is_decode=False, max_len=L)
+        ctx.small_batch = L <= MTP_SMALL_BATCH_LEN
+        m = self.model.model
+        h = m.mtp[0](hidden, m.word_embeddings(self.mtp_ids[: b * L]), ctx)
+        return h, self.model.compute_logits(m.mtp[0].final_layernorm(h))
+
+    def _fill_chain(self, n: int, ids: list[int], pos: list[int], slots: list[int]) -> None:
+        h = self._chain_host
+        h[:, :n] = (ids, pos, slots, slots)
+        h[:, n:] = ((0,), (0,), (-1,), (self.cache.pad_row,))
+
+    def _chain_forward(self, b: int) -> torch.Tensor:
+        ids, pos, slots, rows = self.chain_inputs[:, :b]
+        m = self.model.model
+        h, tok, out = self.chain_h[:b], ids, []
+        for j in range(self.length - 2):  # drafts 2..k, each from the MTP at the previous position
+            ctx = PagedContext(self.cache, self.cu1[: b + 1], pos + j, slots, rows, None, is_decode=True, max_len=1)
+            h = m.mtp[0](h, m.word_embeddings(tok), ctx)
+            tok = torch.argmax(self.model.compute_logits(m.mtp[0].final_layernorm(h)).float(), dim=-1)
+            out.append(tok)
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def chain(self, seqs: list) -> list[list[int]]:
+        """Greedy drafts 2..k of `seqs` (each holding its first draft and `mtp_hidden`; blocks grown for k + 1
+        positions): the MTP chained on its own output and argmax, as `LLMEngine._chain_drafts` for greedy requests
+        without logit_bias. Returns the k - 1 tokens of each sequence (one read)."""
+        N = len(seqs)
+        b = next(s for s in self.sizes if s >= N)
+        self.cache.flush()
+        if self.capture:
+            self._chain_copied.synchronize()
+        self._fill_chain(N, [s.draft_tokens[0] for s in seqs], [s.num_computed for s in seqs], [s.slot for s in seqs])
+        self.chain_inputs.copy_(self.chain_host, non_blocking=True)
+        self.chain_h[:N].copy_(torch.stack([s.mtp_hidden for s in seqs]))
+        if self.capture:
+            self._chain_copied.record()
+            self.chain_graphs[b].replay()
+            out = self.chain_outputs[b]
+        else:
+            out = self._chain_forward(b)
+        return out[:N].tolist()
+
+    @torch.no_grad()
+    def mtp(self, next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP catch-up after `run` over the same N sequences x `length` positions: `next_ids` [N * length],
+        the token after each position (0 where it was rejected) -> (MTP output before its final norm
+        [N * length, hidden], fp32 logits [N * length, V])."""
+        b, hidden = self._last
+        n = len(next_ids)
+        if self.capture:
+            self._mtp_copied.synchronize()
+        self._mtp_host[:n] = next_ids
+        self._mtp_host[n:] = 0
+        self.mtp_ids.copy_(self.mtp_host, non_blocking=True)
+        if self.capture:
+            self._mtp_copied.record()
+            self.mtp_graphs[b].replay()
+            h, logits = self.mtp_outputs[b]
+        else:
+            h, logits = self._mtp_forward(b, hidden)
+        return h[:n], logits[:n]
 
     @torch.no_grad()
     def run(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
@@ -154,4 +270,5 @@ class VerifyGraphs:
             hidden, logits, ctx = self.outputs[b]
         else:
             hidden, logits, ctx = self._forward(b)
+        self._last = (b, hidden)
         return hidden[: N * L], logits[: N * L], ctx

@@ -16,7 +16,7 @@ from ringlinear.device import compute_dtype, default_device, parse_dtype
 from ringlinear.engine.engine_config import EngineConfig
 from ringlinear.engine.prefix_cache import PrefixCache
 from ringlinear.engine.runner import ModelRunner
-from ringlinear.engine.sampler import TokenHistory, make_logprobs, sample, token_logprobs
+from ringlinear.engine.sampler import GREEDY_BELOW, TokenHistory, make_logprobs, sample, token_logprobs
 from ringlinear.engine.scheduler import Scheduler
 from ringlinear.engine.sequence import (
     CompletionOutput,
@@ -339,7 +339,7 @@ class LLMEngine:
             if nv:
                 ctx.commit(torch.tensor(kept, dtype=torch.int32).to(self.device, non_blocking=True))
             counts = kept + [n for _, n in batch[nv:]]
-            self._mtp_catch_up(batch, starts, counts, hidden)
+            self._mtp_catch_up(batch, starts, counts, hidden, nv)
             prefix = sched.prefix
             if prefix is not None:
                 prefix.take([s for s, _ in batch if s.status == SequenceStatus.RUNNING and prefix.due(s)])
@@ -415,35 +415,55 @@ class LLMEngine:
         return kept
 
     def _mtp_catch_up(self, batch: list[tuple[Sequence, int]], starts: list[int], counts: list[int],
-                      hidden: torch.Tensor) -> None:
+                      hidden: torch.Tensor, num_verify: int = 0) -> None:
         """Run the MTP over the positions each sequence kept this step (position t: the target's hidden state at t
         and the token t + 1, now known), writing its KV there; a sequence that decodes next step drafts its first
-        token from the MTP output at its last position."""
+        token from the MTP output at its last position.
+
+        The first `num_verify` sequences verified k + 1 positions: the MTP runs over all k + 1 of them whatever was
+        accepted (a rejected position gets token 0; its KV lies past the sequence's length, overwritten before it is
+        read, as the target's), so its shapes depend on the batch alone, never on acceptance: no new kernel
+        specialisation per step on the GPU, and verify-only steps replay a CUDA graph (`VerifyGraphs.mtp`)."""
         k = self.engine_config.num_speculative_tokens
-        rows, next_ids, lens, pos, slots, spans = [], [], [], [], [], []
-        offset = 0
-        for (seq, n), start, count in zip(batch, starts, counts):
-            if count and seq.error is None and seq.slot >= 0 and len(seq.token_ids) > start + count:
-                rows.extend(range(offset, offset + count))
-                next_ids.extend(seq.token_ids[start + 1 : start + count + 1])
-                lens.append(count)
-                pos.append(start)
-                slots.append(seq.slot)
-                spans.append(seq)
-            offset += n
-        if not spans:
-            return
-        h = self.runner.mtp_forward(hidden.index_select(0, torch.tensor(rows, device=hidden.device)), next_ids, lens,
-                                    pos, slots)
-        ends = list(itertools.accumulate(lens))
-        drafting = [i for i, s in enumerate(spans) if s.status == SequenceStatus.RUNNING and s.seats == 1
+        L = k + 1
+        if num_verify and num_verify == len(batch) and getattr(self.runner, "last_verify_graph", False):
+            # verify-only step that replayed the verify graph: the catch-up graph over the same static positions
+            spans = [seq for seq, _ in batch]
+            next_ids = [t for (seq, _), s, c in zip(batch, starts, counts)
+                        for t in (seq.token_ids[s + 1 : s + c + 1] + [0] * (L - c))]
+            lasts = [i * L + c - 1 for i, c in enumerate(counts)]
+            ok = [c > 0 and seq.error is None and seq.slot >= 0 for (seq, _), c in zip(batch, counts)]
+            h, logits = self.runner.verify_graphs.mtp(next_ids)
+        else:
+            rows, next_ids, lens, pos, slots, spans, lasts, ok = [], [], [], [], [], [], [], []
+            offset = 0
+            for i, ((seq, n), start, count) in enumerate(zip(batch, starts, counts)):
+                if count and seq.error is None and seq.slot >= 0 and len(seq.token_ids) > start + count:
+                    m = L if i < num_verify else count  # verify rows: all k + 1 positions (fixed shapes)
+                    lasts.append(len(rows) + count - 1)
+                    rows.extend(range(offset, offset + m))
+                    next_ids.extend(seq.token_ids[start + 1 : start + count + 1] + [0] * (m - count))
+                    lens.append(m)
+                    pos.append(start)
+                    slots.append(seq.slot)
+                    spans.append(seq)
+                    ok.append(True)
+                offset += n
+            if not spans:
+                return
+            h = self.runner.mtp_forward(hidden.index_select(0, torch.tensor(rows, device=hidden.device)), next_ids,
+                                        lens, pos, slots)
+            logits = None
+        drafting = [i for i, s in enumerate(spans) if ok[i] and s.status == SequenceStatus.RUNNING and s.seats == 1
                     and s.num_computed == s.num_tokens - 1 and s.num_tokens + k <= self.max_model_len
                     and may_speculate(s.params, s.num_outputs)]
         if not drafting:
             return
-        last = h.index_select(0, torch.tensor([ends[i] - 1 for i in drafting], device=h.device))
+        idx = torch.tensor([lasts[i] for i in drafting], device=h.device)
+        last = h.index_select(0, idx)
+        logits = self.runner.mtp_logits(last) if logits is None else logits.index_select(0, idx)
         seqs = [spans[i] for i in drafting]
-        tokens, probs = draft(self.runner.mtp_logits(last), [s.params for s in seqs],
+        tokens, probs = draft(logits, [s.params for s in seqs],
                               [s.generator if s.generator is not None else self._generator for s in seqs])
         for j, seq in enumerate(seqs):
             seq.draft_tokens, seq.draft_probs, seq.mtp_hidden = [tokens[j]], [probs[j]], last[j]
@@ -453,6 +473,14 @@ class LLMEngine:
         depth 1 chained on its own output, draft j + 1 from (its hidden output at the previous position, draft j)."""
         k = self.engine_config.num_speculative_tokens
         if not seqs or k < 2:
+            return
+        vg = getattr(self.runner, "verify_graphs", None)
+        if (vg is not None and vg.has_chain and len(seqs) <= vg.max_batch
+                and all(s.params.temperature < GREEDY_BELOW and not s.params.logit_bias for s in seqs)):
+            # greedy drafts without logit_bias: argmax(logits) on the device, the whole chain in one graph
+            for seq, tokens in zip(seqs, vg.chain(seqs)):
+                seq.draft_tokens.extend(tokens)
+                seq.draft_probs.extend([None] * len(tokens))
             return
         h = torch.stack([s.mtp_hidden for s in seqs])
         slots = [s.slot for s in seqs]

@@ -28,6 +28,7 @@ class ModelRunner:
         self.graphs = None
         self.verify_graphs = None  # speculative decoding: ringlinear.engine.cuda_graphs.VerifyGraphs
         self.alignment = Alignment()  # EngineConfig.aligned_numerics: every forward runs under it
+        self.last_verify_graph = False  # the last `execute_verify` replayed a verify graph
 
     def plan(self, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
              gpu_memory_utilization: float, cpu_cache_bytes: int,
@@ -94,8 +95,9 @@ class ModelRunner:
             print(f"[ringlinear engine] CUDA graphs off (capture failed: {e!r}); decode runs eagerly", flush=True)
             return
         if verbose:
-            what = (f"verify steps ({verify_length} positions per sequence; other steps eager)" if verify_length
-                    else "decode")
+            what = (f"verify steps ({verify_length} positions per sequence, with the MTP catch-up"
+                    f"{' and the greedy draft chain' if verify_length > 2 else ''}; other steps eager)"
+                    if verify_length else "decode")
             print(f"[ringlinear engine] {what} under CUDA graphs, batch buckets "
                   f"{(self.verify_graphs or self.graphs).sizes}", flush=True)
 
@@ -130,7 +132,9 @@ class ModelRunner:
         fp32 logits [len(sampling_rows) + num_verify * (k + 1) + len(token_rows), V] in that order, and the
         context."""
         vg = self.verify_graphs
-        if vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows and not token_rows:
+        self.last_verify_graph = (vg is not None and num_verify == len(batch) <= vg.max_batch and not sampling_rows
+                                  and not token_rows)
+        if self.last_verify_graph:  # the MTP catch-up then replays `vg.mtp` over the same positions
             return vg.run([seq for seq, _ in batch])
         ids = []
         for i, (seq, n) in enumerate(batch):

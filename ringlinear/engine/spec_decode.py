@@ -50,14 +50,29 @@ def may_speculate(params: SamplingParams, num_outputs: int) -> bool:
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution sampling draws from for processed logits [V] (temperature, top-k, top-p), as `sample`."""
-    return torch.softmax(filter_logits((logits - logits.max()) / p.temperature, p.top_k, p.top_p), dim=-1)
+    """The distribution sampling draws from for processed logits [V] or [L, V] (each row on its own: temperature,
+    top-k, top-p), as `sample`."""
+    shifted = logits - logits.amax(-1, keepdim=True)
+    return torch.softmax(filter_logits(shifted / p.temperature, p.top_k, p.top_p), dim=-1)
+
+
+def _on_host(gen: torch.Generator | None) -> bool:
+    """Whether draws with `gen` take host probabilities (the CPU generator: seeded results equal across devices)."""
+    return gen is not None and gen.device.type == "cpu"
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    if gen is not None and gen.device != probs.device:  # the CPU generator: seeded results equal across devices
-        probs = probs.cpu()
+    if gen is not None and gen.device != probs.device:
+        probs = probs.to(gen.device)
     return int(torch.multinomial(probs, 1, generator=gen)[0])
+
+
+def _draw_rows(rows: list[torch.Tensor], generators: list) -> list[int]:
+    """One token from each distribution `rows[i]` [V] with `generators[i]`: the rows drawn with a CPU generator
+    reach the host in one transfer (one sync for the batch, not one per row)."""
+    host = [i for i, g in enumerate(generators) if _on_host(g) and rows[i].device.type != "cpu"]
+    moved = dict(zip(host, torch.stack([rows[i] for i in host]).cpu())) if host else {}
+    return [_draw(moved.get(i, r), g) for i, (r, g) in enumerate(zip(rows, generators))]
 
 
 def _uniform(gen: torch.Generator | None) -> float:
@@ -67,14 +82,16 @@ def _uniform(gen: torch.Generator | None) -> float:
 def draft(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> tuple[list[int], list]:
     """One draft token per row of the MTP's fp32 logits [N, V]: greedy rows take the argmax (q one-hot, kept as
     None), sampled rows draw from q (the request's temperature, top-k, top-p and logit_bias applied to the MTP's
-    logits), returned for the acceptance test."""
+    logits), returned for the acceptance test. Device->host reads: one for the argmaxes, one for the sampled rows'
+    distributions, whatever N."""
     proc = process_logits(logits.float(), params)
     tokens = torch.argmax(proc, dim=-1).tolist()
     probs: list = [None] * len(params)
-    for i, p in enumerate(params):
-        if p.temperature >= GREEDY_BELOW:
-            probs[i] = _probs(proc[i], p)
-            tokens[i] = _draw(probs[i], generators[i])
+    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    for i in sampled:
+        probs[i] = _probs(proc[i], params[i])
+    for i, tok in zip(sampled, _draw_rows([probs[i] for i in sampled], [generators[i] for i in sampled])):
+        tokens[i] = tok
     return tokens, probs
 
 
@@ -83,40 +100,63 @@ def accept(logits: torch.Tensor, drafts: list[list[int]], draft_probs: list[list
     """Verify k drafts per sequence against the target's fp32 logits [N, k + 1, V] (row j: the distribution of the
     token after the sequence's j-th verified input). Returns per sequence the emitted tokens (the accepted drafts
     then one correction or bonus token: 1..k + 1), the number of accepted drafts, and an error (non-finite logits)
-    or None."""
+    or None. Device->host reads: one for greedy rows; sampled rows add one for every p(d), q(d) and one for the
+    distributions the correction or bonus tokens are drawn from, whatever N (the uniforms come from each
+    request's generator on the host, in the order of the sequential test)."""
     N, L, V = logits.shape
     logits = logits.float()
     proc = process_logits(logits.reshape(N * L, V), [p for p in params for _ in range(L)]).view(N, L, V)
-    finite = (torch.isfinite(logits.amax(-1)) & ~torch.isnan(logits).any(-1)).all(-1).tolist()
-    best = torch.argmax(proc, dim=-1).tolist()
-    out, num_acc, errors = [], [], []
+    finite = (torch.isfinite(logits.amax(-1)) & ~torch.isnan(logits).any(-1)).all(-1)
+    host = torch.cat([torch.argmax(proc, dim=-1), finite[:, None].long()], 1).tolist()  # one read
+    best = [r[:L] for r in host]
+    out: list = [None] * N
+    num_acc: list = [0] * N
+    errors: list = [None] * N
+    sampled = []
     for i, p in enumerate(params):
-        if not finite[i]:
-            out.append([best[i][0]])
-            num_acc.append(0)
-            errors.append("the model's logits for this request are not finite (NaN, +inf or all -inf): no token "
-                          "can be sampled")
+        if not host[i][L]:
+            out[i] = [best[i][0]]
+            errors[i] = ("the model's logits for this request are not finite (NaN, +inf or all -inf): no token can be "
+                         "sampled")
             continue
-        errors.append(None)
         d = drafts[i]
         if p.temperature < GREEDY_BELOW:
             a = 0
             while a < len(d) and d[a] == best[i][a]:
                 a += 1
-            out.append(d[:a] + [best[i][a]])
-            num_acc.append(a)
+            out[i] = d[:a] + [best[i][a]]
+            num_acc[i] = a
             continue
+        sampled.append(i)
+    if not sampled:
+        return out, num_acc, errors
+    # p(d_j) and q(d_j) of every sampled sequence's drafts in one read
+    P = {i: _probs(proc[i], params[i]) for i in sampled}
+    pq = []
+    for i in sampled:
+        k = len(drafts[i])
+        if k:
+            d = torch.tensor(drafts[i], device=proc.device)
+            pq.append(P[i][torch.arange(k, device=proc.device), d])
+            pq.append(torch.stack(list(draft_probs[i]))[torch.arange(k, device=proc.device), d])
+    vals = torch.cat(pq).tolist() if pq else []
+    rows, at = [], 0
+    for i in sampled:
+        k = len(drafts[i])
+        pd, qd = vals[at : at + k], vals[at + k : at + 2 * k]
+        at += 2 * k
         gen, tokens = generators[i], []
-        for j, tok in enumerate(d):
-            pj, qj = _probs(proc[i, j], p), draft_probs[i][j]
-            if _uniform(gen) < float(pj[tok]) / float(qj[tok]):
+        for j, tok in enumerate(drafts[i]):
+            if _uniform(gen) < pd[j] / qd[j]:
                 tokens.append(tok)
                 continue
-            resid = (pj - qj).clamp(min=0)
-            tokens.append(_draw(resid if float(resid.sum()) > 0 else pj, gen))
+            resid = (P[i][j] - draft_probs[i][j]).clamp(min=0)
+            rows.append(torch.where(resid.sum() > 0, resid, P[i][j]))  # on the device: no read
             break
         else:
-            tokens.append(_draw(_probs(proc[i, len(d)], p), gen))
-        out.append(tokens)
-        num_acc.append(len(tokens) - 1)
+            rows.append(P[i][k])  # every draft accepted: the bonus token from the last row
+        out[i] = tokens
+    for i, tok in zip(sampled, _draw_rows(rows, [generators[i] for i in sampled])):
+        out[i].append(tok)
+        num_acc[i] = len(out[i]) - 1
     return out, num_acc, errors

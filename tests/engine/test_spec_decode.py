@@ -4,6 +4,7 @@ requests mixed in); rejection sampling keeps the target's distribution (chi-squa
 fixed seeds); an MTP that predicts exactly what the target will say is always accepted."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -297,3 +298,94 @@ def test_engine_sampling_keeps_the_target_distribution(ckpt):
         counts[key] = counts.get(key, 0) + 1
     stat, dof = _chi2(counts, exact)
     assert stat < CHI2_999[dof], (stat, counts, exact)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor back to the host (a device sync on the GPU), except the draws of the
+    requests' CPU generators (`_uniform`, `_draw`: host tensors on the GPU too)."""
+
+    NAMES = ("tolist", "item", "cpu", "__int__", "__float__", "__bool__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES and sys._getframe(1).f_code.co_name not in ("_uniform",
+                                                                                                     "_draw"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_work(path, k: int, B: int, sp: SamplingParams, steps: int = 4) -> list[dict]:
+    """Per verify-only step with B sequences on the verify-graph path (`VerifyGraphs(capture=False)`): calls of
+    lightning_commit / lightning_verify / the MTP forwards / accept / draft, the MTP forwards' shapes, and host
+    reads of tensors."""
+    from unittest import mock
+
+    import ringlinear.engine.cache as cache_mod
+    import ringlinear.engine.llm as llm_mod
+    from ringlinear.engine.cuda_graphs import VerifyGraphs
+
+    llm = engine(path, num_speculative_tokens=k, max_num_seqs=8, max_num_batched_tokens=256,
+                 enable_prefix_caching=False)
+    eng, runner = llm.engine, llm.engine.runner
+    runner.verify_graphs = vg = VerifyGraphs(runner.model, runner.cache, 8, k + 1, capture=False)
+    for i in range(B):
+        eng.add_request(f"r{i}", [5 + i, 9, 11 + 2 * i, 3, 7], sp)
+    while any(not s.draft_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    rows = []
+    for _ in range(steps):
+        calls: dict = {}
+
+        def counted(name, fn, calls=calls):
+            def f(*a, **kw):
+                calls[name] = calls.get(name, 0) + 1
+                if name == "mtp_forward":
+                    calls.setdefault("mtp_shapes", set()).add(tuple(a[2]))
+                if name == "mtp_graph":
+                    calls.setdefault("mtp_shapes", set()).add(len(a[0]))
+                return fn(*a, **kw)
+            return f
+
+        reads = _HostReads()
+        with mock.patch.object(cache_mod, "lightning_commit", counted("commit", cache_mod.lightning_commit)), \
+                mock.patch.object(cache_mod, "lightning_verify", counted("verify", cache_mod.lightning_verify)), \
+                mock.patch.object(llm_mod, "accept", counted("accept", llm_mod.accept)), \
+                mock.patch.object(llm_mod, "draft", counted("draft", llm_mod.draft)), \
+                mock.patch.object(runner, "mtp_forward", counted("mtp_forward", runner.mtp_forward)), \
+                mock.patch.object(vg, "mtp", counted("mtp_graph", vg.mtp)), \
+                mock.patch.object(vg, "run", counted("verify_graph", vg.run)), \
+                mock.patch.object(vg, "chain", counted("chain_graph", vg.chain)), reads:
+            eng.step()
+        assert len(eng.scheduler.running) == B and all(s.draft_tokens for s in eng.scheduler.running)
+        calls["host_reads"] = reads.count
+        rows.append(calls)
+    return rows
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_step_work_does_not_grow_with_batch(ckpt, k, sampled):
+    """The host work of a verify-only step is the same at B = 2 and B = 8: one lightning_verify and one
+    lightning_commit per linear layer for the whole batch, one verify graph, one MTP catch-up graph over all
+    k + 1 positions of every sequence (its shape never depends on what was accepted), the chain in one graph
+    (greedy) or k - 1 MTP forwards of one row per sequence (sampled), and the same number of tensor reads to the
+    host (greedy and seeded sampling)."""
+    sp = (SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=60, ignore_eos=True) if sampled
+          else SamplingParams(max_tokens=60, **GREEDY))
+    small, large = _step_work(ckpt, k, 2, sp), _step_work(ckpt, k, 8, sp)
+    cfg = preset("tiny")
+    n_linear = sum(not cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    for B, rows in ((2, small), (8, large)):
+        for r in rows:
+            assert r["commit"] == r["verify"] == n_linear, r
+            assert r["verify_graph"] == r["mtp_graph"] == r["accept"] == 1, r
+            # the chain: greedy drafts in one graph (argmax on the device), sampled ones eagerly; then the catch-up
+            chain_graph = int(k > 1 and not sampled)
+            assert r.get("chain_graph", 0) == chain_graph, r
+            assert r.get("mtp_forward", 0) == (k - 1) * (1 - chain_graph) and r["draft"] == 1 + r.get("mtp_forward", 0), r
+            assert r["mtp_shapes"] <= {B * (k + 1), (1,) * B}, r  # fixed shapes: the graph's rows, chain rows
+    strip = lambda rows: [{n: v for n, v in r.items() if n != "mtp_shapes"} for r in rows]  # noqa: E731
+    assert strip(small) == strip(large)
