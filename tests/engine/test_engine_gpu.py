@@ -93,18 +93,11 @@ def test_prefix_cache_and_fork_on_cuda(tmp_path):
 
 
 def _near_bigram_small(seed: int, scale: float):
-    """The small preset with an MTP that knows the bigram part of the target (tests/engine/test_spec_decode.py's
-    `near_bigram`): drafts right often, so verify steps accept and reject."""
-    model = init_model(preset("small"), seed=seed)
-    H = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("dense.weight") or "down_proj" in name:
-                p.mul_(0.0 if name.startswith("model.mtp") else scale)
-        w = model.model.mtp[0].eh_proj.weight
-        w.zero_()
-        w[:, H:] = torch.eye(H)
-    return model
+    """The small preset with an MTP that knows the bigram part of the target (test_spec_decode.near_bigram): drafts
+    right often, so verify steps accept and reject."""
+    from test_spec_decode import near_bigram  # the tests' folder is on sys.path (pytest's rootdir-relative import)
+
+    return near_bigram(scale, seed, "small")
 
 
 def _same_up_to_near_ties(spec, ref, gap: float) -> None:

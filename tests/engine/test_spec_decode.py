@@ -23,12 +23,12 @@ GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=0)
 PROMPTS = [list(range(40, 57)), [7, 8, 9], list(range(100, 171)), [3] * 9, list(range(200, 233))]
 
 
-def near_bigram(scale: float, seed: int = 1):
+def near_bigram(scale: float, seed: int = 1, preset_name: str = "tiny"):
     """A tiny model whose MTP knows a bigram model exactly: the MTP block's outputs are zeroed and eh_proj passes
     enorm(emb(x_{t+1})) through, so its logits are lm_head(norm(emb(x_{t+1}))) (up to RMSNorm's eps). The target's
     attention and MLP outputs are scaled by `scale`: 0 makes the target that same bigram model (every draft is
     right), small values make it depend on its context (linear states, KV) and drafts right only often."""
-    model = init_model(preset("tiny"), seed=seed)
+    model = init_model(preset(preset_name), seed=seed)
     H = model.config.hidden_size
     with torch.no_grad():
         for name, p in model.named_parameters():
