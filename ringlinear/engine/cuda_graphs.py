@@ -6,12 +6,30 @@ smallest bucket that holds its batch; padding rows use state slot -1 and the cac
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ringlinear.engine.cache import HybridCache, PagedContext
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
+
+
+def capture(fn, pool, dev: torch.device):
+    """(graph, outputs) of `fn()` captured in `pool` after two warm-up calls on a side stream (kernel compilation,
+    the allocator, cuBLAS workspaces). thread_local: other threads (torch.distributed's NCCL watchdog under tensor
+    parallelism) keep querying their events while this thread captures."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return g, out
 
 class DecodeGraphs:
     def __init__(self, model, cache: HybridCache, max_batch: int):
@@ -32,18 +50,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up: kernel compilation, allocator, cuBLAS workspaces
-                        self._forward(b)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                # thread_local: other threads (torch.distributed's NCCL watchdog under tensor parallelism) keep
-                # querying their events while this thread captures
-                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                    self.outputs[b] = self._forward(b)
-                self.graphs[b] = g
+                self.graphs[b], self.outputs[b] = capture(partial(self._forward, b), pool, dev)
         torch.cuda.synchronize(dev)
 
     def _fill_padding(self, n: int) -> None:
@@ -132,35 +139,13 @@ class VerifyGraphs:
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._forward(b)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                    self.outputs[b] = self._forward(b)
-                self.graphs[b] = g
+                self.graphs[b], self.outputs[b] = capture(partial(self._forward, b), pool, dev)
                 # the catch-up after it, reading its hidden states (captured after it: its scratch never overlaps
                 # the verify graph's outputs)
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._mtp_forward(b, self.outputs[b][0])
-                torch.cuda.current_stream(dev).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                    self.mtp_outputs[b] = self._mtp_forward(b, self.outputs[b][0])
-                self.mtp_graphs[b] = g
+                self.mtp_graphs[b], self.mtp_outputs[b] = capture(
+                    partial(self._mtp_forward, b, self.outputs[b][0]), pool, dev)
                 if self.has_chain:
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            self._chain_forward(b)
-                    torch.cuda.current_stream(dev).wait_stream(side)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                        self.chain_outputs[b] = self._chain_forward(b)
-                    self.chain_graphs[b] = g
+                    self.chain_graphs[b], self.chain_outputs[b] = capture(partial(self._chain_forward, b), pool, dev)
         torch.cuda.synchronize(dev)
 
     def _fill(self, n: int, ids: list[int], pos: list[int], slots: list[int], rows: list[int]) -> None:

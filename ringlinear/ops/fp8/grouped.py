@@ -19,14 +19,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N, K: tl.constexpr,
-                    E: tl.constexpr, LOG_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    total = tl.load(cum_ptr + E - 1)
-    if pid_m >= total:
-        return
-    # smallest e with cum[e] > pid_m (cum: inclusive cumulative row-tile counts per expert)
+def expert_tile_rows(pid_m, cum_ptr, offs_ptr, T, E: tl.constexpr, LOG_E: tl.constexpr, BM: tl.constexpr):
+    """Row tile `pid_m` of the experts' consecutive row tiles -> (its expert e, its BM row indices, their mask): e is
+    the smallest expert with cum[e] > pid_m (cum: inclusive cumulative row-tile counts), found by binary search."""
     lo = pid_m * 0
     hi = lo + E
     for _ in tl.static_range(LOG_E + 1):
@@ -39,8 +34,19 @@ def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T,
     row_start = tl.where(e > 0, tl.load(offs_ptr + tl.maximum(e - 1, 0)), 0)
     row_end = tl.load(offs_ptr + e)
     rows = row_start + (pid_m - tiles_before) * BM + tl.arange(0, BM)
+    return e, rows, (rows < row_end) & (rows < T)  # offs[-1] > T (a caller's bug) must not write past `out`
+
+
+@triton.jit
+def _grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N, K: tl.constexpr,
+                    E: tl.constexpr, LOG_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    total = tl.load(cum_ptr + E - 1)
+    if pid_m >= total:
+        return
+    e, rows, rmask = expert_tile_rows(pid_m, cum_ptr, offs_ptr, T, E, LOG_E, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    rmask = (rows < row_end) & (rows < T)  # offs[-1] > T (a caller's bug) must not write past `out`
     cmask = cols < N
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ringlinear.ops.backend import interpreting
+from ringlinear.ops.fp8.grouped import expert_tile_rows
 from ringlinear.ops.fp8.naive import BLOCK, FP8
 from ringlinear.ops.triton_common import exact_dot, round_cast
 
@@ -30,20 +31,8 @@ def _w8a16_grouped_kernel(a_ptr, b_ptr, sb_ptr, offs_ptr, cum_ptr, out_ptr, T, N
     total = tl.load(cum_ptr + E - 1)
     if pid_m >= total:
         return
-    lo = pid_m * 0  # smallest e with cum[e] > pid_m
-    hi = lo + E
-    for _ in tl.static_range(LOG_E + 1):
-        mid = (lo + hi) // 2
-        go_left = tl.load(cum_ptr + tl.minimum(mid, E - 1)) > pid_m
-        hi = tl.where(go_left, mid, hi)
-        lo = tl.where(go_left, lo, mid + 1)
-    e = lo
-    tiles_before = tl.where(e > 0, tl.load(cum_ptr + tl.maximum(e - 1, 0)), 0)
-    row_start = tl.where(e > 0, tl.load(offs_ptr + tl.maximum(e - 1, 0)), 0)
-    row_end = tl.load(offs_ptr + e)
-    rows = row_start + (pid_m - tiles_before) * BM + tl.arange(0, BM)
+    e, rows, rmask = expert_tile_rows(pid_m, cum_ptr, offs_ptr, T, E, LOG_E, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    rmask = (rows < row_end) & (rows < T)
     cmask = cols < N
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
