@@ -616,7 +616,7 @@ class LLMEngine:
         elif seq.num_outputs >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         ids = seq.output_token_ids[:-1] if reason == "stop" else seq.output_token_ids
-        text = self.decode(ids) if self.tokenizer is not None else ""
+        text = self._detokenize(seq, ids, final=reason is not None) if self.tokenizer is not None else ""
         if p.stop and may_stop:
             hits = [(i, s) for s in p.stop if (i := text.find(s)) >= 0]
             if hits:
@@ -626,10 +626,26 @@ class LLMEngine:
             seq.text, seq.stop_reason = text, stop_reason
             self.scheduler.finish(seq, reason)
             return
-        # while running, hold back what may still change: an incomplete UTF-8 character, a possible stop prefix
+        # while running, hold back what may still change: a possible stop prefix (an incomplete UTF-8 character is
+        # not in `text` yet)
         hold = max((len(s) - 1 for s in p.stop), default=0) if p.stop else 0
-        text = text.rstrip("\ufffd")
         seq.text = text[: len(text) - hold] if hold else text
+
+    def _detokenize(self, seq: Sequence, ids: list[int], final: bool) -> str:
+        """The text of output tokens `ids`, decoding only the tokens since the last complete character (a window of
+        a few tokens, as vLLM's incremental detokeniser: a whole-output decode per token would make a step's host
+        work grow with the output). While running, a trailing incomplete UTF-8 character is left for the next token;
+        `final` flushes it."""
+        pre, read = seq.detok_prefix, seq.detok_read
+        prefix_text = self.decode(ids[pre:read]) if read > pre else ""
+        new_text = self.decode(ids[pre:])
+        delta = new_text[len(prefix_text):]
+        if final:
+            return seq.detok_text + delta
+        if delta and not delta.endswith("\ufffd"):
+            seq.detok_text += delta
+            seq.detok_prefix, seq.detok_read = read, len(ids)
+        return seq.detok_text
 
 
 class LLM:

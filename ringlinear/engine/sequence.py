@@ -155,6 +155,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     slot: int = -1
     text: str = ""  # generated text, stop strings cut
+    # incremental detokenisation (as vLLM): the text of output tokens [0, detok_read) is `detok_text`; the next
+    # delta is decode(out[detok_prefix:]) past decode(out[detok_prefix:detok_read]), so a step decodes a few tokens
+    detok_text: str = ""
+    detok_prefix: int = 0
+    detok_read: int = 0
     num_preemptions: int = 0
     generator: object = None  # torch.Generator when params.seed is set
     seats: int = 1  # entries of max_num_seqs it holds: n until a request's first sequence is forked

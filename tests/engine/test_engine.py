@@ -162,3 +162,28 @@ def test_triton_kernels_in_engine_match_reference(ckpt, monkeypatch):
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
     assert out[0].outputs[0].token_ids == reference_greedy(model, p, 4)[0]
     assert out[1].outputs[0].token_ids == reference_greedy(model, [4, 5], 4)[0]
+
+
+def test_incremental_detokenisation_equals_whole_decodes_in_few_tokens(ckpt):
+    # byte tokens that split 2-, 3- and 4-byte UTF-8 characters, an invalid byte, special tokens: the running text
+    # is the whole decode of the tokens so far without a trailing incomplete character, the final text is the whole
+    # decode, and the tokens decoded over the run grow linearly with its length (a few per token)
+    from ringlinear.engine.sequence import Sequence
+
+    path, _ = ckpt
+    eng = LLMEngine(EngineConfig(model=path, max_num_seqs=2, verbose=False))
+    tok = eng.tokenizer
+    text = "ab é€ 😀 z" * 20
+    ids = list(text.encode()) + [0xFF] + list("end".encode())
+    ids[40:40] = [tok.token_to_id("<|im_end|>")]
+    decoded = []
+    real_decode = eng.decode
+    eng.decode = lambda x: decoded.append(len(x)) or real_decode(x)
+    seq = Sequence("r", [1], SamplingParams())
+    for i in range(len(ids)):
+        seq.token_ids.append(ids[i])
+        running = eng._detokenize(seq, seq.output_token_ids, final=False)
+        whole = real_decode(ids[: i + 1])
+        assert whole.startswith(running) and len(whole.rstrip("\ufffd")) == len(running), i
+    assert eng._detokenize(seq, seq.output_token_ids, final=True) == real_decode(ids)
+    assert sum(decoded) <= 10 * len(ids)
