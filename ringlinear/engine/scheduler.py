@@ -51,9 +51,9 @@ class Scheduler:
         """(sequence, number of tokens to compute) for this step; blocks and slots are grown for them."""
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
-        queue = list(self.running)  # admission order: the newest is preempted first
+        queue = deque(self.running)  # admission order: the newest is preempted first
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = self._chunk(seq, budget)
             while not self.cache.can_grow(seq, n):
                 victim = queue.pop() if queue else seq
