@@ -314,7 +314,7 @@ def train_small(out: str, quick: bool) -> str:
 
 @torch.no_grad()
 def mode_logprob(args, bw, rows):
-    from ringlinear.distributed.sharded_load import load_for_inference
+    from ringlinear.loading.sharded import load_for_inference
     from ringlinear.tokenizer import load_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench_fp8_")

@@ -104,7 +104,7 @@ def rank_memory(config: RingLinearConfig, tensor_parallel_size: int = 1, quantiz
     from torch import nn
 
     from ringlinear.distributed.tensor_parallel import ShardGroup, local_config, shard_model
-    from ringlinear.quantization import QUANTIZATIONS, quantize_fp8
+    from ringlinear.loading.fp8 import QUANTIZATIONS, quantize_fp8
 
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization={quantization!r}: one of {QUANTIZATIONS} or None")

@@ -1,7 +1,7 @@
 """Tensor and expert parallel inference, applied to a model from outside it (Megatron-LM's split, vLLM's parallel
 linears): `parallelize_for_inference(model, mesh_or_group)` turns a `RingLinearForCausalLM` built on `meta` into
 this rank's slice of it, and records where each of its tensors lies in the HF checkpoint (`checkpoint_sources`,
-read by `ringlinear.distributed.sharded_load`). Over N ranks (docs/architecture.md, "Tensor parallel inference"):
+read by `ringlinear.loading.sharded`). Over N ranks (docs/architecture.md, "Tensor parallel inference"):
 
 - softmax attention by heads: H/N query heads per rank and Hkv/N KV heads, or, when N > Hkv, the one KV head its
   query heads read (replicated N/Hkv times); linear attention by heads, its decay, group RMSNorm (whole groups per
@@ -284,7 +284,7 @@ def parallelize_for_inference(model: nn.Module, mesh_or_group=None) -> nn.Module
     """Turn `model` (a RingLinearForCausalLM on `meta`) into this rank's tensor + expert parallel slice over the
     ranks of `mesh_or_group` (a 1-D DeviceMesh, a ProcessGroup, a ShardGroup, or None: the default group). Its
     weights stay uninitialised; `model.checkpoint_sources` says where each lies in the HF checkpoint
-    (`ringlinear.distributed.sharded_load.load_shards` reads them). The MTP modules are dropped (the engine does not
+    (`ringlinear.loading.sharded.load_shards` reads them). The MTP modules are dropped (the engine does not
     run them). Returns the model (changed in place)."""
     return shard_model(model, ShardGroup.of(mesh_or_group))
 

@@ -282,6 +282,10 @@ class HybridCache:
         return PagedContext.of_batch(self, batch)
 
 
+# MTP forwards of at most this many positions per sequence take MoE's small-batch kernels (`ctx.small_batch`)
+MTP_SMALL_BATCH_LEN = 16
+
+
 class PagedContext(AttentionContext):
     """Softmax layers write new K/V into their pages and attend over the sequence's pages; linear layers continue
     from the sequence's state slot and write the new state back. All-decode batches (one token per sequence) take

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from ringlinear.engine.cache import HybridCache, PagedContext
+from ringlinear.engine.cache import MTP_SMALL_BATCH_LEN, HybridCache, PagedContext
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -167,7 +167,6 @@ class VerifyGraphs:
         return hidden, self.model.compute_logits(self.model.model.norm(hidden)), ctx
 
     def _mtp_forward(self, b: int, hidden: torch.Tensor) -> tuple:
-        from ringlinear.engine.runner import MTP_SMALL_BATCH_LEN
 
         L = self.length
         pos, slots, rows = self.inputs[1, : b * L], self.inputs[2, :b], self.inputs[3, :b]

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ringlinear.engine.cache import CacheLayout, HybridCache, PagedContext, plan_layout
+from ringlinear.engine.cache import MTP_SMALL_BATCH_LEN, CacheLayout, HybridCache, PagedContext, plan_layout
 from ringlinear.layers.attention_context import PackedContext
 from ringlinear.ops.batch_invariant import Alignment, aligned_numerics
-
-MTP_SMALL_BATCH_LEN = 16  # MTP forwards of at most this many positions per sequence take MoE's small-batch kernels
 
 
 class ModelRunner:

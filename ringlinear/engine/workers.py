@@ -1,7 +1,7 @@
 """The engine over several ranks (`EngineConfig.tensor_parallel_size`), on torch.distributed: NCCL between GPUs,
 gloo on the CPU. Rank 0 is the engine's own process: it schedules, samples and owns the requests. The engine
 spawns ranks 1..N-1 itself (no torchrun), one per GPU; each loads only its slice of the checkpoint
-(`ringlinear.distributed.sharded_load`) and then mirrors rank 0's `ModelRunner`: every runner call of rank 0
+(`ringlinear.loading.sharded`) and then mirrors rank 0's `ModelRunner`: every runner call of rank 0
 (plan, allocate, set_max_model_len, capture, execute) is first broadcast as a command on a gloo control group, as
 small int64 CPU tensors, then run by every rank. A step is described by its token ids, lengths, start positions,
 state slots, sampling and prompt-logprob rows, the block-table entries written since the last step, and the cache's
@@ -57,7 +57,7 @@ class EngineDeadError(RuntimeError):
 def needs_inference_loader(config) -> bool:
     """Whether the engine loads through `load_for_inference`: several ranks, FP8 asked for, or an FP8 checkpoint."""
     from ringlinear.config import RingLinearConfig
-    from ringlinear.quantization import fp8_checkpoint
+    from ringlinear.loading.fp8 import fp8_checkpoint
 
     if config.tensor_parallel_size > 1 or config.quantization or config.load_format == "dummy":
         return True
@@ -372,8 +372,8 @@ class Workers:
     def load(self, source: str, device=None, dtype=None, progress: bool = False):
         """Rank 0's slice of checkpoint `source` (the workers load theirs meanwhile); prints the ranks' weight bytes
         and peak host memory when `verbose`."""
-        from ringlinear.distributed.sharded_load import load_for_inference, peak_host_memory
         from ringlinear.distributed.tensor_parallel import ShardGroup
+        from ringlinear.loading.sharded import load_for_inference, peak_host_memory
 
         try:
             model = load_for_inference(source, self.devices[0], dtype, ShardGroup(0, self.n),
@@ -509,8 +509,8 @@ def _shutdown_all() -> None:
 def inference_loader(config, device: torch.device):
     """(model_loader for `load_pretrained`, Workers or None) for an engine that loads through `load_for_inference`:
     with several ranks the workers start here and the loader reads rank 0's slice."""
-    from ringlinear.distributed.sharded_load import load_for_inference
-    from ringlinear.quantization import require_fp8_device
+    from ringlinear.loading.fp8 import require_fp8_device
+    from ringlinear.loading.sharded import load_for_inference
 
     if config.quantization:
         require_fp8_device(device)
@@ -519,7 +519,7 @@ def inference_loader(config, device: torch.device):
         return workers.load, workers
 
     def load(source, device=None, dtype=None, progress=False):
-        from ringlinear.distributed.sharded_load import peak_host_memory
+        from ringlinear.loading.sharded import peak_host_memory
 
         model = load_for_inference(source, device, dtype, None, config.quantization, progress,
                                    dummy=config.load_format == "dummy")
@@ -550,8 +550,8 @@ def worker_main(rank: int, n: int, port: int, config, backend: str, device_name:
                 threads: int, backend_override: str | None) -> None:
     """A worker process: join the groups, load this rank's slice, report, then serve rank 0's commands."""
     from ringlinear.device import compute_dtype, parse_dtype
-    from ringlinear.distributed.sharded_load import load_for_inference, peak_host_memory
     from ringlinear.distributed.tensor_parallel import ShardGroup
+    from ringlinear.loading.sharded import load_for_inference, peak_host_memory
 
     try:
         _watch_parent()

@@ -1,7 +1,7 @@
 """The inference engine's projection: y = x W^T + b with W in the compute dtype or in e4m3 with one fp32 scale per
 128x128 block (`weight_scale_inv`, the HF FP8 layout's name for the dequantization factors), x quantized per 1x128
 group at run time (`ringlinear.ops.fp8.inference.w8a8_linear`). The model is written with `nn.Linear`; the
-inference transforms (`ringlinear.quantization.quantize_fp8`, `ringlinear.distributed.tensor_parallel`) put this
+inference transforms (`ringlinear.loading.fp8.quantize_fp8`, `ringlinear.distributed.tensor_parallel`) put this
 in its place, and the tensor-parallel linears derive from it.
 """
 

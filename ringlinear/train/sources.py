@@ -10,7 +10,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 
-from ringlinear.train.data import DataError, read_text_file
+from ringlinear.train.data import DataError, Encoder, read_text_file
 
 FORMATS = ("auto", "text", "json", "parquet", "csv", "dataset")
 _BY_EXTENSION = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -80,47 +80,6 @@ def open_records(paths: list[str], data_format: str, separator: str | None) -> C
     if fmt == "text":
         return lambda: _text_records(paths, separator)
     return lambda: _hf_records(paths, fmt)
-
-
-class Encoder:
-    """Records -> (token ids, per-token loss mask or None). Pre-training: `text_field`, then EOS; the documents the
-    field is empty in are skipped (None). SFT: `prompt` ids + `response` ids + EOS, and the mask says which
-    next-token targets count: those inside the response and the EOS (pack_rows' convention: mask[i] is about
-    the target after token i)."""
-
-    def __init__(self, tokenizer, eos_id: int, text_field: str = "text", sft: bool = False, where: str = "data"):
-        self.tokenizer, self.eos_id, self.text_field, self.sft, self.where = tokenizer, eos_id, text_field, sft, where
-
-    def _field(self, rec: dict, name: str, index: int):
-        if not isinstance(rec, dict) or name not in rec:
-            have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise DataError(f"{self.where}: record {index} has no {name!r} field (it has {have})")
-        value = rec[name]
-        if value is None:  # JSON lines read by `datasets` fill a field a record lacks with null
-            raise DataError(f"{self.where}: record {index} has no {name!r} (missing or null)")
-        if not isinstance(value, str):
-            raise DataError(f"{self.where}: record {index} field {name!r} must be a string, got "
-                            f"{type(value).__name__}")
-        return value
-
-    def encode(self, records: list[dict], first_index: int) -> list[tuple[list[int], list[bool] | None] | None]:
-        enc = self.tokenizer.encode_batch
-        if not self.sft:
-            texts = [self._field(r, self.text_field, first_index + i) for i, r in enumerate(records)]
-            keep = [i for i, t in enumerate(texts) if t.strip()]
-            out: list = [None] * len(texts)
-            for i, e in zip(keep, enc([texts[i] for i in keep], add_special_tokens=False)):
-                out[i] = (e.ids + [self.eos_id], None)
-            return out
-        prompts = [self._field(r, "prompt", first_index + i) for i, r in enumerate(records)]
-        responses = [self._field(r, "response", first_index + i) for i, r in enumerate(records)]
-        out = []
-        for p, r in zip(enc(prompts, add_special_tokens=False), enc(responses, add_special_tokens=False)):
-            ids = p.ids + r.ids + [self.eos_id]
-            # token i predicts token i+1: trained when i+1 is a response token or the EOS
-            mask = [i + 1 >= len(p.ids) for i in range(len(ids))]
-            out.append((ids, mask))
-        return out
 
 
 def read_all(open_pass: Callable[[], Iterator[dict]], encoder: Encoder, batch: int = 256):

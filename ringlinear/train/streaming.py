@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ringlinear.train.data import DataError
-from ringlinear.train.sources import Encoder
+from ringlinear.train.data import DataError, Encoder
 
 
 class StreamingDataset:

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ringlinear.config import ConfigError, preset
-from ringlinear.distributed.sharded_load import CheckpointReader, load_for_inference, sources_of
 from ringlinear.distributed.tensor_parallel import ShardGroup, check_tensor_parallel, local_config
 from ringlinear.hf import save_model
+from ringlinear.loading.sharded import CheckpointReader, load_for_inference, sources_of
 from ringlinear.model import build_model, init_model
 
 PROMPT = list(range(3, 60)) + [5, 9, 250, 7]

@@ -174,7 +174,7 @@ def test_incremental_detokenisation_equals_whole_decodes_in_few_tokens(ckpt):
     eng = LLMEngine(EngineConfig(model=path, max_num_seqs=2, verbose=False))
     tok = eng.tokenizer
     text = "ab é€ 😀 z" * 20
-    ids = list(text.encode()) + [0xFF] + list("end".encode())
+    ids = list(text.encode()) + [0xFF] + list(b"end")
     ids[40:40] = [tok.token_to_id("<|im_end|>")]
     decoded = []
     real_decode = eng.decode

@@ -14,8 +14,8 @@ import torch
 from ringlinear.cli import main as cli_main
 from ringlinear.model import IGNORE_INDEX
 from ringlinear.tokenizer import byte_level_tokenizer
-from ringlinear.train.data import DataError, PackedDataset, pack_rows
-from ringlinear.train.sources import Encoder, open_records, read_all
+from ringlinear.train.data import DataError, Encoder, PackedDataset, pack_rows
+from ringlinear.train.sources import open_records, read_all
 from ringlinear.train.streaming import StreamingDataset
 from ringlinear.train.trainer import TrainConfig, Trainer
 

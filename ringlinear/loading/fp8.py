@@ -4,7 +4,7 @@ qkv, g_proj, dense; dense MLPs; shared experts) and the routed experts in e4m3 w
 a model from outside it (a built model: quantized in place; a `meta` model: FP8 slots a loader fills). HF
 checkpoints that ship FP8 weights (`quantization_config: {quant_method: fp8, weight_block_size: [128, 128]}`,
 `weight` in float8_e4m3fn beside `weight_scale_inv`, the layout vLLM and SGLang load) load as they are
-(`ringlinear.distributed.sharded_load`).
+(`ringlinear.loading.sharded`).
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def load_for_inference(path: str | None, device: torch.device, dtype: torch.dtyp
     materialised and filled slice by slice. `dummy`: random weights instead (`RandomReader`; `path` may be a
     preset name), nothing read. The MTP modules are not loaded (the engine does not run them)."""
     from ringlinear.config import PRESETS, preset
-    from ringlinear.quantization import QUANTIZATIONS, fp8_checkpoint, fp8_weight_names, quantize_fp8
+    from ringlinear.loading.fp8 import QUANTIZATIONS, fp8_checkpoint, fp8_weight_names, quantize_fp8
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: one of {QUANTIZATIONS} or None")
