@@ -31,32 +31,21 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K], K % 128 == 0 -> (x8 [M, K] e4m3, scale [M, K/128] fp32)."""
     _check_2d(x, "quantize_1x128", cols_multiple=BLOCK)
-    M, K = x.shape
-    t = x.float().view(M, K // BLOCK, BLOCK)
-    scale = t.abs().amax(-1).clamp(min=_EPS) / FP8_MAX
-    x8 = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(M, K)
-    return x8, scale
+    return quantize_groups(x)
 
 
 def quantize_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w: [N, K], both % 128 == 0 -> (w8 [N, K] e4m3, scale [N/128, K/128] fp32)."""
     _check_2d(w, "quantize_128x128", cols_multiple=BLOCK, rows_multiple=BLOCK)
-    N, K = w.shape
-    t = w.float().view(N // BLOCK, BLOCK, K // BLOCK, BLOCK)
-    scale = t.abs().amax(dim=(1, 3)).clamp(min=_EPS) / FP8_MAX
-    w8 = (t / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(N, K)
-    return w8, scale
+    return quantize_blockwise(w)
 
 
 def dequantize_1x128(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    M, K = x8.shape
-    return (x8.float().view(M, K // BLOCK, BLOCK) * scale[..., None]).view(M, K)
+    return dequantize_groups(x8, scale)
 
 
 def dequantize_128x128(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    N, K = w8.shape
-    t = w8.float().view(N // BLOCK, BLOCK, K // BLOCK, BLOCK) * scale[:, None, :, None]
-    return t.view(N, K)
+    return dequantize_blockwise(w8, scale)
 
 
 # ---- references of the fused Triton kernels (ringlinear/ops/fp8/kernels.py) ----------------------
