@@ -52,10 +52,6 @@ class TrainMesh:
     efsdp: object | None = None
     experts: object | None = None
 
-    @property
-    def ep_size(self) -> int:
-        return 1 if self.ep is None else self.ep.size()
-
 
 def build_mesh(config: ParallelismConfig, world: int, device_type: str) -> TrainMesh:
     """The meshes for `world` ranks (the process group must be initialised)."""

@@ -378,6 +378,7 @@ class PagedContext(AttentionContext):
         if self.num_verify:
             return self._verify_linear(layer_idx, q, k, v, g, scale, pool)
         if current_alignment().linear_attn:  # prefill in the decode step's order (chunk boundaries then vanish)
+            # host bounds only when known: the Triton path needs none (no sync, e.g. inside a CUDA graph capture)
             return recurrent_lightning(q, k, v, g, scale, pool, self.slots, self.cu_seqlens, self._host_bounds)
         if self.is_decode:
             return lightning_decode(q, k, v, g, pool, self.slots, scale=scale)

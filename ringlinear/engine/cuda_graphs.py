@@ -16,7 +16,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 
-def capture(fn, pool, dev: torch.device):
+def capture_graph(fn, pool, dev: torch.device):
     """(graph, outputs) of `fn()` captured in `pool` after two warm-up calls on a side stream (kernel compilation,
     the allocator, cuBLAS workspaces). thread_local: other threads (torch.distributed's NCCL watchdog under tensor
     parallelism) keep querying their events while this thread captures."""
@@ -50,7 +50,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
-                self.graphs[b], self.outputs[b] = capture(partial(self._forward, b), pool, dev)
+                self.graphs[b], self.outputs[b] = capture_graph(partial(self._forward, b), pool, dev)
         torch.cuda.synchronize(dev)
 
     def _fill_padding(self, n: int) -> None:
@@ -139,13 +139,13 @@ class VerifyGraphs:
         pool = torch.cuda.graph_pool_handle()
         with torch.no_grad():
             for b in reversed(self.sizes):
-                self.graphs[b], self.outputs[b] = capture(partial(self._forward, b), pool, dev)
+                self.graphs[b], self.outputs[b] = capture_graph(partial(self._forward, b), pool, dev)
                 # the catch-up after it, reading its hidden states (captured after it: its scratch never overlaps
                 # the verify graph's outputs)
-                self.mtp_graphs[b], self.mtp_outputs[b] = capture(
+                self.mtp_graphs[b], self.mtp_outputs[b] = capture_graph(
                     partial(self._mtp_forward, b, self.outputs[b][0]), pool, dev)
                 if self.has_chain:
-                    self.chain_graphs[b], self.chain_outputs[b] = capture(partial(self._chain_forward, b), pool, dev)
+                    self.chain_graphs[b], self.chain_outputs[b] = capture_graph(partial(self._chain_forward, b), pool, dev)
         torch.cuda.synchronize(dev)
 
     def _fill(self, n: int, ids: list[int], pos: list[int], slots: list[int], rows: list[int]) -> None:

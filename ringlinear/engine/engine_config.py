@@ -89,6 +89,12 @@ class EngineConfig(ConfigBase):
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         need(self.num_speculative_tokens >= 0, "num_speculative_tokens", "must be >= 0 (0 = off)")
+        need(self.num_speculative_tokens < min(16, self.max_num_batched_tokens), "num_speculative_tokens",
+             f"must be < 16 and < max_num_batched_tokens={self.max_num_batched_tokens} (a verify step computes k + 1 "
+             "positions per sequence)")
+        need(self.num_speculative_tokens == 0 or (self.quantization is None and self.load_format == "auto"),
+             "num_speculative_tokens", "not yet with quantization or load_format dummy (their loader leaves the MTP "
+             "layers out)")
         need(self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1, "num_speculative_tokens",
              f"not yet with tensor_parallel_size={self.tensor_parallel_size}: speculative decoding runs on one device "
              "(use 0, or tensor_parallel_size 1)")

@@ -67,8 +67,8 @@ class LLMEngine:
             if tokenizer is not None:
                 self._chat_template = tokenizer_config(config.model).get("chat_template")
         else:
-            for name in ("tensor_parallel_size", "quantization"):
-                if getattr(config, name) not in (1, None):
+            for name in ("tensor_parallel_size", "quantization", "load_format"):
+                if getattr(config, name) not in (1, None, "auto"):
                     config.fail(name, "applies to a checkpoint the engine loads, not to a live model")
             eos = model.config.eos_token_id
             self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
@@ -76,9 +76,10 @@ class LLMEngine:
         self.model = model
         self.config = model.config
         k = config.num_speculative_tokens
-        if k and not model.config.num_nextn_predict_layers:
+        if k and not len(model.model.mtp):
             config.fail("num_speculative_tokens", "needs a model with MTP layers (num_nextn_predict_layers >= 1; this "
-                                                  "model has 0): use 0")
+                                                  f"model has {model.config.num_nextn_predict_layers} and "
+                                                  f"{len(model.model.mtp)} loaded): use 0")
         self.model_name = os.path.basename(os.path.normpath(config.model)) if config.model else "ringlinear"
         self.tokenizer = tokenizer
         kv_dtype = parse_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else next(model.parameters()).dtype

@@ -65,25 +65,6 @@ class CheckpointReader:
         return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
 
-class StateDictReader:
-    """The same reads from tensors in memory, by HF name (tests and benchmarks)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = {canonical_name(k): v for k, v in tensors.items()}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype
-
-    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[name].narrow(dim, start, stop - start)
-
-
 def default_source(name: str, tensor: torch.Tensor) -> Source:
     """Where a tensor of an unsplit model lies: stacked experts are one HF tensor per expert, the rest by name."""
     m = _STACKED.match(name)
@@ -167,8 +148,8 @@ class _Loader:
 
 @torch.no_grad()
 def load_shards(model: nn.Module, reader, progress: bool = False) -> None:
-    """Fill every tensor of `model` (materialised, e.g. `to_empty`) from `reader` (a CheckpointReader or
-    StateDictReader) by `sources_of(model)`; raise CheckpointError listing the tensors the checkpoint lacks."""
+    """Fill every tensor of `model` (materialised, e.g. `to_empty`) from `reader` (a CheckpointReader or a
+    RandomReader) by `sources_of(model)`; raise CheckpointError listing the tensors the checkpoint lacks."""
     state = model.state_dict(keep_vars=True)
     sources = sources_of(model)
     missing = sorted({p.name for s in sources.values() for p in s.pieces if p.name not in reader})

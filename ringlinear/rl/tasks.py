@@ -91,14 +91,23 @@ def load_reward(spec: str) -> RewardFn:
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise ValueError(f"rl config field reward={spec!r}: {module} has no callable {name!r}")
-    fn.__ringlinear_spec__ = spec
-    return fn
+    return _UserReward(fn, spec)
+
+
+class _UserReward:
+    """A reward loaded from the `reward` field: the user's callable, named by that field in errors."""
+
+    def __init__(self, fn: RewardFn, spec: str):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, prompt: str, completion: str, sample: dict) -> float:
+        return self.fn(prompt, completion, sample)
 
 
 def call_reward(fn: RewardFn, prompt: str, completion: str, sample: dict) -> float:
     """fn(prompt, completion, sample) as a finite float; an exception or a non-finite or non-numeric result is an
     error naming the reward (the `reward` field when user-supplied) and the prompt."""
-    name = getattr(fn, "__ringlinear_spec__", None) or getattr(fn, "__qualname__", repr(fn))
+    name = fn.spec if isinstance(fn, _UserReward) else getattr(fn, "__qualname__", repr(fn))
     try:
         r = fn(prompt, completion, sample)
     except Exception as e:  # noqa: BLE001 - re-raised with the field named

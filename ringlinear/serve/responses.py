@@ -47,8 +47,6 @@ class TokenText:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    __call__ = text
-
     def bytes(self, token_id: int, text: str) -> list[int]:
         """The token's bytes; `text` is its text (used where the vocabulary does not say more)."""
         cached = self._bytes.get(token_id)
@@ -165,10 +163,6 @@ class Choices:
         self.latest = [None] * len(self.prompts)
         self._index = {p.request_id: i for i, p in enumerate(self.prompts)}
 
-    @property
-    def request_ids(self) -> list[str]:
-        return [p.request_id for p in self.prompts]
-
     def update(self, out: RequestOutput) -> int:
         """Record a new output; returns its prompt's index."""
         i = self._index[out.request_id]
@@ -198,7 +192,7 @@ class Choices:
         return self._sent.setdefault(index, _Sent())
 
 
-def _echo(piece: TokenText, out: RequestOutput, text: str, logprobs: bool) -> tuple[str, list[int], list]:
+def _echo(out: RequestOutput, text: str, logprobs: bool) -> tuple[str, list[int], list]:
     """A prompt's echo: its text, its token ids, and their logprobs (None for the first, when asked)."""
     ids = list(out.prompt_token_ids)
     if not logprobs:
@@ -215,7 +209,7 @@ def completion_choice(piece: TokenText, choices: Choices, index: int, i: int, c:
     """One finished choice of a completions response."""
     text, ids, lps = c.text, list(c.token_ids), list(c.logprobs or [])
     if echo:
-        p_text, p_ids, p_lps = _echo(piece, choices.latest[i], choices.prompts[i].echo_text, logprobs)
+        p_text, p_ids, p_lps = _echo(choices.latest[i], choices.prompts[i].echo_text, logprobs)
         text, ids, lps = p_text + text, p_ids + ids, p_lps + lps
     lp = completion_logprobs(piece, ids, lps, 0)[0] if logprobs else None
     return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
@@ -233,7 +227,7 @@ def completion_deltas(piece: TokenText, choices: Choices, i: int, echo: bool, lo
         lps = list(c.logprobs[s.tokens:]) if logprobs and c.logprobs is not None else []
         finish = c.finish_reason if c.finish_reason is not None and not s.finished else None
         if not s.started and echo:
-            p_text, p_ids, p_lps = _echo(piece, out, choices.prompts[i].echo_text, logprobs)
+            p_text, p_ids, p_lps = _echo(out, choices.prompts[i].echo_text, logprobs)
             text, ids, lps = p_text + text, p_ids + list(ids), p_lps + lps
         if not (text or finish or (logprobs and ids)):
             continue

@@ -110,12 +110,6 @@ class PackedDataset:
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
 
-    @classmethod
-    def from_files(cls, paths: list[str], tokenizer, eos_id: int, seq_len: int, seed: int = 0,
-                   shuffle: bool = True, separator: str | None = "\n\n\n") -> PackedDataset:
-        docs = tokenize_documents(read_documents(paths, separator), tokenizer, eos_id)
-        return cls(*pack_rows(docs, seq_len), seed=seed, shuffle=shuffle)
-
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]

@@ -410,7 +410,3 @@ def find_resumable(save_dir: str, fingerprint: dict) -> tuple[str | None, list[t
     return None, []
 
 
-def latest_checkpoint(save_dir: str) -> str | None:
-    cks = list_checkpoints(save_dir)
-    return cks[-1][1] if cks else None
-

@@ -122,8 +122,11 @@ class TrainConfig(ConfigBase):
             parse_alignment(self.aligned_numerics)
         except ValueError as e:
             self.fail("aligned_numerics", str(e))
+        from ringlinear.distributed.mesh import ParallelismConfig
+
+        parallel = ParallelismConfig.from_dict(self.parallelism)  # its errors name the parallelism field
         need(self.aligned_numerics == "off" or not self.fp8, "aligned_numerics", "not yet with fp8 training")
-        need(not parse_alignment(self.aligned_numerics).moe or int(self.parallelism.get("ep", 1)) <= 1,
+        need(not parse_alignment(self.aligned_numerics).moe or parallel.ep <= 1,
              "aligned_numerics", "moe: not yet with expert parallelism (its all-to-all forward replaces the MoE's)")
         for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
             need(getattr(self, name) >= 1, name, "must be an integer >= 1")
@@ -144,13 +147,11 @@ class TrainConfig(ConfigBase):
         need(self.fp8_grouped_gemm in ("torch", "triton"), "fp8_grouped_gemm", "must be one of ['torch', 'triton']")
         need(not (self.save_every or self.resume) or bool(self.save_dir), "save_dir",
              "must be set for save_every / resume")
-        from ringlinear.distributed.mesh import ParallelismConfig
         from ringlinear.train.sources import FORMATS
 
         need(self.data_format in FORMATS, "data_format", f"must be one of {list(FORMATS)}")
         need(bool(self.text_field), "text_field", "must be a field name")
 
-        ParallelismConfig.from_dict(self.parallelism)  # its errors name the parallelism field
         need(self.doc_separator is None or self.doc_separator != "", "doc_separator",
              "must be a non-empty string, or null for one document per file")
 

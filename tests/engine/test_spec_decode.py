@@ -217,6 +217,10 @@ def test_config_errors(ckpt, tmp_path):
         engine(ckpt, num_speculative_tokens=-1)
     with pytest.raises(ConfigError, match="num_speculative_tokens=2: not yet with tensor_parallel_size=2"):
         engine(ckpt, num_speculative_tokens=2, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="num_speculative_tokens=16: must be < 16"):
+        engine(ckpt, num_speculative_tokens=16)
+    with pytest.raises(ConfigError, match="num_speculative_tokens=2: not yet with quantization or load_format dummy"):
+        engine(ckpt, num_speculative_tokens=2, quantization="fp8")
     with pytest.raises(ConfigError, match="aligned_numerics='all': not yet with num_speculative_tokens > 0"):
         engine(ckpt, num_speculative_tokens=2, aligned_numerics="all")
     save_model(init_model(preset("tiny", num_nextn_predict_layers=0), seed=0), str(tmp_path))

@@ -279,6 +279,8 @@ def test_config_errors(ckpt):
         EngineConfig(model=ckpt, quantization="int4")
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         LLMEngine(EngineConfig(tensor_parallel_size=2, **ENGINE), model=init_model(preset("tiny")))
+    with pytest.raises(ConfigError, match="load_format='dummy': applies to a checkpoint"):
+        LLMEngine(EngineConfig(load_format="dummy", **ENGINE), model=init_model(preset("tiny")))
     with pytest.raises(ConfigError, match="field model"):
         LLM("tiny", tensor_parallel_size=2, **ENGINE)
 

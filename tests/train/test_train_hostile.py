@@ -193,6 +193,8 @@ def _train_cli(tmp_path, capsys, fields: dict, *flags: str) -> str:
     ({"seq_len": 100000}, "seq_len=100000: must be <= the model's max_position_embeddings=4096"),
     ({"model_overrides": {"num_experts": "x"}}, "num_experts"),
     ({"doc_separator": ""}, "doc_separator"),
+    ({"parallelism": {"ep": "x"}, "aligned_numerics": "moe"}, "parallelism field ep='x': must be an integer"),
+    ({"parallelism": {"ep": None}}, "parallelism field ep=None: must be an integer"),
 ])
 def test_bad_fields_name_the_field(corpus, tmp_path, capsys, fields, needle):
     msg = _train_cli(tmp_path, capsys, {"data": [corpus], **fields})
