@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ringlinear.ops.attention import cu_seqlens_from_lens
+
 
 class DataError(ValueError):
     """The training data cannot be used as given; the message names the file (or dataset) and what is wrong."""
@@ -146,9 +148,7 @@ class PackedDataset:
     def batch(self, row_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows -> (input_ids [n*seq_len] int64, cu_seqlens [S+1] int32)."""
         lens = [n for r in row_ids for n in self.seg_lens[r]]
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-        return self.tokens[row_ids].reshape(-1), cu
+        return self.tokens[row_ids].reshape(-1), cu_seqlens_from_lens(lens)
 
     def labels(self, row_ids: list[int], cu_seqlens: torch.Tensor) -> torch.Tensor | None:
         """Next-token labels of `batch(row_ids)` with masked-out targets set to IGNORE_INDEX, or None when the

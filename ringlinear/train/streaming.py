@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ringlinear.ops.attention import cu_seqlens_from_lens
 from ringlinear.train.data import DataError, Encoder
 
 
@@ -155,9 +156,7 @@ class StreamingDataset:
 
     def batch(self, row_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lens = [n for r in row_ids for n in self._rows[r][1]]
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-        return torch.cat([self._rows[r][0] for r in row_ids]), cu
+        return torch.cat([self._rows[r][0] for r in row_ids]), cu_seqlens_from_lens(lens)
 
     def labels(self, row_ids: list[int], cu_seqlens: torch.Tensor) -> torch.Tensor | None:
         if not self.encoder.sft:

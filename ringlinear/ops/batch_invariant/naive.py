@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ringlinear.ops.attention import repeat_kv
+
 
 def naive_bi_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x: [M, K] @ w: [N, K]^T -> fp32 [M, N], one [1, K] x [K, N] product per row."""
@@ -33,8 +35,8 @@ def naive_bi_attention(q, k_src, v_src, tables, block_size, q_seq, q_keys, scale
     for i in range(T):
         j = torch.arange(lens[i], device=q.device)
         rows = tables[seqs[i]].long()[j // block_size] * block_size + j % block_size
-        kk = k_src[rows].float().repeat_interleave(rep, 1)  # [L, H, D]
-        vv = v_src[rows].float().repeat_interleave(rep, 1)
+        kk = repeat_kv(k_src[rows].float(), rep, 1)  # [L, H, D]
+        vv = repeat_kv(v_src[rows].float(), rep, 1)
         s = (kk * q[i].float()[None]).sum(-1) * scale  # [L, H]
         p = torch.softmax(s, 0)
         out[i] = (p[..., None] * vv).sum(0)
