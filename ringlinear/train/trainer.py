@@ -278,7 +278,8 @@ class Trainer:
         for name, dtype in want.items():
             t = tensors[name]
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
-            yield name, full.detach().to("cpu", dtype)
+            # only rank 0 writes: the others take part in the gather and drop it
+            yield name, full.detach().to("cpu", dtype) if self.rank == 0 else None
 
     def export(self, path: str) -> None:
         """The trained model in the HF layout (`export_dtype`, router fp32) + tokenizer files, streamed: tensors
