@@ -16,7 +16,10 @@ import random
 import re
 from collections.abc import Callable
 
+from ringlinear.train.data import DataError, read_text_file
+
 RewardFn = Callable[[str, str, dict], float]
+
 
 
 def _first_token(text: str, pattern: str) -> str | None:
@@ -172,17 +175,20 @@ def read_prompt_records(path: str, prompt_key: str) -> list[dict]:
         records = [dict(r) for r in ds]
     elif os.path.isfile(path):
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: line {n} is not JSON ({e})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: line {n} is not a JSON object")
-                records.append(rec)
+        try:
+            text = read_text_file(path)
+        except DataError as e:  # not UTF-8: named by file, byte and line
+            raise ValueError(f"{where}: {e}") from None
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: line {n} is not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: line {n} is not a JSON object")
+            records.append(rec)
     else:
         raise ValueError(f"{where}: no such file or directory")
     if not records:

@@ -248,6 +248,11 @@ def test_hostile_inputs(tmp_path, reward_module):
         PromptDataset(str(bad))
     with pytest.raises(ValueError, match="no such file"):
         PromptDataset(str(tmp_path / "nothing.jsonl"))
+    bad.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match="prompts=.*is not UTF-8 text: byte 12"):
+        PromptDataset(str(bad))
+    bad.write_text('{"prompt": "a\u2028b"}\n', encoding="utf-8")  # a line separator inside a JSON string
+    assert PromptDataset(str(bad)).records[0]["prompt"] == "a\u2028b"
     from ringlinear.rl.loop import RLRun
 
     _write_jsonl(bad, [{"prompt": "a"}])
